@@ -1,0 +1,251 @@
+"""Video decoding with PyAV, frame sampling, and clip-level augmentation.
+
+Three steps turn a file into a model input:
+
+1. `sample_frame_indices` picks n frame indices: the frame range (a whole clip, or a `[start_sec, end_sec]`
+   window mapped by `window_to_frames`) is cut into n equal bins, and one frame is taken per bin — a random frame
+   in training (`rand`), the bin midpoint in evaluation (`uniform`). This is the sparse sampling of Frozen,
+   All-in-one and EgoVLP, made robust where theirs crashes: a bin narrower than one frame still yields a frame
+   (indices may repeat), a zero-length window yields n copies of one frame, a window past the end is clamped.
+2. `read_frames` decodes only the frames it needs: it seeks to the keyframe before the first wanted frame when
+   that frame is far from the start (long egocentric videos), and stops after the last one.
+3. `VideoTransform` applies one random-resized crop and one flip to every frame of a clip (and, with the same
+   geometry, to detector boxes), then normalises.
+
+A missing, empty or undecodable file raises `VideoReadError`, whose message names the path. Datasets catch it,
+skip the item and count it; nothing here substitutes a black clip.
+"""
+
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+SEEK_THRESHOLD_SEC = 2.0  # seek instead of decoding from the start when the first wanted frame is further away
+
+
+class VideoReadError(RuntimeError):
+    """A video could not be opened or decoded; the message names the path and the reason."""
+
+
+@dataclass
+class VideoMeta:
+    num_frames: int
+    fps: float
+    duration: float  # seconds
+    height: int
+    width: int
+
+
+# -----------------------------------------------------------------------------
+# frame sampling
+
+def sample_frame_indices(num_frames, n, mode, start=0, end=None, rng=None):
+    """n frame indices in [start, end) (end exclusive, default num_frames): one per equal bin.
+
+    mode "rand": a uniformly random frame in each bin (training); "uniform": each bin's midpoint (evaluation).
+    Bins are real-valued, so a clip shorter than n frames still gives n valid (repeated) indices.
+    """
+    assert mode in ("rand", "uniform"), mode
+    assert num_frames > 0 and n > 0
+    rng = rng or random
+    end = num_frames if end is None else end
+    start = min(max(int(start), 0), num_frames - 1)
+    end = min(max(int(end), start + 1), num_frames)  # at least one frame: a zero-length window is one frame
+    edges = np.linspace(start, end, n + 1)
+    if mode == "rand":
+        points = [edges[k] + rng.random() * (edges[k + 1] - edges[k]) for k in range(n)]
+    else:
+        points = [(edges[k] + edges[k + 1]) / 2 for k in range(n)]
+    return [min(max(int(math.floor(p)), start), end - 1) for p in points]
+
+
+def window_to_frames(start_sec, end_sec, fps, num_frames):
+    """Map a [start_sec, end_sec] window to a frame range [start_idx, end_idx), clamped to the video.
+
+    Negative starts (EgoClip windows near a video's beginning) clamp to 0, windows past the end clamp to the
+    last frame, and the range always holds at least one frame.
+    """
+    start_idx = min(max(int(math.floor(start_sec * fps)), 0), num_frames - 1)
+    end_idx = min(max(int(math.ceil(end_sec * fps)), start_idx + 1), num_frames)
+    return start_idx, end_idx
+
+
+# -----------------------------------------------------------------------------
+# decoding
+
+def _open(path):
+    if not os.path.isfile(path):
+        raise VideoReadError(f"video file not found: {path}")
+    try:
+        container = av.open(str(path))
+    except Exception as e:  # PyAV raises several error types (InvalidDataError, OSError, ...)
+        raise VideoReadError(f"cannot open video {path}: {e}") from e
+    if not container.streams.video:
+        container.close()
+        raise VideoReadError(f"no video stream in {path}")
+    return container, container.streams.video[0]
+
+
+def _meta(container, stream, path):
+    fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / av.time_base
+    else:
+        duration = 0.0
+    num_frames = stream.frames or int(round(duration * fps))
+    if num_frames <= 0:  # some containers (gif, webm) carry no count: count by demuxing, which is cheap
+        num_frames = sum(1 for p in container.demux(stream) if p.size > 0)
+        container.seek(0)
+    if num_frames <= 0:
+        raise VideoReadError(f"video has no frames: {path}")
+    duration = duration or num_frames / fps
+    return VideoMeta(num_frames, fps, duration, stream.codec_context.height, stream.codec_context.width)
+
+
+def video_meta(path):
+    """Frame count, fps, duration and size of a video, read from its header (decodes nothing for mp4)."""
+    container, stream = _open(path)
+    try:
+        return _meta(container, stream, path)
+    except av.FFmpegError as e:
+        raise VideoReadError(f"cannot read metadata of {path}: {e}") from e
+    finally:
+        container.close()
+
+
+def _decode(container, stream, meta, indices, path):
+    wanted = set(indices)
+    first, last = min(wanted), max(wanted)
+    frames = {}
+    try:
+        seek = first / meta.fps > SEEK_THRESHOLD_SEC and stream.time_base is not None
+        if seek:  # jump to the keyframe before `first`; frame indices then come from timestamps
+            start_pts = stream.start_time or 0
+            container.seek(start_pts + int(first / meta.fps / stream.time_base), stream=stream, backward=True)
+        for i, frame in enumerate(container.decode(stream)):
+            if seek and frame.pts is not None:
+                idx = int(round(float((frame.pts - (stream.start_time or 0)) * stream.time_base) * meta.fps))
+            else:
+                idx = i
+            if idx in frames or idx < first:
+                continue
+            if idx in wanted:
+                frames[idx] = frame.to_ndarray(format="rgb24")
+            if idx >= last:
+                break
+    except av.FFmpegError as e:
+        raise VideoReadError(f"cannot decode {path}: {e}") from e
+    if not frames:
+        raise VideoReadError(f"decoded no frames from {path} (wanted {first}..{last}, header says {meta.num_frames})")
+    # Headers can overstate the frame count by a frame or two: a missing index takes the nearest decoded frame.
+    have = sorted(frames)
+    out = [frames.get(i) if i in frames else frames[min(have, key=lambda h: abs(h - i))] for i in indices]
+    return np.stack(out)
+
+
+def read_frames(path, indices):
+    """Decode frames `indices` (any order, repeats allowed) of `path` -> uint8 array (n, H, W, 3), RGB."""
+    container, stream = _open(path)
+    try:
+        meta = _meta(container, stream, path)
+        return _decode(container, stream, meta, list(indices), path)
+    except av.FFmpegError as e:
+        raise VideoReadError(f"cannot decode {path}: {e}") from e
+    finally:
+        container.close()
+
+
+def load_clip(path, n, mode, start_sec=None, end_sec=None, rng=None):
+    """Sample and decode n frames of a whole video, or of the window [start_sec, end_sec].
+
+    Returns (frames uint8 (n, H, W, 3), indices list[int]).
+    """
+    container, stream = _open(path)
+    try:
+        meta = _meta(container, stream, path)
+        start, end = 0, meta.num_frames
+        if start_sec is not None:
+            start, end = window_to_frames(start_sec, end_sec, meta.fps, meta.num_frames)
+        indices = sample_frame_indices(meta.num_frames, n, mode, start, end, rng)
+        return _decode(container, stream, meta, indices, path), indices
+    except av.FFmpegError as e:
+        raise VideoReadError(f"cannot decode {path}: {e}") from e
+    finally:
+        container.close()
+
+
+# -----------------------------------------------------------------------------
+# augmentation: one geometry for all frames of a clip (and its boxes)
+
+def random_resized_crop_params(height, width, scale, ratio=(3 / 4, 4 / 3), rng=None):
+    """(top, left, h, w) of a crop covering `scale` of the area with aspect ratio in `ratio` (torchvision's rule)."""
+    rng = rng or random
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    side = min(height, width)  # fallback: the central square
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def transform_boxes(boxes, crop, size, flip):
+    """Map (K, 4) x1,y1,x2,y2 boxes in source pixels through crop (top, left, h, w), resize to size², flip."""
+    top, left, h, w = crop
+    boxes = np.asarray(boxes, dtype=np.float32).copy()
+    boxes[:, [0, 2]] = (boxes[:, [0, 2]] - left) * (size / w)
+    boxes[:, [1, 3]] = (boxes[:, [1, 3]] - top) * (size / h)
+    boxes = boxes.clip(0, size)
+    if flip:
+        boxes[:, [0, 2]] = size - boxes[:, [2, 0]]
+    return boxes
+
+
+class VideoTransform:
+    """Clip augmentation: train = RandomResizedCrop(scale) + horizontal flip, eval = short-side resize + centre
+    crop; then ImageNet normalisation. The same crop and flip apply to every frame and to the boxes.
+
+    Call with frames uint8 (n, H, W, 3) [and boxes (K, 4) in source pixels] -> (video (n, 3, size, size), boxes).
+    """
+
+    def __init__(self, size, train, scale=(0.5, 1.0), flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.size, self.train, self.scale, self.flip = size, train, scale, flip
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def params(self, height, width, rng=None):
+        """The crop (top, left, h, w) and flip used for one clip."""
+        rng = rng or random
+        if self.train:
+            return random_resized_crop_params(height, width, self.scale, rng=rng), self.flip and rng.random() < 0.5
+        side = min(height, width)
+        return ((height - side) // 2, (width - side) // 2, side, side), False
+
+    def __call__(self, frames, boxes=None, rng=None):
+        n, height, width, _ = frames.shape
+        crop, flip = self.params(height, width, rng)
+        top, left, h, w = crop
+        x = torch.from_numpy(np.ascontiguousarray(frames[:, top:top + h, left:left + w]))
+        x = x.permute(0, 3, 1, 2).float().div_(255)  # (n, 3, h, w)
+        if (h, w) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        if flip:
+            x = x.flip(-1)
+        x = (x - self.mean) / self.std
+        if boxes is not None:
+            boxes = transform_boxes(boxes, crop, self.size, flip)
+        return x, boxes
