@@ -145,7 +145,9 @@ class Tokenizer:
         vocab_file: one token per line; the id of a token is its 0-based line number.
         lowercase: lower-case and strip accents (True for every *-uncased model).
 
-    Attributes: vocab (token -> id), ids_to_tokens (list), vocab_size, pad_id, unk_id, cls_id, sep_id, mask_id.
+    Attributes: vocab (token -> id), ids_to_tokens (list), vocab_size, pad_id, unk_id, cls_id, sep_id, mask_id;
+        special_ids (sorted ids of the five specials) and is_piece (bool tensor (vocab_size,), True for `##`
+        tokens), used by whole_word_mask.
     """
 
     def __init__(self, vocab_file: str, lowercase: bool = True):
@@ -168,6 +170,7 @@ class Tokenizer:
         self.sep_id = self.vocab["[SEP]"]
         self.mask_id = self.vocab["[MASK]"]
         self.special_ids = sorted({self.vocab[t] for t in SPECIAL_TOKENS})
+        self.is_piece = torch.tensor([t.startswith("##") for t in self.ids_to_tokens])  # (vocab,) for masking
 
     def _wordpiece(self, word: str) -> list[str]:
         """Greedy longest-match-first: 'unaffable' -> ['un', '##aff', '##able'] with BERT's vocab."""
@@ -283,8 +286,7 @@ def whole_word_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, token
     valid = attention_mask.bool() & ~torch.isin(input_ids, special_ids)  # (B, L) maskable tokens
 
     # a token continues a word iff it is a "##" piece right after another maskable token
-    is_piece_vocab = torch.tensor([t.startswith("##") for t in tokenizer.ids_to_tokens], device=device)
-    is_piece = is_piece_vocab[input_ids.clamp(0, tokenizer.vocab_size - 1)]
+    is_piece = tokenizer.is_piece.to(device)[input_ids.clamp(0, tokenizer.vocab_size - 1)]  # (B, L)
     prev_valid = torch.zeros_like(valid)
     prev_valid[:, 1:] = valid[:, :-1]
     is_start = valid & ~(is_piece & prev_valid)  # (B, L) first token of each word
@@ -295,9 +297,7 @@ def whole_word_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, token
     k = torch.where(n_words > 0, k, torch.zeros_like(k))
     scores = torch.rand(B, L, generator=generator, device=device)
     scores = scores.masked_fill(~is_start, 2.0)  # non-starts sort after every word start
-    order = scores.argsort(dim=1)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(L, device=device).expand(B, L).contiguous())
+    rank = scores.argsort(dim=1).argsort(dim=1)  # (B, L) 0-based rank of each position's score in its row
     chosen_start = is_start & (rank < k[:, None])  # (B, L)
 
     # spread the choice from each word's first token to its ## pieces
