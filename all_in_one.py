@@ -1,0 +1,1054 @@
+"""All in One: Exploring Unified Video-Language Pre-training — Wang et al., CVPR 2023 (arXiv 2203.07303).
+
+A single-file re-implementation: the model, the three pre-training losses, the data loaders (WebVid CSV,
+MSR-VTT JSON, MSRVTT-QA / MSRVTT-MC JSON lines, K400-style lists), the downstream tasks and a training loop for
+CPU, one GPU or many (torchrun). Read it top to bottom: config -> model -> losses -> data -> evaluation -> main().
+
+The idea
+--------
+Video-language models usually stack a video encoder, a text encoder and a fusion encoder. All-in-one uses **one**
+plain ViT for everything: text tokens (BERT word embeddings) and video patch tokens go through the same blocks,
+so "only the light text tokenizer and the task head add extra parameters". The hard part is time: a ViT sees
+images, and attending jointly over all T·N patch tokens (or adding temporal attention) costs compute or
+parameters. The paper's answer is the **temporal token rolling** layer, parameter-free and FLOP-free: before
+every block, a band of each frame's patch tokens is swapped with the neighbouring frames,
+
+    out[:, t, band_fwd] = x[:, t-1, band_fwd]        # a quarter of the slots take the previous frame's tokens
+    out[:, t, band_bwd] = x[:, t+1, band_bwd]        # and a quarter the next frame's (circular in t)
+    out[:, t, other]    = x[:, t, other]             # CLS and the rest stay
+
+so that, layer after layer, every frame's self-attention also sees content from the other frames. The baseline
+it replaces is "time average": frames processed independently and averaged at the end (`temporal="mean"`).
+
+The joint pass follows the release: the text is replicated per frame, each frame gets its own sequence
+`[text (L) ; frame CLS + N patches]`, rolling moves visual tokens across the T sequences, and the T copies are
+averaged after the final LayerNorm. The pooled text [CLS] (`tanh(W x_0 + b)`) feeds the matching / QA heads.
+
+Pre-training objectives (summed; each has a real weight here)
+    VTM  video-text matching: half of the joint rows get another clip's video; CE of Linear(D, 2) on the pooled CLS.
+    MLM  masked language modelling on the joint pass: whole-word, 15%, 80/10/10, CE on masked tokens.
+    VTC  video-text contrastive on unimodal passes:  S_ij = <t_i, v_j> / tau  (cosine, tau = 0.05),
+         L = CE(S, diag) + CE(S^T, diag)   (the release sums the two directions; negatives across ranks here).
+
+Downstream (`--finetune=<task>` trains, `--eval=<task>` evaluates a checkpoint on test):
+    retrieval  text->video by cosine of the unimodal embeddings (zero-shot, or fine-tuned with VTC)
+    qa         open-ended QA as classification over the train answers (answers outside it count as wrong)
+    mc         multiple choice: zero-shot by the VTM match logit of each option, or fine-tuned MLP D->256->1
+    action     probe on frozen joint features with the fixed prompt "a person is doing [MASK]" (MLP, as released)
+
+Shapes legend: B batch, T frames, N patches per frame, L text tokens, D width, V vocab, K classes, P proj dim.
+
+What is reproduced, what is not
+-------------------------------
+Reproduced: the single-stream model with the release's joint-pass layout, temporal token rolling (with the
+release's random-subset behaviour), time average and a TSM-style shift as one-field ablations (`temporal=`),
+VTM + MLM + VTC, the four downstream protocols, Ti / S / B sizes (parameter counts checked in the tests).
+Not reproduced: ImageNet initialisation (everything is trained from scratch on the built-in synthetic corpus),
+HowTo100M / WebVid-scale training, WPA (word-patch alignment by optimal transport, weight 0.1, inside the
+release's ITM loss), captioning (no code was released), VCR, image co-training (All-in-one+).
+
+Departures from the release, and why
+------------------------------------
+1. Joint-pass budget. The release runs two full joint forwards per step (MLM and ITM) on the whole batch and
+   pre-trains with VTC off. Here VTC runs on the whole batch and VTM / MLM on a part of it (`joint_fraction`),
+   because on a 2-core CPU the joint passes (T copies of text + frame) cost ~4x a video-only pass: a CPU
+   prototype reached 17% R@1 with VTC alone in 5 minutes but 4.4% with full-batch VTM. `joint_fraction=1`
+   restores the release's layout of losses; `vtc_weight=0` the release's default pre-training task.
+2. Contrastive negatives are gathered across ranks (the release uses per-GPU negatives only) and tau is fixed
+   at 0.05 as released. Gradient accumulation does NOT enlarge the negative pool: each micro-batch is its own
+   contrastive problem (as in the release), the effective contrastive batch is batch_size x world_size.
+3. WPA / optimal transport is omitted (the release silently adds it to ITM with weight 0.1).
+4. VTM negatives are drawn from the videos already in the batch (the release decodes one extra random video per
+   sample). Optionally (`twin_batches=True`) a clip's time-reversed twin is put in the same batch, where it
+   becomes a hard negative for VTC and, preferred over a random clip, for VTM. The twins are a property of the
+   synthetic corpus, not of the paper's data.
+5. The text-only pass runs one copy of the text, not T identical copies (same result without dropout).
+6. Model selection is on val, never test; QA accuracy counts answers outside the train vocabulary as wrong
+   (the release skips them); frames are sampled at bin midpoints for val and test (the release samples val
+   randomly); no horizontal flip (it would turn "moves left" into "moves right"); similarities in fp32.
+7. Zero-shot MC scores each option with the raw match logit, as released (not softmax).
+8. The DeiT-S distillation token is not modelled (384 parameters); the temporal embedding is used for every size.
+
+Commands
+--------
+    python all_in_one.py --pretrain                       # CPU default: pre-train on data/synth + zero-shot eval
+    python all_in_one.py --tiny --max_steps=20            # seconds, smoke test
+    python all_in_one.py --finetune=qa --init=runs/all_in_one/ckpt.pt --out_dir=runs/all_in_one_qa
+    python all_in_one.py --eval=retrieval --init=runs/all_in_one/ckpt.pt
+    python all_in_one.py --pretrain --temporal=mean       # the paper's ablation: time average instead of rolling
+    python all_in_one.py --B --device=cuda --data_root=/data --batch_size=16           # one GPU, paper size
+    torchrun --standalone --nproc_per_node=8 all_in_one.py --B --data_root=/data --batch_size=16
+"""
+
+import contextlib
+import copy
+import csv
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm import tqdm
+
+from common.config import config_to_dict, parse_config
+from common.dist import all_gather_nograd, all_gather_with_grad, cleanup, print0, setup_distributed
+from common.metrics import accuracy, retrieval_metrics
+from common.text import Tokenizer, whole_word_mask
+from common.train import (JsonlLogger, autocast, count_parameters, format_table, load_checkpoint, lr_at,
+                          param_groups, save_checkpoint, seed_everything, write_metrics)
+from common.video import VideoReadError, VideoTransform, load_clip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class Config:
+    # --- run
+    out_dir: str = "runs/all_in_one"  # where ckpt.pt, log.jsonl and metrics.json go
+    data_root: str = "data/synth"  # corpus root (webvid/, msrvtt/, vocab.txt); generated on first use if default
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"  # bf16 autocast (CPU and GPU) | fp32; similarities and losses are always fp32
+    seed: int = 0  # random seed
+    max_steps: int = 700  # optimizer steps of the current job (pre-training or fine-tuning)
+    init: str = ""  # weights-only checkpoint to start from (pre-trained model for --finetune / --eval)
+    resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt (optimizer and step included)
+    finetune: str = ""  # "" (pre-train) | retrieval | qa | mc | action
+    eval: str = ""  # "" | zeroshot | retrieval | qa | mc | action: evaluate --init on test, no training
+    # --- model (CPU default; paper sizes are the Ti / S / B presets)
+    width: int = 192  # D; paper Ti 192 / S 384 / B 768
+    depth: int = 4  # transformer blocks; paper 12
+    heads: int = 3  # attention heads; paper Ti 3 / S 6 / B 12
+    mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * D; paper 4
+    patch_size: int = 16  # paper 16
+    img_size: int = 64  # frame side after crop; paper 224 (the synthetic corpus is 64x64)
+    num_frames: int = 3  # T frames per clip; paper 3 (8 for some fine-tunes)
+    max_text_len: int = 32  # text positions (with [CLS]/[SEP]); paper 40
+    vocab_size: int = 0  # 0 = size of data_root/vocab.txt; paper 30522 (bert-base-uncased)
+    proj_dim: int = 256  # VTC projection size P; release 512
+    dropout: float = 0.0  # dropout on embeddings / projections / MLP; paper 0.1 (0 for short CPU runs)
+    drop_path: float = 0.0  # stochastic depth, linear up to this; paper 0.1
+    tied_mlm_decoder: bool = False  # tie the MLM decoder to the word embeddings; release False (untied)
+    # --- temporal modelling: the paper's idea and its baselines
+    temporal: str = "roll"  # roll (the paper) | mean (time average, the paper's baseline) | shift (TSM channel shift)
+    roll_fraction: float = 0.25  # share of patch tokens rolled, half by +1 frame and half by -1; release 2*24/196
+    roll_tokens: str = "random"  # random (patch slots shuffled per frame, as the release effectively does) | fixed
+    roll_unimodal: bool = False  # also roll in the video-only (VTC / retrieval) pass; release False
+    # --- pre-training objectives
+    vtc_weight: float = 1.0  # video-text contrastive; release: off in pre-training, used for retrieval fine-tuning
+    vtm_weight: float = 1.0  # video-text matching; release 1
+    mlm_weight: float = 1.0  # masked language modelling; release 1
+    temperature: float = 0.05  # VTC softmax temperature tau, fixed; release 0.05
+    joint_fraction: float = 0.25  # share of each batch used for the joint passes (VTM and MLM); release 1.0
+    mlm_prob: float = 0.15  # share of words masked; paper 0.15 (whole-word, 80/10/10)
+    twin_batches: bool = True  # put each clip's time-reversed twin in its batch (hard negatives; not in the paper)
+    # --- optimisation
+    batch_size: int = 64  # clips per micro-batch per device (= contrastive negatives per device)
+    grad_accum: int = 1  # micro-batches per optimizer step; release accumulates to 4096 (does not add negatives)
+    lr: float = 5e-4  # peak learning rate; paper 1e-4 pre-training (from ImageNet weights), 3e-4 retrieval FT
+    head_lr_mult: float = 10.0  # lr multiplier of the new task heads (QA / MC / probe); release 10
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas; paper (0.9, 0.98)
+    weight_decay: float = 0.01  # AdamW weight decay (none on biases, norms, tokens); paper 0.01
+    warmup_steps: int = 50  # linear warmup; paper 2500 (pre-training) / 10% of steps (fine-tuning)
+    schedule: str = "linear"  # decay after warmup: linear (the release, to 0) | cosine | constant
+    num_workers: int = 1  # DataLoader workers (decoding); 0 = in the main process
+    # --- evaluation and logging
+    eval_every: int = 250  # steps between val evaluations (model selection for fine-tuning)
+    ckpt_every: int = 250  # steps between checkpoints (atomic)
+    log_every: int = 25  # steps between log lines
+    eval_batch_size: int = 64  # clips per evaluation batch
+    max_eval_items: int = 0  # cap on items per evaluation split (0 = all); for quick runs only
+    probe: str = "mlp"  # action probe head: mlp (release: pooler + 2-layer MLP) | linear
+    probe_epochs: int = 200  # epochs of the action probe over cached frozen features
+
+
+PRESETS = {
+    # the CPU default, spelled out so `--pretrain` reads as a recipe
+    "pretrain": dict(finetune="", eval="", max_steps=700, width=192, depth=4, heads=3, batch_size=64),
+    # seconds on a CPU: tests and smoke runs
+    "tiny": dict(width=32, depth=2, heads=2, proj_dim=32, batch_size=8, max_steps=4, eval_every=2, ckpt_every=2,
+                 log_every=1, warmup_steps=1, eval_batch_size=8, num_workers=0, probe_epochs=5),
+    # paper sizes: 12 layers, patch 16, 224x224, 3 frames, BERT vocab, 40 tokens (Table 1: 12M / 33M / 110M)
+    "Ti": dict(width=192, depth=12, heads=3, img_size=224, max_text_len=40, vocab_size=30522, proj_dim=512,
+               dropout=0.1, drop_path=0.1, lr=1e-4, warmup_steps=2500, max_steps=200_000),
+    "S": dict(width=384, depth=12, heads=6, img_size=224, max_text_len=40, vocab_size=30522, proj_dim=512,
+              dropout=0.1, drop_path=0.1, lr=1e-4, warmup_steps=2500, max_steps=200_000),
+    "B": dict(width=768, depth=12, heads=12, img_size=224, max_text_len=40, vocab_size=30522, proj_dim=512,
+              dropout=0.1, drop_path=0.1, lr=1e-4, warmup_steps=2500, max_steps=200_000),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model: temporal mixing (the paper's idea), then a plain pre-LN ViT shared by text and video
+
+def temporal_roll(v, k):
+    """Temporal token rolling (Fig. 2): roll slots 1..k by +1 frame and the last k slots by -1 frame.
+
+    v: (B, T, 1+N, D), slot 0 is the frame's CLS (never rolled). Circular in time, as `torch.roll` in the
+    release: with T=3, frame 0 receives frame 2's band. No parameters, no FLOPs; only memory moves.
+    """
+    if k == 0:
+        return v
+    cls, p = v[:, :, :1], v[:, :, 1:]                                # (B, T, 1, D), (B, T, N, D)
+    n = p.shape[2]
+    from_prev = torch.roll(p[:, :, :k], shifts=1, dims=1)            # out[:, t] = p[:, t-1]
+    from_next = torch.roll(p[:, :, n - k:], shifts=-1, dims=1)       # out[:, t] = p[:, t+1]
+    return torch.cat([cls, from_prev, p[:, :, k:n - k], from_next], dim=2)
+
+
+def temporal_shift(v, fold_div=8):
+    """TSM-style channel shift (the release's `v=3` branch, a baseline in the paper's comparison): D/8 channels
+    of every patch token come from frame t-1, D/8 from frame t+1, zero-padded at the ends (not circular)."""
+    cls, p = v[:, :, :1], v[:, :, 1:]                                # (B, T, 1, D), (B, T, N, D)
+    c = p.shape[-1] // fold_div
+    out = torch.zeros_like(p)
+    out[:, 1:, :, :c] = p[:, :-1, :, :c]                             # from the previous frame
+    out[:, :-1, :, c:2 * c] = p[:, 1:, :, c:2 * c]                   # from the next frame
+    out[:, :, :, 2 * c:] = p[:, :, :, 2 * c:]
+    return torch.cat([cls, out], dim=2)
+
+
+def project(proj, x):
+    """VTC projection of token 0, outside autocast: bf16 embeddings make many cosine values tie, which inflates
+    R@1 under optimistic tie-breaking. (B, D) -> (B, P) L2-normalised fp32."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.normalize(proj(x.float()), dim=-1)
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with fused SDPA. mask: (B, 1, 1, S) bool, True = attend (key padding)."""
+
+    def __init__(self, dim, heads, dropout):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # qkv bias on, as in ViT
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask=None):
+        q, k, v = rearrange(self.qkv(x), "b s (three h e) -> three b h s e", three=3, h=self.heads)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, S, e); attention dropout 0
+        return self.proj_drop(self.proj(rearrange(x, "b h s e -> b s (h e)")))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x += Attn(LN(x)); x += MLP(LN(x)) (LN eps 1e-6, GELU)."""
+
+    def __init__(self, dim, heads, mlp_ratio, dropout, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim),
+                                 nn.Dropout(dropout))
+        self.drop_path = drop_path
+
+    def forward(self, x, mask=None):
+        x = x + drop_path(self.attn(self.norm1(x), mask), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class TextEmbeddings(nn.Module):
+    """BERT embeddings: word + absolute position (+ token type 0), LayerNorm (eps 1e-12), dropout."""
+
+    def __init__(self, vocab_size, max_len, dim, dropout):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, dim)
+        self.position_embeddings = nn.Embedding(max_len, dim)
+        self.token_type_embeddings = nn.Embedding(2, dim)  # BERT's segment table; always segment 0 here
+        self.LayerNorm = nn.LayerNorm(dim, eps=1e-12)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, ids):                                           # ids: (B, L)
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        x = self.word_embeddings(ids) + self.position_embeddings(pos) + self.token_type_embeddings.weight[0]
+        return self.dropout(self.LayerNorm(x))                        # (B, L, D)
+
+
+class VisualTransformer(nn.Module):
+    """The ViT trunk: patch embedding, CLS, spatial position table, zero-initialised temporal table, the blocks
+    and the final norm. Named like the release's `transformer.*` so its checkpoints map key by key."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, n = cfg.width, (cfg.img_size // cfg.patch_size) ** 2
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n, D))
+        self.temporal_embed = nn.Parameter(torch.zeros(1, cfg.num_frames, D))  # zero init: starts as time average
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        dpr = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList([Block(D, cfg.heads, cfg.mlp_ratio, cfg.dropout, p) for p in dpr])
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+
+
+class AllInOne(nn.Module):
+    """One transformer for text, video and both.
+
+    forward(batch, task) computes a task's outputs/losses so that DDP sees a single forward per step; the
+    unimodal and joint passes below are also called directly by the evaluation code.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.width
+        self.cfg = cfg
+        self.text_embeddings = TextEmbeddings(cfg.vocab_size, cfg.max_text_len, D, cfg.dropout)
+        self.token_type_embeddings = nn.Embedding(2, D)  # modality type: 0 = text, 1 = video
+        self.transformer = VisualTransformer(cfg)
+        self.pooler = nn.Linear(D, D)  # tanh(W x_0 + b) on the text [CLS] of the joint pass
+        # pre-training heads
+        self.itm_score = nn.Linear(D, 2)  # VTM: [no match, match]
+        self.mlm_transform = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D, eps=1e-12))
+        self.mlm_decoder = nn.Linear(D, cfg.vocab_size)
+        if cfg.tied_mlm_decoder:
+            self.mlm_decoder.weight = self.text_embeddings.word_embeddings.weight
+        self.txt_proj = nn.Linear(D, cfg.proj_dim)  # VTC projections
+        self.vid_proj = nn.Linear(D, cfg.proj_dim)
+        self.heads = nn.ModuleDict()  # task heads added by add_task_head (QA / MC / action)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, VisualTransformer):
+            nn.init.normal_(m.cls_token, std=0.02)
+            nn.init.normal_(m.pos_embed, std=0.02)
+
+    def add_task_head(self, task, num_classes=0):
+        """Downstream heads, named as in the release. QA: Dropout(0.5) -> D -> D/2 -> LN -> GELU -> K;
+        MC: Dropout(0.1) -> D -> 256 -> LN -> GELU -> 1; action: the same MLP as QA, or one Linear."""
+        D = self.cfg.width
+        if task in ("qa", "action") and not (task == "action" and self.cfg.probe == "linear"):
+            head = nn.Sequential(nn.Dropout(0.5), nn.Linear(D, D // 2), nn.LayerNorm(D // 2), nn.GELU(),
+                                 nn.Linear(D // 2, num_classes))
+        elif task == "action":
+            head = nn.Linear(D, num_classes)
+        elif task == "mc":
+            head = nn.Sequential(nn.Dropout(0.1), nn.Linear(D, 256), nn.LayerNorm(256), nn.GELU(), nn.Linear(256, 1))
+        else:
+            raise ValueError(task)
+        head.apply(self._init_weights)
+        self.heads[{"qa": "vqa_classifier", "mc": "mc_vqa_classifier", "action": "probe"}[task]] = head
+        return head
+
+    # --- embeddings
+    def embed_text(self, ids):                                        # (B, L) -> (B, L, D)
+        return self.text_embeddings(ids) + self.token_type_embeddings.weight[0]
+
+    def embed_video(self, video):
+        """video (B, T, 3, H, W) -> (B, T, 1+N, D): patches + spatial pos + temporal[t], CLS + pos[0], + type 1."""
+        vt = self.transformer
+        B, T = video.shape[:2]
+        x = vt.patch_embed.proj(rearrange(video, "b t c h w -> (b t) c h w"))
+        x = rearrange(x, "(b t) d gh gw -> b t (gh gw) d", b=B)     # (B, T, N, D)
+        x = x + vt.pos_embed[:, 1:].unsqueeze(1) + vt.temporal_embed[:, :T].unsqueeze(2)
+        if self.cfg.temporal == "roll" and self.cfg.roll_tokens == "random":
+            # The release keeps patches through ViLT's `multinomial(ones(N), N)`: a fresh random order per frame on
+            # every pass. Each token keeps its own position embedding, so attention is unaffected, but the fixed
+            # rolled slots then hold a random spatial subset of each frame (see temporal_roll).
+            perm = torch.rand(B, T, x.shape[2], device=x.device).argsort(dim=-1)
+            x = torch.gather(x, 2, perm.unsqueeze(-1).expand_as(x))
+        cls = (vt.cls_token + vt.pos_embed[:, :1]).expand(B * T, 1, -1).reshape(B, T, 1, -1)
+        x = vt.pos_drop(torch.cat([cls, x], dim=2))                    # (B, T, 1+N, D)
+        return x + self.token_type_embeddings.weight[1]
+
+    def temporal_mix(self, v):
+        """The temporal layer applied before each block to the visual tokens v (B, T, 1+N, D)."""
+        if self.cfg.temporal == "roll":
+            n = v.shape[2] - 1  # k = 24 of 196 per direction for the release (L // 8)
+            k = max(1, int(n * self.cfg.roll_fraction / 2)) if self.cfg.roll_fraction > 0 else 0
+            return temporal_roll(v, k)
+        if self.cfg.temporal == "shift":
+            return temporal_shift(v)
+        assert self.cfg.temporal == "mean", self.cfg.temporal
+        return v  # time average: frames never meet before the final mean
+
+    # --- the three passes
+    def joint_frames(self, text_ids, text_mask, video):
+        """The T per-frame joint sequences after the final norm, before averaging: text replicated per frame,
+        one [text ; frame] sequence per frame, the temporal layer on the visual part before every block.
+        text_ids, text_mask: (B, L); video: (B, T, 3, H, W) -> (B, T, L+1+N, D)."""
+        B, T, L = video.shape[0], video.shape[1], text_ids.shape[1]
+        t = self.embed_text(text_ids).repeat_interleave(T, dim=0)        # (B*T, L, D)
+        v = self.embed_video(video)                                       # (B, T, 1+N, D)
+        x = torch.cat([t, rearrange(v, "b t n d -> (b t) n d")], dim=1)  # (B*T, L+1+N, D)
+        keep = torch.cat([text_mask.bool().repeat_interleave(T, dim=0),  # text pads masked, every visual token kept
+                          text_mask.new_ones(B * T, v.shape[2]).bool()], dim=1)
+        mask = keep[:, None, None, :]                                     # (B*T, 1, 1, S), True = attend
+        for blk in self.transformer.blocks:
+            vis = self.temporal_mix(rearrange(x[:, L:], "(b t) n d -> b t n d", t=T))
+            x = torch.cat([x[:, :L], rearrange(vis, "b t n d -> (b t) n d")], dim=1)
+            x = blk(x, mask)
+        return rearrange(self.transformer.norm(x), "(b t) s d -> b t s d", t=T)
+
+    def forward_joint(self, text_ids, text_mask, video):
+        """Joint pass (release layout): the T copies averaged after the final norm. -> (text_feats (B, L, D),
+        video_feats (B, 1+N, D), cls_feats (B, D) = tanh(pooler(text [CLS])))."""
+        L = text_ids.shape[1]
+        x = self.joint_frames(text_ids, text_mask, video).mean(dim=1)   # (B, L+1+N, D)
+        return x[:, :L], x[:, L:], torch.tanh(self.pooler(x[:, 0]))
+
+    def forward_text(self, text_ids, text_mask):
+        """Text-only pass (one copy; the release runs T identical copies). -> (B, L, D)."""
+        x = self.embed_text(text_ids)
+        mask = text_mask.bool()[:, None, None, :]
+        for blk in self.transformer.blocks:
+            x = blk(x, mask)
+        return self.transformer.norm(x)
+
+    def forward_video(self, video):
+        """Video-only pass: each frame alone, averaged over T. As released, no rolling unless roll_unimodal, so
+        the retrieval embedding sees time only through the temporal embedding. -> (B, 1+N, D)."""
+        T = video.shape[1]
+        v = self.embed_video(video)                                       # (B, T, 1+N, D)
+        x = rearrange(v, "b t n d -> (b t) n d")
+        for blk in self.transformer.blocks:
+            if self.cfg.roll_unimodal:
+                x = rearrange(self.temporal_mix(rearrange(x, "(b t) n d -> b t n d", t=T)), "b t n d -> (b t) n d")
+            x = blk(x)
+        return rearrange(self.transformer.norm(x), "(b t) n d -> b t n d", t=T).mean(dim=1)
+
+    def text_embedding(self, text_ids, text_mask):                    # -> (B, P), L2-normalised, fp32
+        return project(self.txt_proj, self.forward_text(text_ids, text_mask)[:, 0])
+
+    def video_embedding(self, video):                                 # -> (B, P), L2-normalised, fp32
+        return project(self.vid_proj, self.forward_video(video)[:, 0])
+
+    def mlm_logits(self, text_feats):                                 # (..., D) -> (..., V)
+        return self.mlm_decoder(self.mlm_transform(text_feats))
+
+    # --- one training step's outputs, per task
+    def forward(self, batch, task):
+        if task == "pretrain":
+            return pretrain_losses(self, batch, self.cfg)
+        if task == "retrieval":
+            loss = vtc_loss(all_gather_with_grad(self.text_embedding(batch["text_ids"], batch["text_mask"])),
+                            all_gather_with_grad(self.video_embedding(batch["video"])), self.cfg.temperature)
+            return {"loss": loss, "vtc": loss.detach()}
+        if task == "qa":
+            logits = self.heads["vqa_classifier"](self.forward_joint(batch["text_ids"], batch["text_mask"],
+                                                                     batch["video"])[2]).float()
+            loss = F.cross_entropy(logits, batch["label"], ignore_index=-100)
+            return {"loss": loss, "qa": loss.detach()}
+        if task == "mc":
+            logits = mc_scores(self, batch, self.heads["mc_vqa_classifier"])   # (B, options)
+            loss = F.cross_entropy(logits, batch["label"])
+            return {"loss": loss, "mc": loss.detach()}
+        raise ValueError(task)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses (plain functions of tensors) and the pre-training step
+
+def vtc_loss(text_emb, video_emb, temperature):
+    """Symmetric InfoNCE on L2-normalised embeddings (B, P); matching pairs on the diagonal.
+
+    S = t v^T / tau;  L = CE(S, diag) + CE(S^T, diag)  (the release sums both directions, it does not average).
+    """
+    sim = text_emb.float() @ video_emb.float().t() / temperature      # (B, B), fp32
+    labels = torch.arange(sim.shape[0], device=sim.device)
+    return F.cross_entropy(sim, labels) + F.cross_entropy(sim.t(), labels)
+
+
+def vtm_loss(logits, labels):
+    """Video-text matching: CE of the 2-way head on the pooled [CLS]; labels 1 = matched pair."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def mlm_loss(logits, labels):
+    """Masked language modelling: CE over the predicted (masked) tokens only; logits (M, V), labels (M,)."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def vtm_negatives(n_joint, batch_size, twin, generator=None):
+    """Choose the VTM pairs for the first n_joint rows of a batch of batch_size clips.
+
+    Exactly floor(n_joint/2) rows, at random, get another clip's video: the row's time-reversed twin when it is in
+    the batch (twin[i] >= 0), else a random other clip. Returns (video_index (n_joint,), labels (n_joint,))."""
+    labels = torch.ones(n_joint, dtype=torch.long)
+    neg = torch.randperm(n_joint, generator=generator)[: n_joint // 2]
+    labels[neg] = 0
+    video_index = torch.arange(n_joint)
+    for i in neg.tolist():
+        if twin[i] >= 0:
+            video_index[i] = int(twin[i])
+        else:
+            j = int(torch.randint(batch_size - 1, (1,), generator=generator))
+            video_index[i] = j + (j >= i)  # any clip but i
+    return video_index, labels
+
+
+def pretrain_losses(model, batch, cfg):
+    """One pre-training step: VTC on the whole batch (two unimodal passes) and, on the first
+    round(joint_fraction * B) rows, one joint pass holding both the VTM pairs (unmasked text, half the videos
+    swapped) and the MLM inputs (masked text, matched video) — the release's two forwards, concatenated."""
+    video, ids, mask = batch["video"], batch["text_ids"], batch["text_mask"]
+    out, loss = {}, 0.0
+    if cfg.vtc_weight > 0:
+        t = all_gather_with_grad(model.text_embedding(ids, mask))       # (world*B, P)
+        v = all_gather_with_grad(model.video_embedding(video))
+        out["vtc"] = vtc_loss(t, v, cfg.temperature)
+        loss = loss + cfg.vtc_weight * out["vtc"]
+    n = batch["vtm_labels"].shape[0] if cfg.vtm_weight > 0 or cfg.mlm_weight > 0 else 0  # chosen in Collate
+    if n:
+        vid_idx, labels = batch["vtm_video_index"][:n], batch["vtm_labels"][:n]
+        joint_ids = torch.cat([ids[:n], batch["mlm_ids"][:n]])
+        joint_mask = torch.cat([mask[:n], mask[:n]])
+        joint_video = torch.cat([video[vid_idx], video[:n]])
+        text_feats, _, cls = model.forward_joint(joint_ids, joint_mask, joint_video)
+        out["vtm"] = vtm_loss(model.itm_score(cls[:n]), labels)
+        out["vtm_acc"] = (model.itm_score(cls[:n]).argmax(-1) == labels).float().mean() * 100
+        mlm_labels = batch["mlm_labels"][:n]
+        picked = mlm_labels != -100                                     # (n, L)
+        logits = model.mlm_logits(text_feats[n:][picked])                # (M, V)
+        out["mlm"] = mlm_loss(logits, mlm_labels[picked])
+        out["mlm_acc"] = (logits.argmax(-1) == mlm_labels[picked]).float().mean() * 100
+        loss = loss + cfg.vtm_weight * out["vtm"] + cfg.mlm_weight * out["mlm"]
+    out = {k: v.detach() for k, v in out.items()}
+    out["loss"] = loss
+    return out
+
+
+def mc_scores(model, batch, head=None):
+    """Score every (video, option) pair with a joint pass. batch: video (B, T, 3, H, W), option_ids / option_mask
+    (B, O, L). head=None -> the VTM match logit (zero-shot, as released); else head(cls) (fine-tuned).
+    Returns (B, O) fp32."""
+    B, O, L = batch["option_ids"].shape
+    video = batch["video"].repeat_interleave(O, dim=0)                 # (B*O, T, 3, H, W)
+    _, _, cls = model.forward_joint(batch["option_ids"].reshape(B * O, L), batch["option_mask"].reshape(B * O, L),
+                                    video)
+    score = model.itm_score(cls)[:, 1] if head is None else head(cls)[:, 0]
+    return score.float().view(B, O)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+def decode_clip(path, cfg, train, rng=None):
+    """Decode T frames (random per bin in training, bin midpoints otherwise) -> (T, 3, S, S) float.
+    No flip: it would turn "moves left" into "moves right". Crop scale ~ the release's 224/268 random crop."""
+    frames, _ = load_clip(path, cfg.num_frames, "rand" if train else "uniform", rng=rng)
+    video, _ = VideoTransform(cfg.img_size, train, scale=(0.7, 1.0), flip=False)(frames, rng=rng)
+    return video
+
+
+def read_webvid(root, split):
+    """WebVid CSV (videoid, contentUrl, duration, page_dir, name[, reverse_of]) -> list of dict(path, text, twin)."""
+    rows = []
+    with open(Path(root) / "webvid" / f"results_{split}.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            rows.append(dict(id=r["videoid"], text=r["name"], reverse_of=r.get("reverse_of") or "",
+                             path=str(Path(root) / "webvid" / "videos" / r["page_dir"] / f"{r['videoid']}.mp4")))
+    index = {r["id"]: i for i, r in enumerate(rows)}
+    for r in rows:  # twin index, both directions
+        r["twin"] = index.get(r["reverse_of"], -1)
+    for i, r in enumerate(rows):
+        if r["twin"] >= 0 and rows[r["twin"]]["twin"] < 0:
+            rows[r["twin"]]["twin"] = i
+    return rows
+
+
+def read_msrvtt(root, split):
+    """MSR-VTT: split ids + MSR_VTT.json captions -> list of (video_id, path, [captions])."""
+    base = Path(root) / "msrvtt"
+    ids = (base / "splits" / f"{split}_list.txt").read_text().split()
+    caps = {}
+    for a in json.loads((base / "annotation" / "MSR_VTT.json").read_text())["annotations"]:
+        caps.setdefault(a["image_id"], []).append(a["caption"])
+    return [(v, str(base / "videos" / "all" / f"{v}.mp4"), caps[v]) for v in ids if v in caps]
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class ClipTextDataset(torch.utils.data.Dataset):
+    """(video path, text or texts, extra) items -> dict(video, text, index, ...). A text list means "draw one at
+    random" (MSR-VTT training). Unreadable videos return None; the collate function drops and counts them."""
+
+    def __init__(self, items, cfg, train):
+        self.items, self.cfg, self.train = items, cfg, train
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        try:
+            video = decode_clip(item["path"], self.cfg, self.train)
+        except VideoReadError:
+            return None
+        text = item["text"]
+        if isinstance(text, list):
+            text = random.choice(text) if self.train else text[0]
+        return dict(item, video=video, text=text, index=i)
+
+
+class TwinBatchSampler(torch.utils.data.Sampler):
+    """Endless random batches; with twins=True each clip's time-reversed twin rides in the same batch (as the
+    next row), so the pair are each other's hard negatives. Each rank takes every world-th batch."""
+
+    def __init__(self, twin, batch_size, twins, seed, rank=0, world=1):
+        self.twin, self.batch_size, self.twins = twin, batch_size, twins
+        self.seed, self.rank, self.world = seed, rank, world
+
+    def __iter__(self):
+        epoch = 0
+        while True:
+            g = random.Random(self.seed * 1000 + epoch)
+            groups = [[i] + ([self.twin[i]] if self.twins and self.twin[i] >= 0 else [])
+                      for i in range(len(self.twin)) if not (self.twins and 0 <= self.twin[i] < i)]
+            g.shuffle(groups)
+            batches, cur = [], []
+            for grp in groups:
+                if len(cur) + len(grp) > self.batch_size:
+                    batches.append(cur)
+                    cur = []
+                cur += grp
+            for b in batches[self.rank:len(batches) - len(batches) % self.world:self.world]:
+                yield b
+            epoch += 1
+
+
+class Collate:
+    """List of items -> batch dict: stacked videos, tokenized texts, MLM inputs, VTM pairs (pre-training), labels
+    and options (downstream). Drops the None items (unreadable videos) and counts them in batch["skipped"]."""
+
+    def __init__(self, tokenizer, cfg, task):
+        self.tok, self.cfg, self.task = tokenizer, cfg, task
+
+    def __call__(self, items):
+        kept = [it for it in items if it is not None]
+        batch = {"skipped": len(items) - len(kept)}
+        if not kept:
+            return batch
+        batch["video"] = torch.stack([it["video"] for it in kept])       # (B, T, 3, H, W)
+        if "options" in kept[0]:                                          # multiple choice
+            O = len(kept[0]["options"])
+            tok = self.tok([o for it in kept for o in it["options"]], self.cfg.max_text_len, pad_to_max=False)
+            batch["option_ids"] = tok["input_ids"].view(len(kept), O, -1)
+            batch["option_mask"] = tok["attention_mask"].view(len(kept), O, -1)
+        else:
+            tok = self.tok([it["text"] for it in kept], self.cfg.max_text_len, pad_to_max=False)
+            batch["text_ids"], batch["text_mask"] = tok["input_ids"], tok["attention_mask"]
+        for key in ("label", "reversed_option"):
+            if key in kept[0]:
+                batch[key] = torch.tensor([it[key] for it in kept])
+        if self.task == "pretrain":
+            batch["mlm_ids"], batch["mlm_labels"] = whole_word_mask(batch["text_ids"], batch["text_mask"], self.tok,
+                                                                    prob=self.cfg.mlm_prob)
+            pos = {it["index"]: r for r, it in enumerate(kept)}             # dataset index -> row in this batch
+            twin = [pos.get(it.get("twin", -1), -1) if self.cfg.twin_batches else -1 for it in kept]
+            n = max(2, round(self.cfg.joint_fraction * len(kept)))
+            batch["vtm_video_index"], batch["vtm_labels"] = vtm_negatives(min(n, len(kept)), len(kept), twin)
+        return batch
+
+
+def make_loader(dataset, collate, cfg, dist, train, twin=None):
+    """Training: endless batches from TwinBatchSampler; evaluation: one ordered pass (sharded by rank)."""
+    if train:
+        sampler = TwinBatchSampler(twin if twin is not None else [-1] * len(dataset), cfg.batch_size,
+                                   cfg.twin_batches and twin is not None, cfg.seed + 7919 * dist.rank, 0, 1)
+        # each rank draws its own stream (seeded by rank), the DDP equivalent of a shuffled DistributedSampler
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                           num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate,
+                                       num_workers=cfg.num_workers)
+
+
+def build_task_items(cfg, task, split, answer_vocab=None):
+    """The items of a downstream split, as dicts for ClipTextDataset (text / options / label)."""
+    root = Path(cfg.data_root) / "msrvtt"
+    path_of = lambda vid: str(root / "videos" / "all" / f"{vid}.mp4")
+    if task == "retrieval":
+        items = [dict(path=p, text=caps, vid=v) for v, p, caps in read_msrvtt(cfg.data_root, split)]
+    elif task == "qa":
+        items = [dict(path=path_of(q["video_id"]), text=q["question"], answer=q["answer"],
+                      label=answer_vocab.get(q["answer"], -100))
+                 for q in read_jsonl(root / f"msrvtt_qa_{split}.jsonl")]
+    elif task == "mc":
+        items = [dict(path=path_of(q["clip_name"]), options=q["options"], label=q["answer"],
+                      reversed_option=q["reversed_option"] if q.get("reversed_option") is not None else -1)
+                 for q in read_jsonl(root / f"msrvtt_mc_{split}.jsonl")]
+    elif task == "action":
+        items = []
+        for line in (root / "action" / f"{split}.list").read_text().splitlines():
+            if line.strip():
+                rel, label = line.rsplit("\t", 1)
+                items.append(dict(path=str(root / rel), text=ACTION_PROMPT, label=int(label)))
+    else:
+        raise ValueError(task)
+    return items[: cfg.max_eval_items] if cfg.max_eval_items and split != "train" else items
+
+
+ACTION_PROMPT = "a person is doing [MASK]"  # the release's K400 prompt (without its "persion" typo)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation (rank 0 computes on the full split; other ranks wait)
+
+@torch.no_grad()
+def run_eval_batches(model, loader, device, precision, fn):
+    """Apply fn(batch) -> dict of tensors to every batch; concatenate. Also returns the skipped count."""
+    outs, skipped = {}, 0
+    for batch in loader:
+        skipped += batch["skipped"]
+        if "video" not in batch:
+            continue
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast(device, precision):
+            for k, v in fn(batch).items():
+                outs.setdefault(k, []).append(v.float().cpu())
+    return {k: torch.cat(v) for k, v in outs.items()}, skipped
+
+
+def evaluate_retrieval(model, cfg, tok, split, device):
+    """Text->video and video->text retrieval, one caption per clip (the first), cosine similarity in fp32."""
+    ds = ClipTextDataset(build_task_items(cfg, "retrieval", split), cfg, train=False)
+    out, skipped = run_eval_batches(model, make_loader(ds, Collate(tok, cfg, "eval"), cfg, None, False), device,
+                                    cfg.precision, lambda b: dict(t=model.text_embedding(b["text_ids"], b["text_mask"]),
+                                                                  v=model.video_embedding(b["video"])))
+    sim = out["t"].float() @ out["v"].float().t()                    # (texts, videos), fp32
+    m = retrieval_metrics(sim, torch.arange(sim.shape[0]))
+    return {k: v for k, v in m.items()}, skipped, sim.shape[0]
+
+
+def evaluate_mc(model, cfg, tok, split, device, zero_shot):
+    """Multiple choice accuracy (chance 20%), plus order_acc: the truth against its reversed-motion option only,
+    on the questions that have one (chance 50%), i.e. the `mc_order/acc` probe of temporal order."""
+    ds = ClipTextDataset(build_task_items(cfg, "mc", split), cfg, train=False)
+    head = None if zero_shot else model.heads["mc_vqa_classifier"]
+    out, skipped = run_eval_batches(model, make_loader(ds, Collate(tok, cfg, "eval"), cfg, None, False), device,
+                                    cfg.precision, lambda b: dict(s=mc_scores(model, b, head), y=b["label"],
+                                                                  r=b["reversed_option"]))
+    s, y, rev = out["s"], out["y"].long(), out["r"].long()
+    m = {"acc": accuracy(s.argmax(-1), y)}
+    has = rev >= 0
+    if has.any():
+        truth = s[has].gather(1, y[has, None])[:, 0]
+        other = s[has].gather(1, rev[has, None])[:, 0]
+        m["order_acc"] = (truth > other).float().mean().item() * 100
+    return m, skipped, len(y)
+
+
+def evaluate_qa(model, cfg, tok, split, device, answer_vocab):
+    ds = ClipTextDataset(build_task_items(cfg, "qa", split, answer_vocab), cfg, train=False)
+    out, skipped = run_eval_batches(
+        model, make_loader(ds, Collate(tok, cfg, "eval"), cfg, None, False), device, cfg.precision,
+        lambda b: dict(p=model.heads["vqa_classifier"](model.forward_joint(b["text_ids"], b["text_mask"],
+                                                                           b["video"])[2]).argmax(-1), y=b["label"]))
+    pred, y = out["p"].long(), out["y"].long()
+    return {"acc": (pred == y).float().mean().item() * 100,                # y = -100 (unseen answer) is wrong
+            "oov": (y == -100).float().mean().item() * 100}, skipped, len(y)
+
+
+def motion_word_ids(tok):
+    """Token ids of the motion words (each a single word in the synthetic vocab): masking them in a caption asks
+    "which way did it move?", decidable only by comparing frames."""
+    return {tok.vocab[w] for w in MOTION_WORDS if w in tok.vocab}
+
+
+MOTION_WORDS = ("left", "right", "up", "down", "grows", "shrinks", "appears", "disappears", "bigger", "smaller",
+                "larger", "expands", "vanishes", "rises", "falls", "still", "stays")
+
+
+def evaluate_mlm_motion(model, cfg, tok, split, device):
+    """mlm_motion: mask every motion word of each clip's first caption (all [MASK], no 80/10/10) and predict it
+    from the joint pass with the clip. Accuracy over the masked motion tokens."""
+    motion = torch.tensor(sorted(motion_word_ids(tok)))
+    ds = ClipTextDataset(build_task_items(cfg, "retrieval", split), cfg, train=False)
+
+    def fn(b):
+        ids = b["text_ids"]
+        picked = torch.isin(ids, motion.to(ids.device))                  # (B, L)
+        text_feats, _, _ = model.forward_joint(ids.masked_fill(picked, tok.mask_id), b["text_mask"], b["video"])
+        pred = model.mlm_logits(text_feats[picked]).argmax(-1)
+        return dict(correct=(pred == ids[picked]).float())
+
+    out, skipped = run_eval_batches(model, make_loader(ds, Collate(tok, cfg, "eval"), cfg, None, False), device,
+                                    cfg.precision, fn)
+    c = out.get("correct", torch.zeros(0))
+    return {"acc": c.mean().item() * 100 if len(c) else float("nan"), "n": len(c)}, skipped, len(ds)
+
+
+@torch.no_grad()
+def joint_cls_features(model, cfg, tok, split, device):
+    """Frozen features for the action probe: the text [CLS] of the joint pass of ACTION_PROMPT with the clip,
+    before the pooler (the release keeps the pooler trainable). -> (features (N, D), labels (N,))."""
+    ds = ClipTextDataset(build_task_items(cfg, "action", split), cfg, train=False)
+    out, skipped = run_eval_batches(model, make_loader(ds, Collate(tok, cfg, "eval"), cfg, None, False), device,
+                                    cfg.precision, lambda b: dict(
+                                        x=model.forward_joint(b["text_ids"], b["text_mask"], b["video"])[0][:, 0],
+                                        y=b["label"]))
+    return out["x"].float(), out["y"].long(), skipped
+
+
+def action_probe(model, cfg, tok, device, num_classes):
+    """Action recognition by a probe on frozen features (release: trainable pooler + 2-layer MLP, called "linear";
+    `probe=linear`: one Linear on the frozen pooled features). Selected on val, reported on test."""
+    model.eval()
+    feats = {s: joint_cls_features(model, cfg, tok, s, device) for s in ("train", "val", "test")}
+    pooler = copy.deepcopy(model.pooler).float().cpu()
+    head = model.add_task_head("action", num_classes).float().cpu()
+    params = list(head.parameters()) + (list(pooler.parameters()) if cfg.probe == "mlp" else [])
+    pooler.requires_grad_(cfg.probe == "mlp")
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    predict = lambda x: head(torch.tanh(pooler(x)))
+    x, y, _ = feats["train"]
+    best, best_state = -1.0, None
+    g = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(cfg.probe_epochs):
+        head.train()
+        for idx in torch.randperm(len(y), generator=g).split(256):
+            loss = F.cross_entropy(predict(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if epoch % 10 == 9 or epoch == cfg.probe_epochs - 1:
+            head.eval()
+            with torch.no_grad():
+                val = accuracy(predict(feats["val"][0]).argmax(-1), feats["val"][1])
+            if val > best:
+                best, best_state = val, copy.deepcopy((head.state_dict(), pooler.state_dict()))
+    head.load_state_dict(best_state[0])
+    pooler.load_state_dict(best_state[1])
+    head.eval()
+    with torch.no_grad():
+        test = accuracy(predict(feats["test"][0]).argmax(-1), feats["test"][1])
+    skipped = sum(f[2] for f in feats.values())
+    return {"action/acc": test, "action/val_acc": best, "action/chance": 100.0 / num_classes,
+            "action/skipped_videos": skipped}
+
+
+def evaluate_task(model, cfg, tok, task, split, device, answer_vocab=None):
+    """One evaluation -> flat metrics {"<task>/<metric>": value}. `zeroshot` = the end-of-pre-training suite."""
+    model.eval()
+    m = {}
+    if task in ("zeroshot", "retrieval"):
+        r, skipped, n = evaluate_retrieval(model, cfg, tok, split, device)
+        m.update({f"retrieval/{k}": v for k, v in r.items()})
+        m.update({"retrieval/num_clips": n, "retrieval/chance_R@1": 100.0 / max(1, n), "retrieval/skipped": skipped})
+    if task == "zeroshot" or task == "mc":
+        zero_shot = "mc_vqa_classifier" not in model.heads
+        r, skipped, n = evaluate_mc(model, cfg, tok, split, device, zero_shot)
+        m.update({"mc/acc": r["acc"], "mc/num_questions": n, "mc/skipped": skipped})
+        if "order_acc" in r:
+            m["mc_order/acc"] = r["order_acc"]
+    if task == "zeroshot":
+        r, skipped, n = evaluate_mlm_motion(model, cfg, tok, split, device)
+        m.update({"mlm_motion/acc": r["acc"], "mlm_motion/num_tokens": r["n"]})
+    if task == "qa":
+        r, skipped, n = evaluate_qa(model, cfg, tok, split, device, answer_vocab)
+        m.update({"qa/acc": r["acc"], "qa/unseen_answer_pct": r["oov"], "qa/num_questions": n, "qa/skipped": skipped})
+    model.train()
+    return m
+
+
+SELECT_METRIC = {"pretrain": "retrieval/t2v_R@1", "retrieval": "retrieval/t2v_R@1", "qa": "qa/acc", "mc": "mc/acc"}
+VAL_TASK = {"pretrain": "retrieval", "retrieval": "retrieval", "qa": "qa", "mc": "mc"}
+ARCH_FIELDS = ("width", "depth", "heads", "mlp_ratio", "patch_size", "img_size", "num_frames", "max_text_len",
+               "vocab_size", "proj_dim", "tied_mlm_decoder", "temporal", "roll_fraction", "roll_tokens",
+               "roll_unimodal")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# main
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, PRESETS)
+    dist = setup_distributed(cfg.device)
+    device = dist.device
+    seed_everything(cfg.seed + dist.rank)
+    if dist.is_main and cfg.data_root == Config.data_root and not (Path(cfg.data_root) / "DONE").exists():
+        from common.synthetic import ensure_corpus  # generate the built-in corpus on first use
+        ensure_corpus(cfg.data_root, size="default", seed=0)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    tok = Tokenizer(str(Path(cfg.data_root) / "vocab.txt"))
+    init = load_checkpoint(cfg.init) if cfg.init else None
+    if init is not None:  # the architecture is the pre-trained model's
+        for k in ARCH_FIELDS:
+            setattr(cfg, k, init["config"][k])
+    if cfg.vocab_size == 0:
+        cfg.vocab_size = tok.vocab_size
+    assert tok.vocab_size <= cfg.vocab_size, "the vocab file is larger than the word-embedding table"
+    task = cfg.finetune or (cfg.eval and "eval") or "pretrain"
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    logger = JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=dist.is_main)
+
+    # --- model and task heads
+    model = AllInOne(cfg)
+    answer_vocab = None
+    if cfg.finetune == "qa" or cfg.eval == "qa":  # classification over the train answers, most frequent first
+        counts = Counter(q["answer"] for q in read_jsonl(Path(cfg.data_root) / "msrvtt" / "msrvtt_qa_train.jsonl"))
+        answer_vocab = {a: i for i, (a, _) in enumerate(counts.most_common())}
+        model.add_task_head("qa", len(answer_vocab))
+    if cfg.finetune == "mc" or (cfg.eval == "mc" and init is not None and
+                                any(k.startswith("heads.mc_vqa_classifier") for k in init["model"])):
+        model.add_task_head("mc")
+    if init is not None:
+        own = model.state_dict()
+        weights = {k: v for k, v in init["model"].items() if k in own and own[k].shape == v.shape}
+        missing, _ = model.load_state_dict(weights, strict=False)
+        print0(f"init from {cfg.init}: {len(weights)} tensors loaded, new: {sorted(set(missing))[:8]}")
+    model.to(device)
+    print0(f"All-in-one: D={cfg.width} depth={cfg.depth} temporal={cfg.temporal} "
+           f"params={count_parameters(model) / 1e6:.2f}M (backbone+text emb {backbone_parameters(model) / 1e6:.2f}M)")
+
+    # --- evaluation only
+    if cfg.eval:
+        if cfg.eval == "action":
+            classes = (Path(cfg.data_root) / "msrvtt" / "action" / "classes.txt").read_text().split("\n")
+            metrics = action_probe(model, cfg, tok, device, len([c for c in classes if c.strip()]))
+        else:
+            metrics = evaluate_task(model, cfg, tok, cfg.eval, "test", device, answer_vocab)
+        return finish(cfg, dist, metrics, f"{cfg.eval} on test")
+    if cfg.finetune == "action":  # a probe on frozen features: no backbone training
+        classes = (Path(cfg.data_root) / "msrvtt" / "action" / "classes.txt").read_text().split("\n")
+        metrics = action_probe(model, cfg, tok, device, len([c for c in classes if c.strip()]))
+        return finish(cfg, dist, metrics, "action probe (selected on val), test")
+
+    # --- data
+    if task == "pretrain":
+        rows = read_webvid(cfg.data_root, "train")
+        dataset = ClipTextDataset(rows, cfg, train=True)
+        twin = [r["twin"] for r in rows]
+    else:
+        dataset = ClipTextDataset(build_task_items(cfg, task, "train", answer_vocab), cfg, train=True)
+        twin = None
+    loader = make_loader(dataset, Collate(tok, cfg, task), cfg, dist, True, twin)
+    print0(f"task={task}: {len(dataset)} training items; contrastive batch = {cfg.batch_size} x {dist.world_size} "
+           f"ranks = {cfg.batch_size * dist.world_size} (grad_accum={cfg.grad_accum} adds no negatives); "
+           f"optimizer batch = {cfg.batch_size * cfg.grad_accum * dist.world_size}")
+
+    # --- optimizer: AdamW, no decay on biases / norms / tokens, new heads at lr x head_lr_mult
+    groups = []
+    for g in param_groups(model, cfg.weight_decay):
+        for is_head in (False, True):
+            ps = [p for p in g["params"] if any(p is q for q in model.heads.parameters()) == is_head]
+            if ps:
+                groups.append({"params": ps, "weight_decay": g["weight_decay"],
+                               "lr_mult": cfg.head_lr_mult if is_head else 1.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    step, best, best_state = 0, -1.0, None
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        ck = load_checkpoint(ckpt_path)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step, best = ck["step"], ck.get("best", -1.0)
+        loader.batch_sampler.seed += step  # a fresh data order for the rest of the run
+        print0(f"resumed from {ckpt_path} at step {step}")
+    ddp = model
+    if dist.world_size > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=task != "pretrain")
+
+    # --- loop
+    batches = iter(loader)
+    skipped, t0, seen = 0, time.time(), 0
+    pbar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main, desc=task, dynamic_ncols=True)
+    start_step = step
+    model.train()
+    while True:
+        last_step = step == cfg.max_steps
+        if dist.is_main and step > start_step and (step % cfg.eval_every == 0 or last_step):
+            m = evaluate_task(model, cfg, tok, VAL_TASK[task], "val", device, answer_vocab)
+            score = m[SELECT_METRIC[task]]
+            logger.log({"step": step, **{f"val/{k}": v for k, v in m.items()}})
+            tqdm.write(f"step {step} val: " + " ".join(f"{k}={v:.2f}" for k, v in m.items() if "skipped" not in k))
+            if score > best:  # model selection on val (fine-tuning); pre-training keeps the last weights
+                best = score
+                best_state = copy.deepcopy(model.state_dict()) if task != "pretrain" else None
+        if dist.is_main and step > start_step and (step % cfg.ckpt_every == 0 or last_step):
+            save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best,
+                             "config": config_to_dict(cfg)}, ckpt_path)
+        if last_step:
+            break
+        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            skipped += batch["skipped"]
+            while "video" not in batch:  # every clip of the batch was unreadable
+                batch = next(batches)
+                skipped += batch["skipped"]
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            sync = micro == cfg.grad_accum - 1 or dist.world_size == 1
+            with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device, cfg.precision):
+                out = ddp(batch, task)
+                (out["loss"] / cfg.grad_accum).backward()
+            seen += batch["video"].shape[0] * dist.world_size
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        pbar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            dt = time.time() - t0
+            rec = {"step": step, "lr": lr, **{k: round(float(v), 4) for k, v in out.items()},
+                   "ms_per_step": 1000 * dt / cfg.log_every, "clips_per_s": seen / dt, "skipped_videos": skipped}
+            logger.log(rec)
+            tqdm.write(f"step {step:5d} | " + " ".join(f"{k} {float(v):.3f}" for k, v in out.items()) +
+                       f" | lr {lr:.2e} | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s"
+                       f" | skipped {skipped}") if dist.is_main else None
+            t0, seen = time.time(), 0
+    pbar.close()
+
+    # --- final evaluation on test (rank 0): zero-shot suite after pre-training, the task after fine-tuning
+    metrics = {}
+    if dist.is_main:
+        if best_state is not None:
+            model.load_state_dict(best_state)  # the val-selected weights
+            save_checkpoint({"model": best_state, "step": step, "config": config_to_dict(cfg), "best": best},
+                            os.path.join(cfg.out_dir, "best.pt"))
+        metrics = evaluate_task(model, cfg, tok, "zeroshot" if task == "pretrain" else task, "test", device,
+                                answer_vocab)
+        metrics[f"{task}/skipped_train_videos"] = skipped
+        metrics[f"{task}/val_best"] = best
+    return finish(cfg, dist, metrics, "zero-shot on test" if task == "pretrain" else f"{task} fine-tuned, test")
+
+
+def backbone_parameters(model):
+    """Parameters of the shared transformer + text embeddings + modality embedding + pooler: the paper's count
+    (12M / 33M / 110M for Ti / S / B). Pre-training and task heads are excluded."""
+    parts = (model.text_embeddings, model.token_type_embeddings, model.transformer, model.pooler)
+    return sum(p.numel() for m in parts for p in m.parameters())
+
+
+def finish(cfg, dist, metrics, title):
+    if dist.is_main:
+        write_metrics(cfg.out_dir, metrics)
+        print0(format_table(metrics, title=f"All-in-one: {title} ({cfg.out_dir}/metrics.json)"))
+    cleanup()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Tests of all_in_one.py: token rolling and VTC against naive loop references, which frames a temporal layer
+lets interact, VTM pairs and MLM masking statistics, the paper's parameter counts, and a tiny end-to-end run with
+--resume.   Run: python -m pytest -q tests/test_all_in_one.py"""
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import all_in_one as aio
+from common.text import Tokenizer, build_vocab
+
+
+def tiny_cfg(**kw):
+    base = dict(width=32, depth=2, heads=2, patch_size=16, img_size=32, num_frames=3, max_text_len=12,
+                vocab_size=50, proj_dim=16)
+    base.update(kw)
+    return aio.Config(**base)
+
+
+# --- temporal token rolling ----------------------------------------------------------------------------------
+
+def naive_roll(v, k):
+    """Loop reference of the release's TemporalRoll: slots 1..k take frame t-1, the last k slots take t+1."""
+    B, T, S, D = v.shape
+    n = S - 1
+    out = torch.empty_like(v)
+    for b in range(B):
+        for t in range(T):
+            for s in range(S):
+                if s == 0:
+                    src = t                      # CLS stays
+                elif s <= k:
+                    src = (t - 1) % T            # circular: frame 0 gets frame T-1
+                elif s > n - k:
+                    src = (t + 1) % T
+                else:
+                    src = t
+                out[b, t, s] = v[b, src, s]
+    return out
+
+
+@pytest.mark.parametrize("T,n,k", [(3, 16, 2), (4, 16, 4), (2, 9, 1), (3, 8, 0)])
+def test_roll_matches_naive_loop(T, n, k):
+    v = torch.randn(2, T, 1 + n, 5)
+    torch.testing.assert_close(aio.temporal_roll(v, k), naive_roll(v, k), rtol=0, atol=0)
+
+
+def test_roll_is_a_permutation_that_keeps_cls():
+    v = torch.randn(2, 3, 17, 4)
+    out = aio.temporal_roll(v, 2)
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0])
+    # every token still exists exactly once: sorting all values over (T, slots) gives the same multiset
+    torch.testing.assert_close(out.flatten(1, 2).sort(dim=1).values, v.flatten(1, 2).sort(dim=1).values)
+    assert not torch.equal(out, v)
+
+
+def frames_changed_by(temporal, roll_tokens="fixed", t_changed=0):
+    """Perturb frame t_changed of the video; return the frames whose joint-pass outputs change."""
+    cfg = tiny_cfg(temporal=temporal, roll_tokens=roll_tokens, img_size=64)  # 16 patches, k = 2 rolled each way
+    torch.manual_seed(0)
+    model = aio.AllInOne(cfg).eval()
+    ids = torch.randint(5, 50, (1, 6))
+    mask = torch.ones(1, 6, dtype=torch.long)
+    video = torch.randn(1, 3, 3, 64, 64)
+    video2 = video.clone()
+    video2[:, t_changed] += 1.0
+
+    def per_frame(vid):
+        torch.manual_seed(1)  # the same random slot order in both passes (roll_tokens="random")
+        with torch.no_grad():
+            return model.joint_frames(ids, mask, vid)  # (1, T, L+1+N, D), before the mean over T
+
+    a, b = per_frame(video), per_frame(video2)
+    return [t for t in range(3) if not torch.allclose(a[:, t], b[:, t], atol=1e-6)]
+
+
+def test_roll_moves_information_across_frames_and_mean_does_not():
+    assert frames_changed_by("mean") == [0]                   # time average: frames never meet before the mean
+    assert frames_changed_by("roll") == [0, 1, 2]             # rolling: frame 0's tokens reach frames 1 and 2
+    assert frames_changed_by("roll", roll_tokens="random") == [0, 1, 2]
+    assert frames_changed_by("shift") == [0, 1, 2]            # TSM-style channel shift
+    assert frames_changed_by("mean", t_changed=2) == [2]
+
+
+def test_video_only_pass_rolls_only_when_asked():
+    cfg = tiny_cfg(temporal="roll", roll_tokens="fixed")
+    torch.manual_seed(0)
+    video = torch.randn(2, 3, 3, 32, 32)
+    reordered = video[:, [1, 0, 2]]
+    outs = {}
+    for unimodal in (False, True):
+        cfg.roll_unimodal = unimodal
+        model = aio.AllInOne(cfg).eval()
+        torch.nn.init.zeros_(model.transformer.temporal_embed)  # so only rolling can see the frame order
+        with torch.no_grad():
+            outs[unimodal] = (model.forward_video(video)[:, 0], model.forward_video(reordered)[:, 0])
+        torch.manual_seed(0)
+    # release layout: per-frame ViT + mean is blind to frame order (without a temporal embedding) ...
+    torch.testing.assert_close(outs[False][0], outs[False][1], rtol=1e-5, atol=1e-5)
+    # ... rolling in the video-only pass makes the embedding depend on it
+    assert not torch.allclose(outs[True][0], outs[True][1], atol=1e-4)
+
+
+# --- losses ----------------------------------------------------------------------------------------------------
+
+def test_vtc_loss_matches_naive_reference():
+    torch.manual_seed(0)
+    t = F.normalize(torch.randn(6, 8), dim=-1)
+    v = F.normalize(torch.randn(6, 8), dim=-1)
+    tau = 0.05
+    ref = 0.0
+    for i in range(6):  # text i against every video, and video i against every text
+        row = torch.tensor([float(t[i] @ v[j]) / tau for j in range(6)])
+        col = torch.tensor([float(t[j] @ v[i]) / tau for j in range(6)])
+        ref += -(row[i] - torch.logsumexp(row, 0)) / 6 - (col[i] - torch.logsumexp(col, 0)) / 6
+    assert abs(aio.vtc_loss(t, v, tau).item() - float(ref)) < 1e-4
+
+
+def test_vtm_negatives_half_swapped_prefer_twin_never_self():
+    g = torch.Generator().manual_seed(0)
+    twin = [1, 0, -1, -1, 5, 4, -1, -1, -1, -1]
+    for _ in range(20):
+        idx, labels = aio.vtm_negatives(8, 10, twin, generator=g)
+        assert int((labels == 0).sum()) == 4
+        for i in range(8):
+            if labels[i] == 1:
+                assert idx[i] == i
+            else:
+                assert idx[i] != i and 0 <= idx[i] < 10
+                if twin[i] >= 0:
+                    assert idx[i] == twin[i]
+
+
+@pytest.fixture
+def small_tokenizer(tmp_path):
+    words = ["a", "red", "circle", "moves", "left", "big", "blue", "square", "slides", "right", "on", "grass"]
+    build_vocab([" ".join(words)], tmp_path / "vocab.txt")
+    return Tokenizer(str(tmp_path / "vocab.txt")), words
+
+
+def test_pretrain_collate_masking_statistics(small_tokenizer):
+    tok, words = small_tokenizer
+    cfg = tiny_cfg(vocab_size=tok.vocab_size, max_text_len=24, joint_fraction=0.5)
+    rng = random.Random(0)
+    items = [dict(video=torch.zeros(3, 3, 32, 32), text=" ".join(rng.choice(words) for _ in range(20)), index=i,
+                  twin=-1) for i in range(200)]
+    torch.manual_seed(0)
+    batch = aio.Collate(tok, cfg, "pretrain")(items)
+    ids, labels, masked = batch["text_ids"], batch["mlm_labels"], batch["mlm_ids"]
+    picked = labels != -100
+    words_per_row = (batch["text_mask"].sum(1) - 2).float()  # every word is one token in this vocab
+    assert torch.all(picked.sum(1) == torch.round(0.15 * words_per_row))  # 15% of the words of each caption
+    assert torch.equal(labels[picked], ids[picked])                      # labels are the original tokens
+    assert not picked[:, 0].any() and not picked[batch["text_mask"] == 0].any()  # no [CLS], no pads
+    n = picked.sum().item()
+    frac_mask = (masked[picked] == tok.mask_id).float().mean().item()
+    frac_same = (masked[picked] == ids[picked]).float().mean().item()
+    assert abs(frac_mask - 0.8) < 0.05 and 0.05 < frac_same < 0.16, (n, frac_mask, frac_same)
+    assert torch.equal(masked[~picked], ids[~picked])
+    assert batch["vtm_labels"].shape[0] == 100 and int((batch["vtm_labels"] == 0).sum()) == 50
+
+
+# --- sizes -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset,paper", [("Ti", 12e6), ("S", 33e6), ("B", 110e6)])
+def test_paper_parameter_counts(preset, paper):
+    """Backbone + text embeddings (+ pooler) vs. the paper's 12M / 33M / 110M, counted on the meta device."""
+    cfg = aio.Config(**aio.PRESETS[preset])
+    with torch.device("meta"):
+        model = aio.AllInOne(cfg)
+    n = aio.backbone_parameters(model)
+    assert abs(n / paper - 1) < 0.05, n
+    # the untied MLM decoder of B alone is 768 x 30522 (~23.4M), outside the paper's count
+    assert model.mlm_decoder.weight.numel() == cfg.width * 30522
+
+
+# --- end to end --------------------------------------------------------------------------------------------------
+
+def read_log(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_pretrain_then_resume_end_to_end(tiny_corpus, tmp_path):
+    out = tmp_path / "run"
+    common = ["--tiny", f"--data_root={tiny_corpus}", f"--out_dir={out}", "--img_size=32", "--max_eval_items=16"]
+    m = aio.main(common + ["--max_steps=2"])
+    for key in ("retrieval/t2v_R@1", "retrieval/t2v_R@5", "retrieval/t2v_MdR", "mc/acc", "mc_order/acc",
+                "mlm_motion/acc"):
+        assert key in m
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 2
+    m2 = aio.main(common + ["--max_steps=4", "--resume"])
+    ck2 = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck2["step"] == 4
+    steps = [r["step"] for r in read_log(out / "log.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4]  # the resumed run continued the step counter
+    assert not torch.equal(ck["model"]["itm_score.weight"], ck2["model"]["itm_score.weight"])
+    assert json.load(open(out / "metrics.json")).keys() == m2.keys()
+
+
+@pytest.mark.parametrize("task", ["qa", "mc", "retrieval", "action"])
+def test_finetune_runs(tiny_corpus, tmp_path, task):
+    pre = tmp_path / "pre"
+    aio.main(["--tiny", f"--data_root={tiny_corpus}", f"--out_dir={pre}", "--img_size=32", "--max_steps=1",
+              "--max_eval_items=8"])
+    m = aio.main(["--tiny", f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / task}", f"--finetune={task}",
+                  f"--init={pre / 'ckpt.pt'}", "--max_steps=2", "--max_eval_items=8"])
+    key = {"qa": "qa/acc", "mc": "mc/acc", "retrieval": "retrieval/t2v_R@1", "action": "action/acc"}[task]
+    assert 0.0 <= m[key] <= 100.0
