@@ -64,6 +64,7 @@ import shutil
 import sys
 import time
 import uuid
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -327,7 +328,7 @@ def _draw_shape(d: ImageDraw.ImageDraw, shape: str, L: float, fill, m: float):
         s = b - a
         d.polygon([(a, c - 0.12 * s), (a + 0.65 * s, c - 0.12 * s), (b, c), (a + 0.65 * s, c + 0.12 * s),
                    (a, c + 0.12 * s)], **kw)
-        d.rectangle([a, c - 0.15 * s, a + 0.3 * s, c + 0.15 * s], fill=OUTLINE)
+        d.line([a + 0.3 * s, c - 0.12 * s, a + 0.3 * s, c + 0.12 * s], fill=OUTLINE, width=w)  # handle / blade
     elif shape == "bag":
         s = b - a
         d.arc([a + 0.25 * s, a, b - 0.25 * s, a + 0.5 * s], 180, 360, fill=OUTLINE, width=2 * w)
@@ -372,10 +373,23 @@ def paste(frame: np.ndarray, shape: str, colour, size: float, cx: float, cy: flo
     region += a * rgb[sy0:sy0 + fy1 - fy0, sx0:sx0 + fx1 - fx0]
 
 
+@lru_cache(maxsize=1)
+def _noise_bank() -> np.ndarray:
+    """A fixed bank of standard-normal samples; slicing it at random offsets is much cheaper than drawing fresh
+    normals for every pixel of every frame, and just as deterministic."""
+    return np.random.default_rng(12345).standard_normal(1 << 22, dtype=np.float32)
+
+
 def finish(frame: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
-    """Add mild per-frame sensor noise and convert to uint8."""
-    frame += rng.normal(0.0, noise, frame.shape).astype(np.float32)
-    return np.clip(frame, 0, 255).astype(np.uint8)
+    """Add mild sensor noise (std `noise` in 0-255 units) to a contiguous float32 frame (or stack of frames) and
+    convert it to uint8."""
+    bank, flat = _noise_bank(), frame.reshape(-1)
+    half = bank.size // 2
+    for s in range(0, flat.size, half):
+        m = min(half, flat.size - s)
+        off = int(rng.integers(0, bank.size - m))
+        flat[s:s + m] += noise * bank[off:off + m]
+    return np.clip(frame, 0, 255, out=frame).astype(np.uint8)
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int, gop: int = 12):
@@ -480,26 +494,27 @@ def render_clip(spec: dict, S: float, T: int = CLIP_FRAMES):
             ox = float(np.clip(ox + rng.normal(0, 0.7 * spec["jitter"]), -spec["jitter"], spec["jitter"]))
             oy = float(np.clip(oy + rng.normal(0, 0.7 * spec["jitter"]), -spec["jitter"], spec["jitter"]))
         offs.append((int(round(ox)), int(round(oy))))
-    frames, truth = np.zeros((T, H, W, 3), np.uint8), []
+    for c in spec["clutter"]:     # clutter is static in the world: paint it into the background once
+        paste(canvas, c["kind"], c["colour"], c["size"], c["x"] + pad, c["y"] + pad)
+    clutter_boxes = [(c["kind"], "brown" if c["kind"] == "stick" else "grey", c["x"] - c["size"] / 2,
+                      c["y"] - c["size"] / 2, c["x"] + c["size"] / 2, c["y"] + c["size"] / 2)
+                     for c in spec["clutter"]]
+    frames, truth = np.empty((T, H, W, 3), np.float32), []
     order = sorted(range(len(spec["objects"])), key=lambda i: -spec["objects"][i]["s0"])  # big ones behind
     for t in range(T):
         u = t / (T - 1)
         dx, dy = offs[t]
-        f = canvas[pad + dy:pad + dy + H, pad + dx:pad + dx + W].copy()
-        boxes = []
-        for c in spec["clutter"]:
-            paste(f, c["kind"], c["colour"], c["size"], c["x"] - dx, c["y"] - dy)
-            r = c["size"] / 2
-            boxes.append((c["kind"], "brown" if c["kind"] == "stick" else "grey",
-                          c["x"] - dx - r, c["y"] - dy - r, c["x"] - dx + r, c["y"] - dy + r))
+        f = frames[t]
+        f[:] = canvas[pad + dy:pad + dy + H, pad + dx:pad + dx + W]
+        boxes = [(k, col, x1 - dx, y1 - dy, x2 - dx, y2 - dy) for k, col, x1, y1, x2, y2 in clutter_boxes]
         for i in order:
             o = spec["objects"][i]
             x, y, s, vis = object_state(o, u)
             if vis:
                 paste(f, o["shape"], COLOURS[o["colour"]], s, x - dx, y - dy)
                 boxes.append((o["shape"], o["colour"], x - dx - s / 2, y - dy - s / 2, x - dx + s / 2, y - dy + s / 2))
-        frames[t] = finish(f, rng, 3.0)
         truth.append(boxes)
+    frames = finish(frames, rng, 3.0)
     stuff = [(c, x1 - pad, y1 - pad, x2 - pad, y2 - pad) for c, x1, y1, x2, y2 in stuff]
     return frames, truth, stuff
 
@@ -643,12 +658,15 @@ def plan_ego_video(rng: np.random.Generator, duration: float, S: float, scene: s
     objects = []
     for k in picks:
         c, nn = pairs[int(k)]
-        objects.append(dict(colour=c, noun=nn, x=float(rng.uniform(0.15, 0.85) * CW),
-                            y=float(rng.uniform(0.25, 0.8) * CH), s=float(rng.uniform(12, 16) * S), scale=1.0,
+        for _ in range(30):   # keep objects apart so that they rarely occlude each other at the start
+            x, y = float(rng.uniform(0.15, 0.85) * CW), float(rng.uniform(0.25, 0.8) * CH)
+            if all(abs(x - o["x"]) > 20 * S or abs(y - o["y"]) > 20 * S for o in objects):
+                break
+        objects.append(dict(colour=c, noun=nn, x=x, y=y, s=float(rng.uniform(12, 16) * S), scale=1.0,
                             visible=True))
     init = [dict(o) for o in objects]
     state = [dict(o) for o in objects]
-    actions, recent, held = [], [], None
+    actions, recent, held, since_take = [], [], None, 0
     t = float(rng.uniform(0.5, 1.5))
     m = 10 * S
     while True:
@@ -657,31 +675,25 @@ def plan_ego_video(rng: np.random.Generator, duration: float, S: float, scene: s
             break
         options = []
         for i, o in enumerate(state):
-            if held is not None:
-                if i == held:
-                    options.append(("put", i))
-                continue
             if not o["visible"]:
                 continue
-            options.append(("take", i))
+            if held is None:
+                options.append(("take", i))
             if o["x"] - 26 * S > m: options.append(("move_left", i))
             if o["x"] + 26 * S < CW - m: options.append(("move_right", i))
             if o["y"] - 16 * S > m: options.append(("lift", i))
             if o["y"] + 16 * S < CH - m: options.append(("lower", i))
             if o["scale"] < 1.3: options.append(("pull", i))
             if o["scale"] > 0.8: options.append(("push", i))
-        fresh = [a for a in options if a not in recent[-4:]]
-        if held is not None and len(fresh) == 0:
-            fresh = options
-        if held is None and rng.random() < 0.7:   # while holding nothing, mostly act on visible objects
-            fresh = [a for a in fresh if a[0] != "put"] or fresh
-        if held is not None and rng.random() < 0.5:  # hold for a while: allow other objects' actions too
-            fresh = [a for a in fresh]
+        fresh = [a for a in options if a not in recent[-4:]] or options
+        if held is not None and (since_take >= 2 or rng.random() < 0.5 or not fresh):
+            fresh = [("put", held)]     # one hand: a taken object is put back within a few actions
         verb, i = fresh[int(rng.integers(len(fresh)))]
         o = state[i]
         before = dict(o)
+        since_take += 1
         if verb == "take":
-            o["visible"], held = False, i
+            o["visible"], held, since_take = False, i, 0
         elif verb == "put":
             o["visible"], held = True, None
         elif verb == "move_left":
@@ -817,8 +829,15 @@ def _job(job):
 
 
 def _save_npz(path: Path, arrays: dict):
+    """np.savez_compressed equivalent with a fixed timestamp in the zip entries, so the bytes are reproducible."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **arrays)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for key, value in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asanyarray(value), allow_pickle=False)
+            info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,346 @@
+"""Tests of the synthetic corpus (common/synthetic.py) on its tiny size.
+
+Run: cd /work/main && python -m pytest -q tests/test_synthetic.py
+The `tiny_corpus` fixture (tests/conftest.py) generates the corpus once per session; one test generates it a
+second time (single process) to check determinism.
+"""
+import ast
+import csv
+import hashlib
+import json
+import re
+
+import av
+import numpy as np
+import pytest
+
+from common.synthetic import EGO_FPS, SIZES, build_msrvtt, ensure_corpus
+
+ANNOTATION_SUFFIXES = {".csv", ".json", ".jsonl", ".txt", ".list", ".npy", ".npz"}
+
+
+def read_all_frames(path):
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def read_csv(path, delimiter=","):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter=delimiter))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def annotation_hashes(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.suffix in ANNOTATION_SUFFIXES}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Determinism
+
+def test_same_seed_gives_identical_files_and_frames(tiny_corpus, tmp_path):
+    # second generation with a single process: the output must not depend on the worker count either
+    again = ensure_corpus(tmp_path / "again", size="tiny", seed=0, workers=1)
+    h1, h2 = annotation_hashes(tiny_corpus), annotation_hashes(again)
+    assert len(h1) > 100
+    assert h1 == h2
+    for rel in ["msrvtt/videos/all/video0.mp4", "msrvtt/videos/all/video3.mp4"]:
+        assert np.array_equal(read_all_frames(tiny_corpus / rel), read_all_frames(again / rel))
+    uid = read_csv(tiny_corpus / "egoclip/egoclip.csv", "\t")[0]["video_uid"]
+    assert np.array_equal(read_all_frames(tiny_corpus / f"egoclip/videos/{uid}.mp4"),
+                          read_all_frames(again / f"egoclip/videos/{uid}.mp4"))
+
+
+def test_other_seed_differs(tmp_path):
+    # annotations only (the video jobs are collected, not rendered): cheap
+    def msrvtt_json(seed):
+        build_msrvtt(tmp_path / str(seed), dict(SIZES["tiny"]), seed, 1.0, texts=[], jobs=[])
+        return (tmp_path / str(seed) / "msrvtt/annotation/MSR_VTT.json").read_bytes()
+
+    assert msrvtt_json(1) != msrvtt_json(2)
+    assert msrvtt_json(1) == msrvtt_json(1)
+
+
+def test_ensure_corpus_is_idempotent(tiny_corpus):
+    done = (tiny_corpus / "DONE").read_text()
+    assert ensure_corpus(tiny_corpus, size="tiny", seed=0) == tiny_corpus
+    assert (tiny_corpus / "DONE").read_text() == done
+    assert not list(tiny_corpus.parent.glob(".*tmp*"))      # no temporary directory left behind
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WebVid
+
+def test_webvid_csv_videos_and_detections(tiny_corpus):
+    root = tiny_corpus / "webvid"
+    vocab = (root / "objects_vocab.txt").read_text().splitlines()
+    ids = {}
+    for split in ("train", "val"):
+        rows = read_csv(root / f"results_{split}.csv")
+        assert rows and list(rows[0]) == ["videoid", "contentUrl", "duration", "page_dir", "name", "reverse_of"]
+        ids[split] = {r["videoid"] for r in rows}
+        for r in rows:
+            assert r["name"].strip()
+            video = root / "videos" / r["page_dir"] / f"{r['videoid']}.mp4"
+            assert len(read_all_frames(video)) == 24
+            for k in range(8):
+                d = np.load(root / "objects" / r["page_dir"] / r["videoid"] / f"{k}.npz", allow_pickle=False)
+                K = int(d["num_bbox"])
+                assert K >= 10
+                assert d["bbox"].shape == (K, 4) and d["bbox"].dtype == np.float32
+                assert d["objects_id"].shape == (K,) and d["objects_conf"].shape == (K,)
+                assert int(d["image_h"]) == 64 and int(d["image_w"]) == 64
+                assert d["objects_id"].min() >= 0 and d["objects_id"].max() < len(vocab)
+                b = d["bbox"]
+                assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+                assert b.min() >= 0 and b[:, [0, 2]].max() <= 64 and b[:, [1, 3]].max() <= 64
+                assert (np.diff(d["objects_conf"]) <= 0).all()   # sorted by confidence, like BUTD
+    assert not ids["train"] & ids["val"]
+
+
+def test_reversed_twins_are_time_reversed(tiny_corpus):
+    rows = read_csv(tiny_corpus / "webvid/results_train.csv")
+    by_id = {r["videoid"]: r for r in rows}
+    twins = [(r, by_id[r["reverse_of"]]) for r in rows if r["reverse_of"]]
+    assert twins, "tiny corpus should contain reversed twins"
+    for a, b in twins:
+        assert b["reverse_of"] == a["videoid"]            # linked both ways
+        assert a["name"] != b["name"]                      # caption motions are reversed
+        fa = read_all_frames(tiny_corpus / "webvid/videos" / a["page_dir"] / f"{a['videoid']}.mp4").astype(float)
+        fb = read_all_frames(tiny_corpus / "webvid/videos" / b["page_dir"] / f"{b['videoid']}.mp4").astype(float)
+        reversed_err = np.abs(fa - fb[::-1]).mean()
+        forward_err = np.abs(fa - fb).mean()
+        assert reversed_err < 6.0                          # lossy codec only (it smooths the pixel noise)
+        assert forward_err > reversed_err
+
+
+def test_clips_show_motion_between_first_and_last_third(tiny_corpus):
+    # a clip whose main object moves must change visibly between the first and last third of the clip
+    rows = read_jsonl(tiny_corpus / "msrvtt/msrvtt_qa_train.jsonl")
+    moving = [r["video_id"] for r in rows if r["type"] == "motion" and r["answer"] in ("left", "right", "up", "down")
+              and r["question"].startswith("what does")]
+    assert moving
+    for vid in moving[:5]:
+        f = read_all_frames(tiny_corpus / f"msrvtt/videos/all/{vid}.mp4").astype(float)
+        assert np.abs(f[:8].mean(0) - f[-8:].mean(0)).max() > 60
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MSR-VTT, QA, MC, action lists
+
+def test_msrvtt_annotations_splits_and_captions(tiny_corpus):
+    root = tiny_corpus / "msrvtt"
+    ann = json.loads((root / "annotation/MSR_VTT.json").read_text())
+    assert set(ann) >= {"annotations", "videos"}
+    splits = {s: (root / f"splits/{s}_list.txt").read_text().split() for s in ("train", "val", "test")}
+    all_ids = [v for ids in splits.values() for v in ids]
+    assert len(all_ids) == len(set(all_ids))                 # disjoint by video
+    assert {v["video_id"] for v in ann["videos"]} == set(all_ids)
+    caps = {}
+    for a in ann["annotations"]:
+        assert set(a) >= {"image_id", "caption", "id", "small_object"}
+        assert isinstance(a["small_object"], bool)
+        caps.setdefault(a["image_id"], []).append(a["caption"])
+    assert set(caps) == set(all_ids)
+    assert all(len(c) >= 2 and len(set(c)) == len(c) for c in caps.values())   # distinct paraphrases
+    test_caps = [c for v in splits["test"] for c in caps[v]]
+    assert len(set(test_caps)) >= 0.95 * len(test_caps)
+    small = [a for a in ann["annotations"] if a["small_object"]]
+    assert 0 < len(small) < len(ann["annotations"])
+    for v in all_ids:
+        assert len(read_all_frames(root / f"videos/all/{v}.mp4")) == 24
+
+
+def test_msrvtt_qa_and_mc(tiny_corpus):
+    root = tiny_corpus / "msrvtt"
+    splits = {s: set((root / f"splits/{s}_list.txt").read_text().split()) for s in ("train", "val", "test")}
+    answers = set()
+    for s in ("train", "val", "test"):
+        qa = read_jsonl(root / f"msrvtt_qa_{s}.jsonl")
+        assert qa and all(set(r) >= {"video_id", "question", "answer", "id"} for r in qa)
+        assert {r["video_id"] for r in qa} <= splits[s]
+        answers |= {r["answer"] for r in qa}
+        mc = read_jsonl(root / f"msrvtt_mc_{s}.jsonl")
+        assert len(mc) == len(splits[s])
+        for r in mc:
+            assert r["clip_name"] in splits[s]
+            assert len(r["options"]) == 5 and len(set(r["options"])) == 5
+            assert 0 <= r["answer"] < 5
+            ro = r["reversed_option"]
+            assert ro is None or (0 <= ro < 5 and ro != r["answer"])
+    assert len(answers) < 40                                  # a small answer vocabulary
+    assert any(r["reversed_option"] is not None for r in read_jsonl(root / "msrvtt_mc_test.jsonl"))
+    classes = (root / "action/classes.txt").read_text().splitlines()
+    for s in ("train", "val", "test"):
+        for line in (root / f"action/{s}.list").read_text().splitlines():
+            path, label = line.split("\t")
+            assert (root / path).exists() and 0 <= int(label) < len(classes)
+
+
+def test_reversed_mc_option_differs_only_by_motion_words(tiny_corpus):
+    mc = read_jsonl(tiny_corpus / "msrvtt/msrvtt_mc_test.jsonl")
+    rows = [r for r in mc if r["reversed_option"] is not None]
+    assert rows
+    for r in rows:
+        truth, rev = r["options"][r["answer"]].split(), r["options"][r["reversed_option"]].split()
+        # the reversed option keeps the objects' attributes and the scene: most words are shared
+        common = len(set(truth) & set(rev))
+        assert common >= len(set(truth)) - 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EgoClip / EgoMCQ
+
+EGOCLIP_COLUMNS = ["clip_idx", "video_uid", "video_dur", "narration_source", "narration_ind", "narration_time",
+                   "clip_start", "clip_end", "clip_text", "tag_verb", "tag_noun"]
+
+
+def test_egoclip_csv_windows_and_tags(tiny_corpus):
+    root = tiny_corpus / "egoclip"
+    rows = read_csv(root / "egoclip.csv", "\t")
+    assert rows and list(rows[0]) == EGOCLIP_COLUMNS
+    verbs = (root / "verb_classes.txt").read_text().splitlines()
+    nouns = (root / "noun_classes.txt").read_text().splitlines()
+    by_video = {}
+    for r in rows:
+        assert r["clip_text"].startswith("#C C ")
+        tv, tn = ast.literal_eval(r["tag_verb"]), ast.literal_eval(r["tag_noun"])
+        assert tv and all(0 <= v < len(verbs) for v in tv)
+        assert tn and all(0 <= n < len(nouns) for n in tn)
+        assert r["narration_source"] in ("narration_pass_1", "narration_pass_2")
+        by_video.setdefault(r["video_uid"], []).append(r)
+    half_widths = []
+    betas = []
+    for uid, rs in by_video.items():
+        t = sorted(float(r["narration_time"]) for r in rs if r["narration_source"] == "narration_pass_1")
+        betas.append(np.mean(np.diff(t)))
+        widths = {round(float(r["clip_end"]) - float(r["clip_start"]), 2) for r in rs}
+        assert len(widths) <= 2                                # one window width per video (rounding aside)
+        half_widths.append((float(rs[0]["clip_end"]) - float(rs[0]["clip_start"])) / 2)
+        for r in rs:
+            mid = (float(r["clip_end"]) + float(r["clip_start"])) / 2
+            assert abs(mid - float(r["narration_time"])) < 0.01
+        frames = read_all_frames(root / f"videos/{uid}.mp4")
+        assert len(frames) == round(float(rs[0]["video_dur"]) * EGO_FPS)
+    # Eq. 1: half-width = beta_i / (2 alpha), alpha = mean beta over videos
+    alpha = np.mean(betas)
+    for hw, b in zip(half_widths, betas):
+        assert abs(hw - b / (2 * alpha)) < 0.01
+    # action-aware positives: some (verb, noun) pairs recur in different videos
+    pairs = {}
+    for r in rows:
+        pairs.setdefault((r["tag_verb"], r["tag_noun"]), set()).add(r["video_uid"])
+    assert any(len(v) > 1 for v in pairs.values())
+    # scene-aware negatives: consecutive narrations of one annotator differ in action
+    for rs in by_video.values():
+        p1 = [r for r in rs if r["narration_source"] == "narration_pass_1"]
+        for a, b in zip(p1, p1[1:]):
+            assert a["clip_text"] != b["clip_text"]
+
+
+def test_egomcq(tiny_corpus):
+    root = tiny_corpus / "egoclip"
+    mcq = json.loads((root / "egomcq.json").read_text())
+    train_videos = {r["video_uid"] for r in read_csv(root / "egoclip.csv", "\t")}
+    keys = {"video_uid", "clip_start", "clip_end", "clip_text", "tag_verb", "tag_noun"}
+    types = {1: 0, 2: 0}
+    assert sorted(mcq, key=int) == [str(i) for i in range(len(mcq))]
+    for q in mcq.values():
+        assert set(q["query"]) >= keys
+        choices = [q["choices"][str(k)] for k in range(5)]
+        assert all(set(c) >= keys for c in choices)
+        assert choices[q["answer"]] == q["query"]
+        assert len({c["clip_text"] for c in choices}) == 5      # deduplicated options
+        uids = [c["video_uid"] for c in choices]
+        assert not set(uids) & train_videos                      # held-out videos
+        types[q["types"]] += 1
+        if q["types"] == 1:
+            assert len(set(uids)) == 5
+        else:
+            assert len(set(uids)) == 1
+            starts = sorted(c["clip_start"] for c in choices)
+            assert starts[-1] - starts[0] < 60                   # contiguous clips of one video
+    assert types[1] > 0 and types[2] > 0
+    for uid in {c["video_uid"] for q in mcq.values() for c in q["choices"].values()}:
+        assert (root / f"videos/{uid}.mp4").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EPIC-MIR and Charades-Ego
+
+EPIC_COLUMNS = ["narration_id", "participant_id", "video_id", "narration_timestamp", "start_timestamp",
+                "stop_timestamp", "start_frame", "stop_frame", "narration", "verb", "verb_class", "noun",
+                "noun_class", "all_nouns", "all_noun_classes"]
+
+
+def test_epic_mir(tiny_corpus):
+    root = tiny_corpus / "egoclip/epic_mir"
+    videos = {}
+    for split in ("train", "test"):
+        rows = read_csv(root / f"EPIC_100_retrieval_{split}.csv")
+        assert rows and list(rows[0]) == EPIC_COLUMNS
+        sents = read_csv(root / f"EPIC_100_retrieval_{split}_sentence.csv")
+        assert list(sents[0]) == ["narration_id", "narration"]
+        rel = np.load(root / f"caption_relevancy_EPIC_100_retrieval_{split}.npy")
+        assert rel.shape == (len(rows), len(sents))
+        assert rel.min() >= 0 and rel.max() <= 1
+        by_nid = {r["narration_id"]: r for r in rows}
+        for i, r in enumerate(rows):
+            assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d\d\d", r["start_timestamp"])
+            assert int(r["stop_frame"]) > int(r["start_frame"])
+            for j, s in enumerate(sents):
+                o = by_nid[s["narration_id"]]
+                same_verb = r["verb_class"] == o["verb_class"]
+                na, nb = set(ast.literal_eval(r["all_noun_classes"])), set(ast.literal_eval(o["all_noun_classes"]))
+                if same_verb and na == nb:
+                    assert rel[i, j] == 1
+                elif not same_verb and not na & nb:
+                    assert rel[i, j] == 0
+                else:
+                    assert 0 < rel[i, j] < 1
+        videos[split] = {r["video_id"] for r in rows}
+        for v in videos[split]:
+            n = len(read_all_frames(root / f"videos/{v}.mp4"))
+            assert n >= max(int(r["stop_frame"]) for r in rows if r["video_id"] == v)
+    assert not videos["train"] & videos["test"]
+
+
+def test_charades(tiny_corpus):
+    root = tiny_corpus / "egoclip/charades"
+    classes = (root / "Charades_v1_classes.txt").read_text().splitlines()
+    assert all(re.fullmatch(r"c\d{3} \S.*", c) for c in classes)
+    ids = {}
+    for split in ("train", "test"):
+        rows = read_csv(root / f"CharadesEgo_v1_{split}_only1st.csv")
+        assert rows and {"id", "actions", "length", "script"} <= set(rows[0])
+        for r in rows:
+            acts = [a.split() for a in r["actions"].split(";")]
+            assert acts
+            for c, s, e in acts:
+                assert 0 <= int(c[1:]) < len(classes)
+                assert 0 <= float(s) < float(e) <= float(r["length"]) + 1e-6
+            assert len(read_all_frames(root / f"videos/{r['id']}.mp4")) == round(float(r["length"]) * EGO_FPS)
+        ids[split] = {r["id"] for r in rows}
+    assert not ids["train"] & ids["test"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vocabulary
+
+def test_vocab_covers_every_corpus_text(tiny_corpus):
+    from common.text import Tokenizer
+
+    tok = Tokenizer(str(tiny_corpus / "vocab.txt"))
+    texts = [a["caption"] for a in json.loads((tiny_corpus / "msrvtt/annotation/MSR_VTT.json").read_text())
+             ["annotations"]]
+    texts += [r["name"] for r in read_csv(tiny_corpus / "webvid/results_train.csv")]
+    texts += [r["clip_text"] for r in read_csv(tiny_corpus / "egoclip/egoclip.csv", "\t")]
+    texts += [r["question"] for r in read_jsonl(tiny_corpus / "msrvtt/msrvtt_qa_test.jsonl")]
+    texts += [r["narration"] for r in read_csv(tiny_corpus / "egoclip/epic_mir/EPIC_100_retrieval_test.csv")]
+    for t in texts:
+        ids = tok.encode(t, max_len=64)
+        assert tok.unk_id not in ids, t
+        assert all(not p.startswith("##") for p in tok.tokenize(t)), t   # every corpus word is one token
