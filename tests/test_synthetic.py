@@ -264,8 +264,9 @@ def test_egomcq(tiny_corpus):
             starts = sorted(c["clip_start"] for c in choices)
             assert starts[-1] - starts[0] < 60                   # contiguous clips of one video
     assert types[1] > 0 and types[2] > 0
-    for uid in {c["video_uid"] for q in mcq.values() for c in q["choices"].values()}:
-        assert (root / f"videos/{uid}.mp4").exists()
+    durations = {c["video_uid"]: c["video_dur"] for q in mcq.values() for c in q["choices"].values()}
+    for uid, dur in durations.items():
+        assert len(read_all_frames(root / f"videos/{uid}.mp4")) == round(dur * EGO_FPS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
