@@ -1125,6 +1125,21 @@ def relevancy(a: tuple, b: tuple) -> float:
     return 0.5 * float(a[0] == b[0]) + 0.5 * len(na & nb) / len(na | nb)
 
 
+def relevancy_matrix(rows: list, cols: list) -> np.ndarray:
+    """`relevancy` for every (row, col) pair at once: float32 (len(rows), len(cols))."""
+    def multi_hot(keys):
+        m = np.zeros((len(keys), len(NOUN_CLASSES)), np.float32)
+        for i, (_, nouns) in enumerate(keys):
+            m[i, list(nouns)] = 1
+        return m
+
+    va, vb = np.array([k[0] for k in rows]), np.array([k[0] for k in cols])
+    na, nb = multi_hot(rows), multi_hot(cols)
+    inter = na @ nb.T
+    union = na.sum(1, keepdims=True) + nb.sum(1)[None, :] - inter
+    return (0.5 * (va[:, None] == vb[None, :]) + 0.5 * inter / union).astype(np.float32)
+
+
 def build_epic(root: Path, cfg: dict, seed: int, S: float, texts: list, jobs: list) -> dict:
     """EPIC-KITCHENS-100 multi-instance retrieval style: action segments in long kitchen videos, a sentence
     list, and graded relevancy matrices (clips x unique sentences)."""
@@ -1162,7 +1177,7 @@ def build_epic(root: Path, cfg: dict, seed: int, S: float, texts: list, jobs: li
                 sent_keys.append(key)
         _write_csv(out / f"EPIC_100_retrieval_{split}_sentence.csv", ["narration_id", "narration"],
                    [[nid, s] for s, nid in sentences.items()])
-        rel = np.array([[relevancy(a, b) for b in sent_keys] for a in keys], np.float32).reshape(len(keys), -1)
+        rel = relevancy_matrix(keys, sent_keys)
         np.save(out / f"caption_relevancy_EPIC_100_retrieval_{split}.npy", rel)
         counts[f"epic_{split}_clips"] = len(rows)
         counts[f"epic_{split}_sentences"] = len(sentences)
