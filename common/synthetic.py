@@ -1118,15 +1118,10 @@ def _ts(sec: float) -> str:
     return f"{int(h):02d}:{int(m):02d}:{s:06.3f}"
 
 
-def relevancy(a: tuple, b: tuple) -> float:
-    """JPoSE-style graded relevance of two (verb_class, [noun_classes]): half for the verb, half for the
-    noun-set IoU; 1 only when the verb and all nouns match, 0 when nothing matches."""
-    na, nb = set(a[1]), set(b[1])
-    return 0.5 * float(a[0] == b[0]) + 0.5 * len(na & nb) / len(na | nb)
-
-
 def relevancy_matrix(rows: list, cols: list) -> np.ndarray:
-    """`relevancy` for every (row, col) pair at once: float32 (len(rows), len(cols))."""
+    """JPoSE-style graded relevance between (verb_class, [noun_classes]) keys, float32 (len(rows), len(cols)):
+    0.5 * [same verb] + 0.5 * IoU of the noun sets, so 1 only when the verb and all nouns match and 0 when
+    nothing matches (EPIC-100 MIR builds its relevancy from verb/noun class overlap in the same spirit)."""
     def multi_hot(keys):
         m = np.zeros((len(keys), len(NOUN_CLASSES)), np.float32)
         for i, (_, nouns) in enumerate(keys):
@@ -1282,15 +1277,21 @@ def ensure_corpus(root="data/synth", size: str = "default", seed: int = 0, frame
     root = Path(root)
     if (root / "DONE").exists():
         return root
+    _generate_and_swap(root, size=size, seed=seed, frame_size=frame_size, workers=workers)
+    return root
+
+
+def _generate_and_swap(root: Path, keep_existing: bool = True, **kwargs):
+    """Generate into a temporary sibling of `root`, then rename it into place. With keep_existing, a complete
+    corpus that appeared meanwhile (another process won the race) is kept and ours is discarded."""
+    root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        generate(tmp, size=size, seed=seed, frame_size=frame_size, workers=workers)
-        if (root / "DONE").exists():             # someone else finished first: keep theirs
-            shutil.rmtree(tmp)
-            return root
-        if root.exists():                         # a stale partial corpus (no DONE): move it away, then swap
+        generate(tmp, **kwargs)
+        if keep_existing and (root / "DONE").exists():
+            return
+        if root.exists():       # an old or partial corpus: move it away first, so the swap is two renames
             old = root.parent / f".{root.name}.old-{os.getpid()}"
             os.rename(root, old)
             os.rename(tmp, root)
@@ -1298,9 +1299,7 @@ def ensure_corpus(root="data/synth", size: str = "default", seed: int = 0, frame
         else:
             os.rename(tmp, root)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv=None):
@@ -1318,19 +1317,8 @@ def main(argv=None):
     if (root / "DONE").exists() and not a.force:
         print(f"{root}/DONE exists; nothing to do (use --force to regenerate)")
         return
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    generate(tmp, size=a.size, seed=a.seed, frame_size=a.frame_size, workers=a.workers,
-             twin_fraction=a.twin_fraction)
-    if root.exists():
-        old = root.parent / f".{root.name}.old-{os.getpid()}"
-        os.rename(root, old)
-        os.rename(tmp, root)
-        shutil.rmtree(old)
-    else:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, root)
+    _generate_and_swap(root, keep_existing=False, size=a.size, seed=a.seed, frame_size=a.frame_size,
+                       workers=a.workers, twin_fraction=a.twin_fraction)
     print(f"written to {root}")
 
 
