@@ -139,6 +139,7 @@ class Config:
     temperature: float = 0.05  # tau, fixed; paper 0.05
     # data
     chunk_seconds: float = 0.0  # 0 = read videos/<uid>.mp4 whole; 600 = release layout videos/<uid>/<k>.mp4
+    cache_videos: bool = True  # keep decoded training videos in RAM (small corpora); False = seek per clip (release)
     batch_size: int = 32  # clips per device before scene negatives; paper 16 per GPU x 32 GPUs = 512
     num_workers: int = 1  # DataLoader worker processes; paper 16 per GPU
     crop_scale: float = 0.5  # RandomResizedCrop min scale (max 1.0); paper 0.5
@@ -155,7 +156,7 @@ class Config:
     log_every: int = 25  # steps between log lines
     ckpt_every: int = 200  # steps between checkpoints (also written at the end)
     eval_batch_size: int = 64  # clips per forward pass at evaluation
-    max_eval_items: int = 0  # cap on EgoMCQ questions / EPIC clips / Charades videos per evaluation, 0 = all
+    max_eval_items: int = 0  # cap on EgoMCQ questions per type / EPIC clips / Charades videos, 0 = all
     dual_softmax: bool = False  # EPIC-MIR: re-weight similarities by dual-softmax (release test_epic.py default)
     dual_softmax_temp: float = 500.0  # release: softmax(S / 500) over videos, times S, softmax over texts
     charades_frames: int = 0  # frames per Charades video at zero-shot eval, 0 = num_frames; paper 16
@@ -581,12 +582,15 @@ class ClipReader:
     chunk_seconds = 0: videos/<uid>.mp4 whole (PyAV seeks to the window).
     chunk_seconds > 0: the release's layout videos/<uid>/<k>.mp4, chunk k holding [k*chunk, (k+1)*chunk) s, so a
     clip is read from one or two short files; frame indices are global and mapped with chunk_frame().
+    cache = True: decode each whole video once and keep its frames in RAM (for small corpora like data/synth,
+    where seeking per clip would cost more than the model's step); sampling is unchanged.
     Raises common.video.VideoReadError for missing or corrupt files.
     """
 
-    def __init__(self, video_dir, chunk_seconds: float = 0.0):
-        self.video_dir, self.chunk_seconds = Path(video_dir), chunk_seconds
+    def __init__(self, video_dir, chunk_seconds: float = 0.0, cache: bool = False):
+        self.video_dir, self.chunk_seconds, self.cache = Path(video_dir), chunk_seconds, cache
         self._chunks: dict[str, list] = {}  # uid -> [VideoMeta of chunk 0, 1, ...]
+        self._frames: dict[str, tuple] = {}  # uid -> (all frames uint8 (num_frames, H, W, 3), fps)
 
     def chunk_metas(self, uid: str):
         from common.video import VideoReadError, video_meta
@@ -598,11 +602,23 @@ class ClipReader:
             self._chunks[uid] = [video_meta(p) for p in paths]
         return self._chunks[uid]
 
+    def whole_video(self, uid: str):
+        from common.video import read_frames, video_meta
+        if uid not in self._frames:
+            path = self.video_dir / f"{uid}.mp4"
+            meta = video_meta(path)
+            self._frames[uid] = read_frames(path, range(meta.num_frames)), meta.fps
+        return self._frames[uid]
+
     def __call__(self, uid, start, end, n, mode, rng=None) -> np.ndarray:  # -> uint8 (n, H, W, 3)
         from common.video import load_clip, read_frames, sample_frame_indices, window_to_frames
         start, end = max(start, 0.0), max(end, start)  # EgoClip windows may start before 0
         if not self.chunk_seconds:
-            return load_clip(self.video_dir / f"{uid}.mp4", n, mode, start, end, rng)[0]
+            if not self.cache:
+                return load_clip(self.video_dir / f"{uid}.mp4", n, mode, start, end, rng)[0]
+            frames, fps = self.whole_video(uid)
+            a, b = window_to_frames(start, end, fps, len(frames))
+            return frames[sample_frame_indices(len(frames), n, mode, a, b, rng)]
         metas = self.chunk_metas(uid)
         fps = metas[0].fps  # the chunk's real rate (the release assumes 30)
         per_chunk = int(round(self.chunk_seconds * fps))
@@ -622,7 +638,7 @@ class EgoClipDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, cfg: Config, rows: list[dict], num_verbs: int, num_nouns: int):
         self.cfg, self.rows, self.num_verbs, self.num_nouns = cfg, rows, num_verbs, num_nouns
-        self.reader = ClipReader(Path(root) / "videos", cfg.chunk_seconds)
+        self.reader = ClipReader(Path(root) / "videos", cfg.chunk_seconds, cfg.cache_videos)
         self.buckets = scene_buckets(rows, cfg.neg_window)
         from common.video import VideoTransform
         self.transform = VideoTransform(cfg.image_size, train=True, scale=(cfg.crop_scale, 1.0))
@@ -687,6 +703,8 @@ class ClipBank:
         from common.video import VideoReadError, VideoTransform
         transform = VideoTransform(cfg.image_size, train=False)
         self.videos, self.ok, self.skipped = [], [], 0
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny per-clip tensor ops: extra threads only add contention
         for uid, start, end in windows:  # EgoMCQ protocol: T uniform frames (bin midpoints), centre crop
             try:
                 video, _ = transform(reader(uid, start, end, num_frames, "uniform"))
@@ -696,6 +714,7 @@ class ClipBank:
                 self.videos.append(None)
                 self.ok.append(False)
                 self.skipped += 1
+        torch.set_num_threads(threads)
 
     @torch.no_grad()
     def embed(self, model, device, batch: int, ctx) -> torch.Tensor:  # -> (num_clips, E), zeros where missing
@@ -730,8 +749,8 @@ class EgoMCQ:
     def __init__(self, root, cfg: Config):
         with open(Path(root) / "egomcq.json") as f:
             questions = list(json.load(f).values())
-        if cfg.max_eval_items:
-            questions = questions[:cfg.max_eval_items]
+        if cfg.max_eval_items:  # the first questions of each type
+            questions = [q for t in (1, 2) for q in [q for q in questions if int(q["types"]) == t][:cfg.max_eval_items]]
         windows: dict[tuple, int] = {}
         for q in questions:
             for c in q["choices"].values():
@@ -759,6 +778,146 @@ def mcq_accuracy(sim, answer, types) -> dict:
         if (types == t).any():
             out[f"egomcq/{name}"] = 100.0 * correct[types == t].mean().item()
     return out
+
+
+def read_csv(path) -> list[dict]:
+    import csv
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def hms_to_seconds(stamp: str) -> float:
+    """EPIC-KITCHENS timestamps 'HH:MM:SS.fff' -> seconds."""
+    h, m, s = stamp.split(":")
+    return 3600 * int(h) + 60 * int(m) + float(s)
+
+
+def dual_softmax(sim, temp: float):
+    """The release's optional EPIC-MIR re-weighting of a (texts, videos) score matrix (test_epic.py):
+    S1 = softmax(S / temp over videos) * S, then a softmax over texts. Transductive: every score depends on the
+    whole test set."""
+    s1 = F.softmax(sim / temp, dim=1) * sim
+    return F.softmax(s1, dim=0)
+
+
+def epic_mir_metrics(sim_vt, relevancy) -> dict:
+    """sim_vt (videos, sentences) scores, relevancy (videos, sentences) in [0, 1] -> mAP (relevancy == 1) and
+    nDCG (graded) for video->text (rows), text->video (the transpose) and their mean, in percent."""
+    from common.metrics import map_relevancy, ndcg_relevancy
+    out = {"epic_mir/mAP_v2t": map_relevancy(sim_vt, relevancy),
+           "epic_mir/mAP_t2v": map_relevancy(sim_vt.t(), relevancy.t()),
+           "epic_mir/nDCG_v2t": ndcg_relevancy(sim_vt, relevancy),
+           "epic_mir/nDCG_t2v": ndcg_relevancy(sim_vt.t(), relevancy.t())}
+    out["epic_mir/mAP_avg"] = (out["epic_mir/mAP_v2t"] + out["epic_mir/mAP_t2v"]) / 2
+    out["epic_mir/nDCG_avg"] = (out["epic_mir/nDCG_v2t"] + out["epic_mir/nDCG_t2v"]) / 2
+    return out
+
+
+class EpicMIR:
+    """EPIC-KITCHENS-100 multi-instance retrieval, test split: every test clip against every unique sentence,
+    graded relevancy from verb/noun class overlap. Zero-shot after pre-training, or after --finetune=epic_mir."""
+
+    def __init__(self, root, cfg: Config):
+        root = Path(root)
+        clips = read_csv(root / "EPIC_100_retrieval_test.csv")
+        self.sentences = [r["narration"] for r in read_csv(root / "EPIC_100_retrieval_test_sentence.csv")]
+        self.relevancy = torch.from_numpy(np.load(root / "caption_relevancy_EPIC_100_retrieval_test.npy"))
+        assert self.relevancy.shape == (len(clips), len(self.sentences)), self.relevancy.shape
+        if cfg.max_eval_items:
+            clips, self.relevancy = clips[:cfg.max_eval_items], self.relevancy[:cfg.max_eval_items]
+        windows = [(c["video_id"], hms_to_seconds(c["start_timestamp"]), hms_to_seconds(c["stop_timestamp"]))
+                   for c in clips]
+        self.bank = ClipBank(ClipReader(root / "videos"), cfg, windows, cfg.num_frames)
+
+    def __call__(self, model, tokenizer, cfg, device, ctx) -> dict:
+        text = embed_texts(model, tokenizer, self.sentences, cfg, device, ctx)  # (S, E)
+        video = self.bank.embed(model, device, cfg.eval_batch_size, ctx)  # (V, E)
+        if cfg.dual_softmax:
+            sim_vt = dual_softmax(text @ video.t(), cfg.dual_softmax_temp).t()
+        else:
+            sim_vt = (sim_matrix(video, text) + 1) / 2  # the release's (cos + 1) / 2
+        keep = torch.tensor(self.bank.ok)  # unreadable clips are left out of the ranking
+        return {**epic_mir_metrics(sim_vt[keep], self.relevancy[keep]),
+                "epic_mir/skipped_clips": float(self.bank.skipped)}
+
+
+class EpicMIRTrain(torch.utils.data.Dataset):
+    """EPIC-MIR training pairs, multi-instance sampling: the caption of clip i is drawn uniformly among the
+    sentences with relevancy(i, s) > rel_threshold (its own narration if none); the pair's relevancy is kept for
+    the adaptive margin."""
+
+    def __init__(self, root, cfg: Config):
+        from common.video import VideoTransform
+        root = Path(root)
+        self.cfg = cfg
+        self.clips = read_csv(root / "EPIC_100_retrieval_train.csv")
+        self.sentences = [r["narration"] for r in read_csv(root / "EPIC_100_retrieval_train_sentence.csv")]
+        self.relevancy = np.load(root / "caption_relevancy_EPIC_100_retrieval_train.npy")
+        self.reader = ClipReader(root / "videos")
+        self.transform = VideoTransform(cfg.image_size, train=True, scale=(cfg.crop_scale, 1.0))
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        from common.video import VideoReadError
+        c = self.clips[i]
+        candidates = np.flatnonzero(self.relevancy[i] > self.cfg.rel_threshold)
+        if len(candidates):
+            s = int(random.choice(candidates))
+            text, rel = self.sentences[s], float(self.relevancy[i, s])
+        else:
+            text, rel = c["narration"], 1.0
+        try:
+            frames = self.reader(c["video_id"], hms_to_seconds(c["start_timestamp"]),
+                                 hms_to_seconds(c["stop_timestamp"]), self.cfg.num_frames, "rand")
+        except VideoReadError as e:
+            return dict(error=str(e))
+        return dict(video=self.transform(frames)[0], text=text, relevancy=rel)
+
+
+def collate_epic(items) -> dict:
+    ok = [it for it in items if "error" not in it]
+    return dict(video=torch.stack([it["video"] for it in ok]), text=[it["text"] for it in ok],
+                relevancy=torch.tensor([it["relevancy"] for it in ok]), skipped=len(items) - len(ok),
+                anchors=len(ok))
+
+
+class CharadesEgo:
+    """Zero-shot Charades-Ego-style action recognition: each test video (T uniform frames over the whole video)
+    scored against the class-name texts by cosine; mAP over classes (multi-label)."""
+
+    def __init__(self, root, cfg: Config):
+        root = Path(root)
+        classes = [line.strip().split(" ", 1) for line in open(root / "Charades_v1_classes.txt") if line.strip()]
+        self.class_ids = {cid: k for k, (cid, _) in enumerate(classes)}
+        self.class_texts = [name for _, name in classes]  # "cXXX " prefix dropped, as the release
+        videos = read_csv(root / "CharadesEgo_v1_test_only1st.csv")
+        if cfg.max_eval_items:
+            videos = videos[:cfg.max_eval_items]
+        self.labels = torch.zeros(len(videos), len(classes))
+        for i, v in enumerate(videos):
+            for action in filter(None, (v.get("actions") or "").split(";")):
+                self.labels[i, self.class_ids[action.split()[0]]] = 1
+        frames = cfg.charades_frames or cfg.num_frames
+        self.bank = ClipBank(ClipReader(root / "videos"), cfg, [(v["id"], 0.0, float(v["length"])) for v in videos],
+                             frames)
+
+    def __call__(self, model, tokenizer, cfg, device, ctx) -> dict:
+        from common.metrics import multilabel_map
+        text = embed_texts(model, tokenizer, self.class_texts, cfg, device, ctx)  # (C, E)
+        video = self.bank.embed(model, device, cfg.eval_batch_size, ctx)  # (V, E)
+        keep = torch.tensor(self.bank.ok)
+        return {"charades/mAP": multilabel_map(sim_matrix(video, text)[keep], self.labels[keep]),
+                "charades/skipped_videos": float(self.bank.skipped)}
+
+
+def finetune_loss(text_emb, video_emb, batch, cfg: Config):
+    """MI-MM over the gathered batch; adaptive MI-MM scales the margin by each pair's relevancy (0.4 * r)."""
+    from common.dist import all_gather_nograd, all_gather_with_grad
+    sim = sim_matrix(all_gather_with_grad(text_emb), all_gather_with_grad(video_emb))  # (M, M)
+    rel = all_gather_nograd(batch["relevancy"].to(sim.device))
+    return mi_mm_loss(sim, 0.4 * rel if cfg.adaptive_margin else cfg.margin)
 
 
 # ---------------------------------------------------------------------------------------------------------------

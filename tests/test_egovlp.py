@@ -285,3 +285,107 @@ def test_mcq_accuracy_by_type():
                         [0.5, 0.0, 0.0, 0.0, 0.1]])   # predicts 0, answer 4, intra: wrong
     out = mcq_accuracy(sim, torch.tensor([0, 2, 3, 4, 4]), torch.tensor([1, 1, 2, 1, 2]))
     assert out == {"egomcq/inter_acc": pytest.approx(200 / 3), "egomcq/intra_acc": pytest.approx(50.0)}
+
+
+def test_epic_mir_metrics_both_directions():
+    # 2 videos x 3 sentences. Video 0: sentence 0 is the exact match (1), sentence 1 half relevant.
+    rel = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0]])
+    sim = torch.tensor([[0.9, 0.8, 0.1], [0.7, 0.2, 0.3]])
+    out = egovlp.epic_mir_metrics(sim, rel)
+    # V->T: video 0 ranks s0 first (AP 1); video 1 ranks s1 last of 3 (AP 1/3)
+    assert out["epic_mir/mAP_v2t"] == pytest.approx(100 * (1 + 1 / 3) / 2)
+    # T->V: s0 (relevant video 0, ranked 1st: AP 1); s1 (relevant video 1, ranked 2nd: AP 1/2); s2 has none
+    assert out["epic_mir/mAP_t2v"] == pytest.approx(100 * (1 + 0.5) / 2)
+    # nDCG V->T: video 0, K=2: ranking s0 (1), s1 (0.5) is ideal -> 1; video 1, K=1: top is s0 (rel 0) -> 0
+    assert out["epic_mir/nDCG_v2t"] == pytest.approx(50.0)
+    # nDCG T->V: s0 K=1 top video 0 (1) -> 1; s1 K=2: order v0 (0.5), v1 (1) vs ideal v1, v0
+    dcg, idcg = 0.5 + 1 / math.log2(3), 1 + 0.5 / math.log2(3)
+    assert out["epic_mir/nDCG_t2v"] == pytest.approx(100 * (1 + dcg / idcg) / 2)
+    assert out["epic_mir/mAP_avg"] == pytest.approx((out["epic_mir/mAP_v2t"] + out["epic_mir/mAP_t2v"]) / 2)
+    assert out["epic_mir/nDCG_avg"] == pytest.approx((out["epic_mir/nDCG_v2t"] + out["epic_mir/nDCG_t2v"]) / 2)
+
+
+def test_dual_softmax_prefers_mutual_best_matches():
+    # texts x videos. Raw scores give both videos to text 0; text 1 is sure about video 0 while text 0 hesitates,
+    # so dual-softmax hands video 0 to text 1:  S1 = softmax_videos(S) * S = [[2.62, 2.33], [4.80, 0.02]]
+    sim = torch.tensor([[5.0, 4.9], [4.9, 1.0]])
+    out = egovlp.dual_softmax(sim, 1.0)
+    assert sim.argmax(0).tolist() == [0, 0] and out.argmax(0).tolist() == [1, 0]
+    assert torch.allclose(out.sum(0), torch.ones(2))  # a softmax over texts, per video
+
+
+# --------------------------------------------------------------------------------------------- video reading
+def test_chunked_layout_reads_the_same_frames_as_the_whole_video(tiny_corpus, tmp_path):
+    """Cut one EgoClip video into 5-s chunks <uid>/<k>.mp4 (the release's layout, smaller) and read a clip that
+    straddles a chunk boundary both ways; frame content must agree (up to re-encoding noise)."""
+    import av
+    import numpy as np
+    from common.video import read_frames, video_meta
+    root = tiny_corpus / "egoclip"
+    uid = egovlp.read_egoclip(root / "egoclip.csv")[0][0]["video_uid"]
+    src = root / "videos" / f"{uid}.mp4"
+    meta = video_meta(src)
+    frames = read_frames(src, range(meta.num_frames))
+    per_chunk = int(5 * meta.fps)
+    (tmp_path / uid).mkdir()
+    for k in range(0, math.ceil(len(frames) / per_chunk)):
+        with av.open(str(tmp_path / uid / f"{k}.mp4"), "w") as out:
+            stream = out.add_stream("libx264", rate=int(meta.fps))
+            stream.width, stream.height, stream.pix_fmt = meta.width, meta.height, "yuv420p"
+            stream.options = {"crf": "0", "preset": "ultrafast"}  # near-lossless so the check can be tight
+            for f in frames[k * per_chunk:(k + 1) * per_chunk]:
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+            out.mux(stream.encode())
+    chunked = egovlp.ClipReader(tmp_path, chunk_seconds=5.0)(uid, 4.0, 6.5, 4, "uniform")
+    whole = egovlp.ClipReader(root / "videos")(uid, 4.0, 6.5, 4, "uniform")
+    cached = egovlp.ClipReader(root / "videos", cache=True)(uid, 4.0, 6.5, 4, "uniform")
+    assert chunked.shape == whole.shape == (4, meta.height, meta.width, 3)
+    assert np.abs(chunked.astype(int) - whole.astype(int)).mean() < 4
+    assert np.array_equal(cached, whole)
+
+
+def test_short_and_out_of_range_windows_still_give_t_frames(tiny_corpus):
+    root = tiny_corpus / "egoclip"
+    uid = egovlp.read_egoclip(root / "egoclip.csv")[0][0]["video_uid"]
+    reader = egovlp.ClipReader(root / "videos", cache=True)
+    assert reader(uid, -1.0, 0.05, 4, "rand").shape[0] == 4  # starts before 0, shorter than one frame
+    assert reader(uid, 1e4, 1e4 + 1, 4, "uniform").shape[0] == 4  # past the end: clamped to the last frame
+    with pytest.raises(Exception):
+        reader("no_such_video", 0.0, 1.0, 4, "rand")
+
+
+# --------------------------------------------------------------------------------------------- end to end
+def test_main_pretrain_then_resume_then_finetune_and_eval(tiny_corpus, tmp_path):
+    common = [f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / 'pt'}", "--batch_size=4", "--num_workers=0",
+              "--log_every=1", "--eval_batch_size=16", "--max_eval_items=10"] + \
+             [f"--{k}={v}" for k, v in TINY_MODEL.items()]
+    metrics = egovlp.main(common + ["--max_steps=2", "--ckpt_every=1"])
+    for key in ("egomcq/inter_acc", "egomcq/intra_acc", "epic_mir/mAP_avg", "epic_mir/nDCG_avg", "charades/mAP"):
+        assert key in metrics and 0 <= metrics[key] <= 100, key
+    ckpt = torch.load(tmp_path / "pt" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 2 and ckpt["config"]["positives"] == "verb_and_noun"
+    saved = {k: v.clone() for k, v in ckpt["model"].items()}
+
+    egovlp.main(common + ["--max_steps=3", "--resume"])  # one more step from the checkpoint
+    ckpt = torch.load(tmp_path / "pt" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 3
+    assert any(not torch.equal(saved[k], ckpt["model"][k]) for k in saved)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "pt" / "log.jsonl") if "loss" in line]
+    assert steps == [1, 2, 3]  # the step counter continues after --resume
+    assert json.load(open(tmp_path / "pt" / "metrics.json"))["egomcq/inter_acc"] >= 0
+
+    ft = egovlp.main([a for a in common if not a.startswith("--out_dir")] +
+                     [f"--out_dir={tmp_path / 'ft'}", "--finetune=epic_mir", f"--init={tmp_path / 'pt' / 'ckpt.pt'}",
+                      "--max_steps=1", "--num_frames=8", "--adaptive_margin"])
+    assert "epic_mir/mAP_avg" in ft and "egomcq/inter_acc" not in ft
+    ev = egovlp.main([a for a in common if not a.startswith("--out_dir")] +
+                     [f"--out_dir={tmp_path / 'ev'}", "--eval=epic_mir", "--dual_softmax", "--num_frames=8",
+                      f"--init={tmp_path / 'ft' / 'ckpt.pt'}"])
+    assert set(ev) >= {"epic_mir/mAP_avg", "epic_mir/nDCG_avg"}
+
+
+def test_infonce_ablation_runs(tiny_corpus, tmp_path):
+    metrics = egovlp.main([f"--data_root={tiny_corpus}", f"--out_dir={tmp_path}", "--batch_size=4",
+                           "--num_workers=0", "--max_steps=1", "--positives=self", "--negatives=none",
+                           "--max_eval_items=5", "--eval_batch_size=16"] + [f"--{k}={v}" for k, v in TINY_MODEL.items()])
+    assert "egomcq/intra_acc" in metrics
