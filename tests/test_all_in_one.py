@@ -201,12 +201,59 @@ def test_pretrain_then_resume_end_to_end(tiny_corpus, tmp_path):
     assert json.load(open(out / "metrics.json")).keys() == m2.keys()
 
 
-@pytest.mark.parametrize("task", ["qa", "mc", "retrieval", "action"])
-def test_finetune_runs(tiny_corpus, tmp_path, task):
-    pre = tmp_path / "pre"
+@pytest.fixture(scope="module")
+def pretrained(tiny_corpus, tmp_path_factory):
+    """A one-step pre-trained tiny model, shared by the fine-tuning tests."""
+    pre = tmp_path_factory.mktemp("aio_pre")
     aio.main(["--tiny", f"--data_root={tiny_corpus}", f"--out_dir={pre}", "--img_size=32", "--max_steps=1",
               "--max_eval_items=8"])
+    return pre / "ckpt.pt"
+
+
+@pytest.mark.parametrize("task", ["qa", "mc", "retrieval", "action"])
+def test_finetune_runs(tiny_corpus, pretrained, tmp_path, task):
     m = aio.main(["--tiny", f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / task}", f"--finetune={task}",
-                  f"--init={pre / 'ckpt.pt'}", "--max_steps=2", "--max_eval_items=8"])
+                  f"--init={pretrained}", "--max_steps=2", "--max_eval_items=8"])
     key = {"qa": "qa/acc", "mc": "mc/acc", "retrieval": "retrieval/t2v_R@1", "action": "action/acc"}[task]
     assert 0.0 <= m[key] <= 100.0
+    assert (tmp_path / task / "metrics.json").exists()
+
+
+# --- distributed: the gathered contrastive loss equals the single-process one ------------------------------------
+
+def _ddp_worker(rank, world, port, batch, results):
+    import os
+    import torch.distributed as torch_dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = aio.AllInOne(tiny_cfg(vtm_weight=0.0, mlm_weight=0.0, roll_tokens="fixed"))
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    b = len(batch["video"]) // world
+    local = {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()}
+    out = ddp(local, "pretrain")
+    out["loss"].backward()
+    results[rank] = {"loss": out["loss"].item(), "grad": model.transformer.patch_embed.proj.weight.grad.clone()}
+    torch_dist.destroy_process_group()
+
+
+def test_ddp_vtc_matches_single_process():
+    import socket
+    import torch.multiprocessing as mp
+    torch.manual_seed(1)
+    B = 6
+    batch = dict(video=torch.randn(B, 3, 3, 32, 32), text_ids=torch.randint(5, 50, (B, 7)),
+                 text_mask=torch.ones(B, 7, dtype=torch.long))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, port, batch, results), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = aio.AllInOne(tiny_cfg(vtm_weight=0.0, mlm_weight=0.0, roll_tokens="fixed"))
+    out = model(batch, "pretrain")  # one process, the whole batch: the same negatives
+    out["loss"].backward()
+    for r in range(2):
+        assert abs(results[r]["loss"] - out["loss"].item()) < 1e-4
+        torch.testing.assert_close(results[r]["grad"], model.transformer.patch_embed.proj.weight.grad,
+                                   rtol=1e-4, atol=1e-6)
