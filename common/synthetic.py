@@ -1278,7 +1278,7 @@ def summary(info: dict) -> str:
 
 
 def ensure_corpus(root="data/synth", size: str = "default", seed: int = 0, frame_size: int = 64,
-                  workers: int = 2) -> Path:
+                  workers: int = 2, twin_fraction: float = TWIN_FRACTION) -> Path:
     """Generate the corpus into `root` unless root/DONE exists; return root as a Path.
 
     Generation writes into a temporary sibling directory that is renamed into place at the end, so an
@@ -1287,7 +1287,8 @@ def ensure_corpus(root="data/synth", size: str = "default", seed: int = 0, frame
     root = Path(root)
     if (root / "DONE").exists():
         return root
-    _generate_and_swap(root, size=size, seed=seed, frame_size=frame_size, workers=workers)
+    _generate_and_swap(root, size=size, seed=seed, frame_size=frame_size, workers=workers,
+                       twin_fraction=twin_fraction)
     return root
 
 

@@ -102,6 +102,26 @@ def test_webvid_csv_videos_and_detections(tiny_corpus):
     assert not ids["train"] & ids["val"]
 
 
+def test_detections_follow_the_rendered_objects(tiny_corpus):
+    # degraded, but still a detector of this world: most frames have a confident shape box, clutter and
+    # background stuff are detected too, and low-confidence fillers exist (BUTD's minimum of 10 boxes)
+    root = tiny_corpus / "webvid"
+    vocab = (root / "objects_vocab.txt").read_text().splitlines()
+    shapes = {"square", "circle", "triangle", "diamond", "cross"}
+    confident_shape, clutter, stuff, low = [], [], [], []
+    for r in read_csv(root / "results_train.csv"):
+        for k in range(8):
+            d = np.load(root / "objects" / r["page_dir"] / r["videoid"] / f"{k}.npz")
+            names = [vocab[i] for i in d["objects_id"]]
+            conf = d["objects_conf"]
+            confident_shape.append(any(n in shapes and c >= 0.5 for n, c in zip(names, conf)))
+            clutter.append(any(n in ("pebble", "stick", "leaf") for n in names))
+            stuff.append(any(n in ("sky", "water", "sand", "tree", "building", "floor", "snow") for n in names))
+            low.append(conf.min() < 0.3)
+    assert np.mean(confident_shape) > 0.7
+    assert np.mean(clutter) > 0.3 and np.mean(stuff) > 0.3 and np.mean(low) > 0.9
+
+
 def test_reversed_twins_are_time_reversed(tiny_corpus):
     rows = read_csv(tiny_corpus / "webvid/results_train.csv")
     by_id = {r["videoid"]: r for r in rows}
