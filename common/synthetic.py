@@ -43,11 +43,11 @@ Files written (root = data/synth by default; details and real-dataset equivalent
 
 Determinism: every item is rendered from its own numpy Generator seeded with (seed, stream, index), specs and
 annotations are built in one process in a fixed order, and videos are encoded with libx264 on one thread with
-fixed options, so the same seed gives byte-identical annotation files and identical decoded frames whatever the
-number of worker processes.
+fixed options (macroblock-tree off, see write_video), so the same seed gives byte-identical files, annotations
+and videos alike, whatever the number of worker processes or the order in which they take jobs.
 
 Usage:
-    python -m common.synthetic --out data/synth --seed 0 --size default     # ~1 min on 2 cores
+    python -m common.synthetic --out data/synth --seed 0 --size default     # ~1-1.5 min on 2 idle cores
     python -m common.synthetic --out /tmp/synth_tiny --size tiny             # a few seconds, used by the tests
     from common.synthetic import ensure_corpus; root = ensure_corpus("data/synth")
 """
