@@ -116,6 +116,7 @@ class Config:
     precision: str = "bf16"  # bf16 | fp32 (bf16 autocast on CPU and CUDA; similarities and losses stay fp32)
     finetune: str = ""  # "" = pre-train on WebVid-style data | "retrieval" = fine-tune on the MSR-VTT-style train split
     eval: str = ""  # "" | "retrieval": only evaluate --init (zero-shot when it is a pre-trained checkpoint)
+    vocab_file: str = ""  # "" = data_root/vocab.txt; real data: bert-base-uncased's vocab.txt (what DistilBERT uses)
     allow_pickle: bool = False  # read the release's pickled `info` dict in .npz detections (runs code: trusted files only)
     num_workers: int = 1  # DataLoader workers decoding videos
     # --- the paper's idea (one field each)
@@ -132,34 +133,34 @@ class Config:
     # --- frames
     num_frames: int = 4  # frames per clip (paper: 4 at fine-tuning; the model is built with this many temporal rows)
     curriculum: str = "1to4"  # none | 1to4 = Frozen's curriculum: 1 frame for the first curriculum_frac of steps, then num_frames
-    curriculum_frac: float = 0.7  # share of pre-training steps at 1 frame (Frozen: 1-frame to convergence, then ~10% at 4)
+    curriculum_frac: float = 0.85  # share of pre-training steps at 1 frame (Frozen: 1-frame to convergence, then ~10% at 4)
     img_size: int = 64  # input resolution (paper 224; the synthetic corpus is 64x64)
     crop_scale: float = 0.6  # RandomResizedCrop lower area bound in training (upper = 1)
     # --- video encoder (divided space-time ViT)
     patch_size: int = 8  # paper 16
-    vid_width: int = 192  # paper 768
+    vid_width: int = 128  # paper 768
     vid_depth: int = 4  # paper 12
-    vid_heads: int = 3  # paper 12 (head dim 64)
+    vid_heads: int = 2  # paper 12 (head dim 64)
     # --- text encoder (DistilBERT architecture)
     vocab_size: int = 0  # 0 = the size of data_root/vocab.txt; paper 30522 (bert-base-uncased)
-    txt_width: int = 192  # paper 768
+    txt_width: int = 128  # paper 768
     txt_depth: int = 2  # paper 6
-    txt_heads: int = 3  # paper 12
+    txt_heads: int = 2  # paper 12
     txt_positions: int = 64  # paper 512
     max_text_len: int = 32  # caption tokens incl. [CLS]/[SEP] (Frozen pads to the longest in the batch, truncates at 512)
     max_tag_len: int = 24  # tag-text tokens incl. specials
     embed_dim: int = 256  # joint embedding size (paper 256)
     # --- optimisation
-    batch_size: int = 48  # per process; the contrastive batch is world_size * batch_size (paper: 16 per GPU x 8)
-    max_steps: int = 600  # optimizer steps
-    lr: float = 3e-4  # peak AdamW lr (paper: 2e-4 pre-training, 3e-5 fine-tuning)
+    batch_size: int = 32  # per process; the contrastive batch is world_size * batch_size (paper: 16 per GPU x 8)
+    max_steps: int = 800  # optimizer steps
+    lr: float = 7e-4  # peak AdamW lr (paper: 2e-4 pre-training, 3e-5 fine-tuning)
     weight_decay: float = 0.01  # AdamW decay on matrices (paper: 0)
     warmup_steps: int = 50  # linear warmup (paper: none)
     schedule: str = "cosine"  # cosine | linear | constant (paper: step decay x0.1 at epochs 60, 80 -- effectively constant)
     grad_clip: float = 1.0  # max grad norm, 0 = off (paper: off)
     # --- logging / evaluation
     log_interval: int = 25  # steps between log lines
-    eval_interval: int = 300  # steps between validation evaluations (and checkpoints)
+    eval_interval: int = 400  # steps between validation evaluations (and checkpoints)
     eval_batch_size: int = 64  # clips per forward in evaluation
 
 
@@ -786,7 +787,7 @@ def main(argv=None):
             ensure_corpus(cfg.data_root)
         if dist.world_size > 1:
             torch.distributed.barrier()
-    tokenizer = Tokenizer(os.path.join(cfg.data_root, "vocab.txt"))
+    tokenizer = Tokenizer(cfg.vocab_file or os.path.join(cfg.data_root, "vocab.txt"))
     os.makedirs(cfg.out_dir, exist_ok=True)
     log = JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=dist.is_main)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -805,12 +806,12 @@ def main(argv=None):
     if dist.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
-    step = 0
+    step = start_step = 0
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+        step = start_step = ckpt["step"]
         print0(f"resumed from {ckpt_path} at step {step}")
 
     # --- evaluation data (MSR-VTT-style; model selection on val, the final report on test)
@@ -842,7 +843,7 @@ def main(argv=None):
     pbar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
     while True:
         last_step = step == cfg.max_steps
-        if step > 0 and (step % cfg.eval_interval == 0 or last_step):
+        if step > start_step and (step % cfg.eval_interval == 0 or last_step):
             val = evaluate_retrieval(raw_model, val_clips, tokenizer, cfg, device)
             log.log({"step": step, **{f"val_{k}": v for k, v in val.items()}})
             print0(f"step {step} | val t2v R@1 {val['retrieval/t2v_R@1']:.1f} R@5 {val['retrieval/t2v_R@5']:.1f} "
@@ -869,8 +870,7 @@ def main(argv=None):
         loss, parts = oa_trans_loss(emb, terms, weights, cfg.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))  # inf: measure only
         optimizer.step()
         step += 1
         clips_seen += batch["video"].shape[0] * dist.world_size
@@ -879,12 +879,12 @@ def main(argv=None):
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             dt = time.time() - t0
             rec = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "lr": lr,
-                   "frames": frames, "ms_per_step": 1000 * dt / cfg.log_interval, "clips_per_s": clips_seen / dt,
+                   "grad_norm": grad_norm.item(), "frames": frames, "ms_per_step": 1000 * dt / cfg.log_interval, "clips_per_s": clips_seen / dt,
                    "skipped_videos": skipped}
             log.log(rec)
             pbar.write(f"step {step} | loss {rec['loss']:.3f} ("
                        + ", ".join(f"{k} {v.item():.3f}" for k, v in parts.items())
-                       + f") | lr {lr:.2e} | T={frames} | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s")
+                       + f") | lr {lr:.2e} | grad {rec['grad_norm']:.2f} | T={frames} | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s")
             t0, clips_seen = time.time(), 0
     pbar.close()
 
