@@ -118,16 +118,18 @@ class Config:
     image_size: int = 64  # input frame side; paper 224
     patch_size: int = 16  # ViT patch side; paper 16
     num_frames: int = 4  # frames per clip = rows of the temporal embedding; paper 4 (pre-train), 16 (fine-tune)
-    vit_width: int = 192  # D; paper 768 (ViT-B)
-    vit_depth: int = 4  # blocks; paper 12
-    vit_heads: int = 3  # heads; paper 12 (head dim 64)
+    vit_width: int = 128  # D; paper 768 (ViT-B)
+    vit_depth: int = 3  # blocks; paper 12
+    vit_heads: int = 2  # heads; paper 12 (head dim 64)
     vit_mlp_ratio: float = 4.0  # MLP hidden = ratio x D; paper 4
+    time_init: str = "live"  # temporal attention init, both start as an image ViT (qkv = 0): "release" = proj.weight
+    #   all ones (LN1 erases its channel-constant output, so qkv gets no gradient) | "live" = proj.weight ~ N(0, .02)
     # text encoder (DistilBERT architecture)
     vocab_size: int = 0  # 0 = size of the tokenizer's vocab.txt; paper 30522 (BERT uncased)
-    text_width: int = 192  # paper 768
+    text_width: int = 128  # paper 768
     text_layers: int = 2  # paper 6
-    text_heads: int = 3  # paper 12
-    text_ffn: int = 768  # paper 3072
+    text_heads: int = 2  # paper 12
+    text_ffn: int = 512  # paper 3072
     text_positions: int = 64  # position-embedding rows; paper 512
     text_dropout: float = 0.1  # hidden and attention dropout, active in training as in the release; paper 0.1
     max_text_len: int = 32  # tokens per text incl. [CLS]/[SEP]; batches pad to the longest
@@ -144,7 +146,7 @@ class Config:
     num_workers: int = 1  # DataLoader worker processes; paper 16 per GPU
     crop_scale: float = 0.5  # RandomResizedCrop min scale (max 1.0); paper 0.5
     # optimisation (AdamW, no decay on biases / norms / embeddings)
-    max_steps: int = 600  # optimiser steps; paper ~10 epochs x 7.5K = 75K at global batch 512
+    max_steps: int = 800  # optimiser steps; paper ~10 epochs x 7.5K = 75K at global batch 512
     lr: float = 1e-3  # peak learning rate; paper 3e-5 (pre-trained init), constant
     weight_decay: float = 0.01  # paper 0 (transformers.AdamW default)
     adam_eps: float = 1e-6  # paper 1e-6
@@ -174,7 +176,7 @@ PRESETS = {
                   vocab_size=30522, text_width=768, text_layers=6, text_heads=12, text_ffn=3072,
                   text_positions=512, max_text_len=64, batch_size=16, num_workers=16, max_steps=75_000,
                   lr=3e-5, weight_decay=0.0, warmup_steps=0, lr_schedule="constant", grad_clip=0.0,
-                  eval_every=7_500, ckpt_every=7_500, eval_batch_size=32),
+                  time_init="release", cache_videos=False, eval_every=7_500, ckpt_every=7_500, eval_batch_size=32),
     # EPIC-MIR fine-tuning at 16 frames (Table 4, last EgoVLP row); combine with --paper.
     "paper_epic": dict(finetune="epic_mir", num_frames=16, batch_size=4, max_steps=15_000, lr=3e-5,
                        eval_every=1_000, ckpt_every=1_000, charades_frames=16),
@@ -283,10 +285,17 @@ class SpaceTimeTransformer(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     @torch.no_grad()
-    def init_weights(self):
-        """timm-style init for the spatial parts (what the ViT checkpoint would overwrite), then the release's
-        time_init='zeros': qkv = 0 and proj.weight = 1, so every block starts as an image ViT block (v = 0 makes
-        the temporal branch output exactly 0) while the all-ones projection still passes gradient to qkv."""
+    def init_weights(self, time_init: str = "live"):
+        """timm-style init for the spatial parts (what the ViT checkpoint would overwrite), then the temporal
+        attention: qkv = 0 (so v = 0 and every block starts as an image ViT block) and
+
+          "release": proj.weight = 1 (Frozen's time_init='zeros'; meant to "let gradients reach the zeroed qkv").
+              But an all-ones projection outputs the same value in every channel, LN1 removes it, and the
+              gradient reaching qkv is W^T g = 1 * sum_i g_i = 0 (LayerNorm's input gradient sums to zero over
+              channels). qkv then moves only by float noise: the temporal branch stays (almost) dead.
+          "live": proj.weight ~ N(0, 0.02): same start, and qkv gets a real gradient.
+        """
+        assert time_init in ("release", "live"), time_init
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
@@ -296,7 +305,8 @@ class SpaceTimeTransformer(nn.Module):
         for blk in self.blocks:
             nn.init.zeros_(blk.timeattn.qkv.weight)
             nn.init.zeros_(blk.timeattn.qkv.bias)
-            nn.init.ones_(blk.timeattn.proj.weight)
+            if time_init == "release":
+                nn.init.ones_(blk.timeattn.proj.weight)
             nn.init.zeros_(blk.timeattn.proj.bias)
 
     def forward(self, video):
@@ -421,8 +431,8 @@ class FrozenInTime(nn.Module):
         self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(cfg.text_width, cfg.embed_dim))
         self.vid_proj = nn.Sequential(nn.Linear(cfg.vit_width, cfg.embed_dim))
 
-    def init_weights(self):
-        self.video_model.init_weights()
+    def init_weights(self, time_init: str = "live"):
+        self.video_model.init_weights(time_init)
         self.text_model.init_weights()
         return self
 
@@ -996,9 +1006,10 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = Tokenizer(str(root / "vocab.txt"))
     vocab = cfg.vocab_size or tokenizer.vocab_size
     assert vocab >= tokenizer.vocab_size, f"vocab_size {vocab} < tokenizer's {tokenizer.vocab_size}"
-    model = FrozenInTime(cfg, vocab).init_weights().to(device)
+    model = FrozenInTime(cfg, vocab).init_weights(cfg.time_init).to(device)
     if cfg.init:
-        missing = load_weights(model, load_checkpoint(cfg.init)["model"], cfg.num_frames)
+        ckpt = load_checkpoint(cfg.init)  # ours: {"model": ...}; the release's: {"state_dict": ...}
+        missing = load_weights(model, ckpt.get("model") or ckpt.get("state_dict") or ckpt, cfg.num_frames)
         print0(f"init from {cfg.init} ({len(missing)} model tensors not in it)")
     print0(f"EgoVLP dual encoder: {count_parameters(model):,} parameters")
 

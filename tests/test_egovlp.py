@@ -159,11 +159,12 @@ def test_var_attention_matches_naive_loop(group):
         assert torch.allclose(attn(x, group, T, N), naive_var_attention(attn, x, group, T, N), atol=1e-5)
 
 
-def test_video_model_starts_as_an_image_vit():
-    """time_init='zeros': the temporal branch outputs 0, so with one frame the encoder is a plain ViT."""
+@pytest.mark.parametrize("time_init", ["release", "live"])
+def test_video_model_starts_as_an_image_vit(time_init):
+    """qkv = 0: the temporal branch outputs 0, so with one frame the encoder is a plain ViT."""
     torch.manual_seed(5)
     cfg = Config(**TINY_MODEL)
-    vm = FrozenInTime(cfg, 50).init_weights().video_model
+    vm = FrozenInTime(cfg, 50).init_weights(time_init).video_model
     video = torch.randn(2, 1, 3, 32, 32)
     with torch.no_grad():
         x = vm.patch_embed(video[:, 0])  # (B, N, D)
@@ -177,6 +178,19 @@ def test_video_model_starts_as_an_image_vit():
         expected = vm.norm(x)[:, 0]
         assert torch.allclose(vm(video), expected, atol=1e-5)
         assert torch.count_nonzero(vm.blocks[0].timeattn(torch.randn(2, 9, 32), "time", 2, 4)) == 0
+
+
+def test_release_time_init_gives_temporal_qkv_no_gradient():
+    """With proj.weight = 1 the temporal output is constant over channels and LN1 erases it: qkv's gradient is
+    float noise (exactly 0 in exact arithmetic), while the 'live' init gives it a real gradient."""
+    grads = {}
+    for time_init in ("release", "live"):
+        torch.manual_seed(8)
+        model = FrozenInTime(Config(**TINY_MODEL), 50).init_weights(time_init)
+        model.encode_video(torch.randn(3, 4, 3, 32, 32)).pow(2).sum().backward()
+        blk = model.video_model.blocks[0]
+        grads[time_init] = blk.timeattn.qkv.weight.grad.abs().max() / blk.attn.qkv.weight.grad.abs().max()
+    assert grads["release"] < 1e-5 and grads["live"] > 1e-3
 
 
 def test_release_block_wiring():
