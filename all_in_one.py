@@ -86,7 +86,6 @@ import contextlib
 import copy
 import csv
 import json
-import math
 import os
 import random
 import time
@@ -101,7 +100,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 from common.config import config_to_dict, parse_config
-from common.dist import all_gather_nograd, all_gather_with_grad, cleanup, print0, setup_distributed
+from common.dist import all_gather_with_grad, cleanup, print0, setup_distributed
 from common.metrics import accuracy, retrieval_metrics
 from common.text import Tokenizer, whole_word_mask
 from common.train import (JsonlLogger, autocast, count_parameters, format_table, load_checkpoint, lr_at,
@@ -983,6 +982,9 @@ def main(argv=None):
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, best = ck["step"], ck.get("best", -1.0)
+        best_path = os.path.join(cfg.out_dir, "best.pt")
+        if task != "pretrain" and os.path.exists(best_path):  # the val-selected weights so far
+            best_state = load_checkpoint(best_path)["model"]
         loader.batch_sampler.seed += step  # a fresh data order for the rest of the run
         print0(f"resumed from {ckpt_path} at step {step}")
     ddp = model
@@ -1006,7 +1008,10 @@ def main(argv=None):
                                                        if k.endswith(("R@1", "R@5", "MdR", "acc"))))
             if score > best:  # model selection on val (fine-tuning); pre-training keeps the last weights
                 best = score
-                best_state = copy.deepcopy(model.state_dict()) if task != "pretrain" else None
+                if task != "pretrain":
+                    best_state = copy.deepcopy(model.state_dict())
+                    save_checkpoint({"model": best_state, "step": step, "config": config_to_dict(cfg), "best": best},
+                                    os.path.join(cfg.out_dir, "best.pt"))
         if dist.is_main and step > start_step and (step % cfg.ckpt_every == 0 or last_step):
             save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best,
                              "config": config_to_dict(cfg)}, ckpt_path)
@@ -1046,9 +1051,7 @@ def main(argv=None):
     metrics = {}
     if dist.is_main:
         if best_state is not None:
-            model.load_state_dict(best_state)  # the val-selected weights
-            save_checkpoint({"model": best_state, "step": step, "config": config_to_dict(cfg), "best": best},
-                            os.path.join(cfg.out_dir, "best.pt"))
+            model.load_state_dict(best_state)  # the val-selected weights (also in out_dir/best.pt)
         metrics = evaluate_task(model, cfg, tok, "zeroshot" if task == "pretrain" else task, "test", device,
                                 answer_vocab)
         metrics[f"{task}/skipped_train_videos"] = skipped
