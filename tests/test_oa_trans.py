@@ -330,3 +330,62 @@ def test_main_pretrain_resume_finetune(tiny_corpus, tmp_path):
     ft = oa.main(common + ["--max_steps=1", "--finetune=retrieval", f"--init={out}/ckpt.pt",
                            f"--out_dir={tmp_path / 'ft'}"])
     assert 0 <= ft["retrieval/v2t_R@1"] <= 100
+
+
+# ----------------------------------------------------------------------------- 2-process gloo
+
+def _oa_inputs(B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    regions = torch.rand(B, 1, 16, generator=g) > 0.5
+    regions[:, 0, 0] = True
+    tag_groups = torch.zeros(B, 1, 6, dtype=torch.bool)
+    tag_groups[:, 0, 1:4] = True
+    return dict(video=torch.randn(B, 2, 3, 32, 32, generator=g),
+                text=(torch.randint(5, 50, (B, 7), generator=g), torch.ones(B, 7, dtype=torch.long)),
+                anchor=torch.randn(B, 3, 32, 32, generator=g), regions=regions,
+                tags=(torch.randint(5, 50, (B, 6), generator=g), torch.ones(B, 6, dtype=torch.long)),
+                tag_groups=tag_groups)
+
+
+def _oa_loss_step(model, inputs, gather):
+    emb = {k: gather(v) for k, v in model(**inputs).items()}
+    return oa.oa_trans_loss(emb, oa.LOSS_TERMS["paper"], dict(w_main=1.0, w_tags=1.0, w_regions=1.0), 0.05)[0]
+
+
+def _ddp_worker(rank, world, port, results):
+    import torch.distributed as torch_dist
+    from common.dist import all_gather_with_grad
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = oa.OATrans(tiny_cfg(num_frames=2), 50)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    full = _oa_inputs(4 * world)
+    local = {k: tuple(t[rank * 4:(rank + 1) * 4] for t in v) if isinstance(v, tuple) else v[rank * 4:(rank + 1) * 4]
+             for k, v in full.items()}
+    loss = _oa_loss_step(ddp, local, all_gather_with_grad)
+    loss.backward()
+    results[rank] = {"loss": loss.item(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()
+                                                    if n in ("vid_proj.weight", "txt_proj.1.weight",
+                                                             "video_model.pos_embed")}}
+    torch_dist.destroy_process_group()
+
+
+def test_two_process_loss_and_gradients_equal_single_process():
+    """All four streams gathered across 2 gloo ranks under DDP give the single-process loss and gradients."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = oa.OATrans(tiny_cfg(num_frames=2), 50)
+    loss = _oa_loss_step(model, _oa_inputs(8), lambda x: x)
+    loss.backward()
+    grads = dict(model.named_parameters())
+    for rank in range(2):
+        assert abs(results[rank]["loss"] - loss.item()) < 1e-4
+        for n, g in results[rank]["grads"].items():
+            torch.testing.assert_close(g, grads[n].grad, rtol=1e-4, atol=1e-6)
