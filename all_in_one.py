@@ -119,7 +119,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # bf16 autocast (CPU and GPU) | fp32; similarities and losses are always fp32
     seed: int = 0  # random seed
-    max_steps: int = 500  # optimizer steps of the current job (pre-training or fine-tuning); paper 200k
+    max_steps: int = 800  # optimizer steps of the current job (pre-training or fine-tuning); paper 200k
     init: str = ""  # weights-only checkpoint to start from (pre-trained model for --finetune / --eval)
     resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt (optimizer and step included)
     finetune: str = ""  # "" (pre-train) | retrieval | qa | mc | action
@@ -150,7 +150,7 @@ class Config:
     temperature: float = 0.05  # VTC softmax temperature tau, fixed; release 0.05
     joint_fraction: float = 0.25  # share of each batch used for the joint passes (VTM and MLM); release 1.0
     mlm_prob: float = 0.15  # share of words masked; paper 0.15 (whole-word, 80/10/10)
-    twin_batches: bool = True  # put each clip's time-reversed twin in its batch (hard negatives; not in the paper)
+    twin_batches: bool = False  # put each clip's time-reversed twin in its batch (hard negatives; not in the paper)
     # --- optimisation
     batch_size: int = 64  # clips per micro-batch per device (= contrastive negatives per device)
     grad_accum: int = 1  # micro-batches per optimizer step; release accumulates to 4096 (does not add negatives)
