@@ -71,9 +71,10 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
     python oa_trans.py --pretrain --objects=off --out_dir=out/oa_trans_off   # the plain Frozen baseline
     python oa_trans.py --finetune=retrieval --init=out/oa_trans/ckpt.pt --out_dir=out/oa_trans_ft --max_steps=150 --lr=1e-4
     python oa_trans.py --ft_retrieval                                # the same fine-tuning, as a preset
-    python oa_trans.py --eval=retrieval --init=out/oa_trans/ckpt.pt  # evaluate a checkpoint only
-    python oa_trans.py --paper --data_root=/data --device=cuda       # paper-size model, one GPU
-    torchrun --standalone --nproc_per_node=8 oa_trans.py --paper --data_root=/data   # 8 GPUs
+    python oa_trans.py --eval=retrieval --init=out/oa_trans/ckpt.pt --out_dir=out/oa_trans_eval  # evaluate only
+    python oa_trans.py --paper --device=cuda --data_root=/data --vocab_file=/data/vocab.txt   # paper size, one GPU
+    torchrun --standalone --nproc_per_node=8 oa_trans.py --paper --data_root=/data --vocab_file=/data/vocab.txt
+    python oa_trans.py --paper --paper_ft --init=CKPT --data_root=/data --vocab_file=/data/vocab.txt  # fine-tune
 """
 
 import csv
@@ -598,10 +599,10 @@ class WebVidObjects(torch.utils.data.Dataset):
             det_idx = detection_frames(n, cfg.det_frames)
             a = anchor_position(idx, det_idx)
             frames = read_frames(path, idx + [det_idx[a]])  # (T + 1, H, W, 3): the anchor comes last
-        except VideoReadError:
+            det = read_detections(os.path.join(self.root, "webvid", "objects", row["page_dir"], row["videoid"],
+                                               f"{a}.npz"), cfg.allow_pickle)
+        except (VideoReadError, FileNotFoundError):  # unreadable video or missing detections
             return None  # skipped and counted by the collate function
-        det = read_detections(os.path.join(self.root, "webvid", "objects", row["page_dir"], row["videoid"], f"{a}.npz"),
-                              cfg.allow_pickle)
         boxes, labels = top_k_detections(det, cfg.top_k)
         h, w = frames.shape[1:3]  # the detector may have seen another resolution: rescale to the decoded frames
         boxes = boxes * np.array([w / det["image_w"], h / det["image_h"]] * 2, dtype=np.float32)
@@ -627,7 +628,7 @@ def collate(items, tokenizer, cfg):
     """List of items -> batch: stacks clips, tokenises captions, pads regions / tag texts / tag groups.
     Unreadable videos arrive as None and are counted in batch["skipped"]."""
     n_in = len(items)
-    items = [it for it in items if it is not None]
+    items = [it for it in items if it is not None]  # (under DDP a short batch breaks the gather: pre-filter real data)
     enc = tokenizer([it["caption"] for it in items], cfg.max_text_len, pad_to_max=False)
     batch = dict(video=torch.stack([it["video"] for it in items]),  # (B, T, 3, S, S)
                  text=(enc["input_ids"], enc["attention_mask"]), skipped=n_in - len(items))
@@ -820,7 +821,7 @@ def main(argv=None):
         step = start_step = ckpt["step"]
         print0(f"resumed from {ckpt_path} at step {step}")
 
-    # --- evaluation data (MSR-VTT-style; model selection on val, the final report on test)
+    # --- evaluation data (MSR-VTT-style): val is watched during training, the final weights are tested once
     val_clips = EvalClips(MSRVTT(cfg.data_root, "val"), cfg)
     test_clips = EvalClips(MSRVTT(cfg.data_root, "test"), cfg)
     if cfg.eval:
@@ -845,7 +846,6 @@ def main(argv=None):
     # --- loop
     batches, loader_frames = None, None
     skipped, t0, clips_seen = 0, time.time(), 0
-    metrics = {}
     pbar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
     while True:
         last_step = step == cfg.max_steps
