@@ -69,6 +69,17 @@ Departures from the release (and why)
 - In-window frame sampling never crashes on clips shorter than 2 x T frames (the release's `'rand'` sampler
   raises and silently returns a black clip); unreadable videos are skipped and counted, never blacked out.
 - Chunked videos use the chunk's real frame rate, not an assumed 30 fps.
+- Temporal-attention init (`time_init`). The release zeroes qkv and sets proj.weight to all ones. Its output is
+  then the same in every channel, LN1 removes it, and qkv's gradient is exactly zero up to float noise, so the
+  temporal branch barely trains. With pre-trained weights and lr 3e-5 that hardly matters. Trained from
+  scratch, it does: the CPU default uses "live" (proj ~ N(0, 0.02), still an image ViT at step 0), and
+  `--paper` keeps "release".
+- Text feature (`text_pool`). The release takes DistilBERT's [CLS] output, which works with pre-trained
+  weights. A 2-layer post-LN text encoder trained from scratch kept every narration at the same point: after
+  400 steps of the CPU default with [CLS], the text-text cosine was 0.998 and EgoMCQ was at chance. So the CPU
+  default mean-pools the tokens; `--paper` keeps "cls".
+- The CPU default keeps decoded training videos in RAM (`cache_videos`) and trains from scratch with AdamW
+  (weight decay 0.01, grad clip 1, warm-up + cosine). `--paper` uses the release's optimiser settings.
 - EgoMCQ accuracies are labelled by type id (1 = inter, 2 = intra); the release prints them swapped.
 - MI-MM's adaptive margin is wired in (`--adaptive_margin`); the release defines it but never passes relevancy.
 
@@ -134,6 +145,7 @@ class Config:
     text_dropout: float = 0.1  # hidden and attention dropout, active in training as in the release; paper 0.1
     max_text_len: int = 32  # tokens per text incl. [CLS]/[SEP]; batches pad to the longest
     embed_dim: int = 256  # shared embedding size of txt_proj / vid_proj; paper 256
+    text_pool: str = "mean"  # text feature: "cls" = last_hidden_state[:, 0] (release) | "mean" over real tokens
     # EgoNCE (paper Sec. 4.2, Table 3)
     positives: str = "verb_and_noun"  # "verb_and_noun" (EgoNCE) | "verb" | "noun" | "self" (= InfoNCE)
     negatives: str = "scene"  # "scene" = + one same-video clip within neg_window per anchor (EgoNCE) | "none"
@@ -176,7 +188,8 @@ PRESETS = {
                   vocab_size=30522, text_width=768, text_layers=6, text_heads=12, text_ffn=3072,
                   text_positions=512, max_text_len=64, batch_size=16, num_workers=16, max_steps=75_000,
                   lr=3e-5, weight_decay=0.0, warmup_steps=0, lr_schedule="constant", grad_clip=0.0,
-                  time_init="release", cache_videos=False, eval_every=7_500, ckpt_every=7_500, eval_batch_size=32),
+                  time_init="release", text_pool="cls", cache_videos=False, eval_every=7_500, ckpt_every=7_500,
+                  eval_batch_size=32),
     # EPIC-MIR fine-tuning at 16 frames (Table 4, last EgoVLP row); combine with --paper.
     "paper_epic": dict(finetune="epic_mir", num_frames=16, batch_size=4, max_steps=15_000, lr=3e-5,
                        eval_every=1_000, ckpt_every=1_000, charades_frames=16),
@@ -430,6 +443,7 @@ class FrozenInTime(nn.Module):
                                           cfg.text_ffn, cfg.text_positions, cfg.text_dropout)
         self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(cfg.text_width, cfg.embed_dim))
         self.vid_proj = nn.Sequential(nn.Linear(cfg.vit_width, cfg.embed_dim))
+        self.text_pool = cfg.text_pool
 
     def init_weights(self, time_init: str = "live"):
         self.video_model.init_weights(time_init)
@@ -437,7 +451,11 @@ class FrozenInTime(nn.Module):
         return self
 
     def encode_text(self, input_ids, attention_mask):  # (B, L) -> (B, 256)
-        return self.txt_proj(self.text_model(input_ids, attention_mask)[:, 0])
+        hidden = self.text_model(input_ids, attention_mask)  # (B, L, D)
+        if self.text_pool == "cls":  # the release (DistilBERT has no pooler)
+            return self.txt_proj(hidden[:, 0])
+        mask = attention_mask[..., None].to(hidden.dtype)  # (B, L, 1)
+        return self.txt_proj((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
 
     def encode_video(self, video):  # (B, T, 3, S, S) -> (B, 256)
         return self.vid_proj(self.video_model(video))

@@ -216,9 +216,10 @@ def test_fewer_frames_than_temporal_rows_and_inflation():
     assert torch.equal(cut, te[:, :3])
 
 
-def test_text_padding_does_not_change_the_embedding():
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_text_padding_does_not_change_the_embedding(pool):
     torch.manual_seed(7)
-    model = FrozenInTime(Config(**TINY_MODEL), 50).init_weights().eval()
+    model = FrozenInTime(Config(**TINY_MODEL, text_pool=pool), 50).init_weights().eval()
     ids = torch.tensor([[2, 7, 9, 3, 0, 0]])
     a = model.encode_text(ids, (ids != 0).long())
     b = model.encode_text(ids[:, :4], torch.ones(1, 4, dtype=torch.long))
@@ -401,5 +402,6 @@ def test_main_pretrain_then_resume_then_finetune_and_eval(tiny_corpus, tmp_path)
 def test_infonce_ablation_runs(tiny_corpus, tmp_path):
     metrics = egovlp.main([f"--data_root={tiny_corpus}", f"--out_dir={tmp_path}", "--batch_size=4",
                            "--num_workers=0", "--max_steps=1", "--positives=self", "--negatives=none",
-                           "--max_eval_items=5", "--eval_batch_size=16"] + [f"--{k}={v}" for k, v in TINY_MODEL.items()])
+                           "--max_eval_items=5", "--eval_batch_size=16"]
+                          + [f"--{k}={v}" for k, v in TINY_MODEL.items()])
     assert "egomcq/intra_acc" in metrics
