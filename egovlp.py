@@ -86,8 +86,8 @@ Departures from the release (and why)
 Commands
 --------
   python egovlp.py --pretrain                                   # CPU default: pre-train on data/synth, evaluate
-  python egovlp.py --positives=self --negatives=none            # the InfoNCE ablation (Table 3, first row)
-  python egovlp.py --finetune=epic_mir --init=runs/egovlp/ckpt.pt --out_dir=runs/egovlp_epic
+  python egovlp.py --pretrain --positives=self --negatives=none --out_dir=runs/egovlp_infonce   # InfoNCE (Table 3)
+  python egovlp.py --finetune=epic_mir --init=runs/egovlp/ckpt.pt --out_dir=runs/egovlp_epic --max_steps=300 --lr=3e-4
   python egovlp.py --eval=all --init=runs/egovlp/ckpt.pt --out_dir=runs/egovlp_eval
   python egovlp.py --paper --device=cuda --precision=bf16 --data_root=/data/egoclip          # one GPU
   torchrun --nproc_per_node=8 egovlp.py --paper --precision=bf16 --data_root=/data/egoclip  # 8 GPUs
@@ -96,8 +96,6 @@ from __future__ import annotations
 
 import ast
 import json
-import math
-import os
 import random
 import time
 from dataclasses import dataclass
