@@ -389,3 +389,29 @@ def test_two_process_loss_and_gradients_equal_single_process():
         assert abs(results[rank]["loss"] - loss.item()) < 1e-4
         for n, g in results[rank]["grads"].items():
             torch.testing.assert_close(g, grads[n].grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["paper", "release"])
+def test_dataset_batch_and_streams_on_the_tiny_corpus(tiny_corpus, variant):
+    """A WebVid-style batch with detections: K region rows per clip, anchor frame, tag groups; the model returns
+    the streams its loss variant contrasts."""
+    from common.text import Tokenizer
+    tok = Tokenizer(os.path.join(tiny_corpus, "vocab.txt"))
+    cfg = tiny_cfg(oa_loss=variant, num_frames=2)
+    ds = oa.WebVidObjects(str(tiny_corpus), "train", cfg, tok)
+    items = [ds[i] for i in range(3)]
+    assert all(it["regions"].shape == (cfg.top_k, 16) and it["regions"].any() for it in items)
+    batch = oa.collate(items, tok, cfg)
+    assert batch["video"].shape == (3, 2, 3, 32, 32) and batch["anchor"].shape == (3, 3, 32, 32)
+    G = 1 if variant == "paper" else cfg.top_k
+    assert batch["regions"].shape == (3, G, 16)
+    assert batch["tag_groups"].shape[0] == 3 and batch["tag_groups"].any()
+    names = set(ds.object_names)
+    for b in range(3):  # every pooled tag token decodes to (part of) a detector class name
+        pooled = batch["tags"][0][b][batch["tag_groups"][b].any(0)]
+        words = tok.decode(pooled).split()
+        assert words and all(any(w in n for n in names) for w in words)
+    batch.pop("skipped")
+    emb = oa.OATrans(cfg, tok.vocab_size)(**batch)
+    expected = {"video", "text", "regions", "tags"} | ({"caption_tags"} if variant == "release" else set())
+    assert emb.keys() == expected and all(v.shape == (3, 16) for v in emb.values())
