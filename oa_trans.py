@@ -68,10 +68,10 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
 
 ## Commands
     python oa_trans.py --pretrain                                    # CPU default: pre-train + zero-shot eval
-    python oa_trans.py --pretrain --objects=off --out_dir=out/oa_trans_off   # the plain Frozen baseline
-    python oa_trans.py --finetune=retrieval --init=out/oa_trans/ckpt.pt --out_dir=out/oa_trans_ft --max_steps=150 --lr=1e-4
+    python oa_trans.py --pretrain --objects=off --out_dir=runs/oa_trans_off   # the plain Frozen baseline
+    python oa_trans.py --finetune=retrieval --init=runs/oa_trans/ckpt.pt --out_dir=runs/oa_trans_ft --max_steps=150 --lr=1e-4
     python oa_trans.py --ft_retrieval                                # the same fine-tuning, as a preset
-    python oa_trans.py --eval=retrieval --init=out/oa_trans/ckpt.pt --out_dir=out/oa_trans_eval  # evaluate only
+    python oa_trans.py --eval=retrieval --init=runs/oa_trans/ckpt.pt --out_dir=runs/oa_trans_eval  # evaluate only
     python oa_trans.py --paper --device=cuda --data_root=/data --vocab_file=/data/vocab.txt   # paper size, one GPU
     torchrun --standalone --nproc_per_node=8 oa_trans.py --paper --data_root=/data --vocab_file=/data/vocab.txt
     python oa_trans.py --paper --paper_ft --init=CKPT --data_root=/data --vocab_file=/data/vocab.txt  # fine-tune
@@ -109,7 +109,7 @@ from common.video import (IMAGENET_MEAN, IMAGENET_STD, VideoReadError, VideoTran
 @dataclass
 class Config:
     # --- run
-    out_dir: str = "out/oa_trans"  # where ckpt.pt, log.jsonl, metrics.json go
+    out_dir: str = "runs/oa_trans"  # where ckpt.pt, log.jsonl, metrics.json go
     data_root: str = "data/synth"  # corpus root (webvid/, msrvtt/, vocab.txt); the synthetic one is generated here
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0  # python / numpy / torch seed
@@ -176,7 +176,7 @@ PRESETS = {
                   grad_clip=0.0, crop_scale=0.5, max_steps=200_000, eval_interval=5000, log_interval=100,
                   num_workers=8),
     # CPU fine-tuning of the default pre-trained checkpoint on the MSR-VTT-style train split (object streams dropped)
-    "ft_retrieval": dict(finetune="retrieval", init="out/oa_trans/ckpt.pt", out_dir="out/oa_trans_ft",
+    "ft_retrieval": dict(finetune="retrieval", init="runs/oa_trans/ckpt.pt", out_dir="runs/oa_trans_ft",
                          max_steps=150, lr=1e-4, warmup_steps=10, eval_interval=75),
     # the paper's fine-tuning recipe (combine with --paper): 4 frames, AdamW 3e-5, batch 64, L(t, v) only
     "paper_ft": dict(finetune="retrieval", lr=3e-5, batch_size=64, max_steps=15_000, eval_interval=1000),

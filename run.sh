@@ -7,7 +7,7 @@
 #   bash run.sh data       only generate the synthetic corpus (data/synth, about a minute on 2 cores)
 #   bash run.sh all_in_one | egovlp | oa_trans    one paper's default job
 #
-# Set PYTHON to choose the interpreter (default: python3). Outputs go to out/<paper>/.
+# Set PYTHON to choose the interpreter (default: python3). Outputs go to runs/<paper>/ (each paper file's default out_dir).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -38,22 +38,22 @@ data() {
 # multiple choice and masked motion words at the end. Ablation: --temporal=mean.
 #   one GPU:   python all_in_one.py --pretrain --device=cuda
 #   many GPUs: torchrun --standalone --nproc_per_node=8 all_in_one.py --pretrain
-run_all_in_one() { $PY all_in_one.py --pretrain --out_dir=out/all_in_one "$@"; }
+run_all_in_one() { $PY all_in_one.py --pretrain "$@"; }
 
 # EgoVLP: Frozen-style dual encoder on EgoClip pairs with EgoNCE; EgoMCQ and EPIC-MIR at the end.
 # Ablation (InfoNCE): --positives=self --negatives=none
-run_egovlp() { $PY egovlp.py --pretrain --out_dir=out/egovlp "$@"; }
+run_egovlp() { $PY egovlp.py --pretrain "$@"; }
 
 # OA-Trans: dual encoder plus object regions on an anchor frame and object tags; zero-shot MSR-VTT-style retrieval.
 # Ablation (plain Frozen): --objects=off
-run_oa_trans() { $PY oa_trans.py --pretrain --out_dir=out/oa_trans "$@"; }
+run_oa_trans() { $PY oa_trans.py --pretrain "$@"; }
 
 summary() {
   $PY - "$@" <<'PY'
 import json, os, sys
-print("\n==== summary (out/<paper>/metrics.json) ====")
+print("\n==== summary (runs/<paper>/metrics.json) ====")
 for paper in sys.argv[1:]:
-    path = os.path.join("out", paper, "metrics.json")
+    path = os.path.join("runs", paper, "metrics.json")
     if not os.path.exists(path):
         print(f"{paper:<11} (no metrics.json)")
         continue
