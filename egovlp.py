@@ -95,6 +95,7 @@ Commands
 from __future__ import annotations
 
 import ast
+import csv
 import json
 import random
 import time
@@ -567,21 +568,20 @@ def multi_hot(ids: list[int], size: int) -> torch.Tensor:
     return out
 
 
-def read_egoclip(path) -> tuple[list[dict], int]:
-    """egoclip.csv (tab-separated, EgoClip's columns) -> (rows, number of malformed lines skipped).
-    A malformed line is skipped and counted, like the release's pandas on_bad_lines='skip'."""
-    import csv
-    rows, bad = [], 0
+def read_egoclip(path) -> list[dict]:
+    """egoclip.csv (tab-separated, EgoClip's columns) -> rows. A malformed line is an error naming the file and the
+    line (the release's pandas `error_bad_lines=False` drops such lines silently)."""
+    rows = []
     with open(path, newline="", encoding="utf-8") as f:
-        for r in csv.DictReader(f, delimiter="\t"):
+        for line, r in enumerate(csv.DictReader(f, delimiter="\t"), start=2):  # line 1 is the header
             try:
                 rows.append(dict(video_uid=r["video_uid"], narration_time=float(r["narration_time"]),
                                  clip_start=float(r["clip_start"]), clip_end=float(r["clip_end"]),
                                  clip_text=r["clip_text"], tag_verb=parse_tags(r["tag_verb"]),
                                  tag_noun=parse_tags(r["tag_noun"])))
-            except (KeyError, TypeError, ValueError, SyntaxError):
-                bad += 1
-    return rows, bad
+            except (KeyError, TypeError, ValueError, SyntaxError) as e:
+                raise ValueError(f"{path}, line {line}: malformed EgoClip row ({type(e).__name__}: {e})") from None
+    return rows
 
 
 def count_lines(path) -> int:
@@ -1059,7 +1059,7 @@ def main(argv: list[str] | None = None) -> dict:
         dataset = EpicMIRTrain(root / "egoclip" / "epic_mir", cfg)
         collate, eval_tasks, per_clip = collate_epic, ["epic_mir"], 1
     else:
-        rows, bad = read_egoclip(root / "egoclip" / "egoclip.csv")
+        rows = read_egoclip(root / "egoclip" / "egoclip.csv")
         with open(root / "egoclip" / "verb_classes.txt") as f:
             num_verbs = sum(1 for _ in f)
         with open(root / "egoclip" / "noun_classes.txt") as f:
@@ -1067,7 +1067,7 @@ def main(argv: list[str] | None = None) -> dict:
         dataset = EgoClipDataset(root / "egoclip", cfg, rows, num_verbs, num_nouns)
         collate, eval_tasks, per_clip = collate_pairs, ["egomcq", "epic_mir", "charades"], 1
         per_clip = 2 if cfg.negatives == "scene" else 1
-        print0(f"EgoClip: {len(rows)} pairs ({bad} malformed lines skipped), {num_verbs} verbs, {num_nouns} nouns")
+        print0(f"EgoClip: {len(rows)} pairs, {num_verbs} verbs, {num_nouns} nouns")
     sampler = EpochSampler(len(dataset), cfg.seed, dist.rank, world, start_epoch=step * cfg.batch_size * world
                            // max(1, len(dataset)))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,

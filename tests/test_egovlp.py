@@ -235,19 +235,21 @@ def test_parse_tags_is_safe():
         parse_tags("__import__('os').getcwd()")
 
 
-def test_read_egoclip_skips_bad_lines(tmp_path):
+def test_read_egoclip_parses_rows_and_names_malformed_lines(tmp_path):
     cols = ("clip_idx video_uid video_dur narration_source narration_ind narration_time clip_start clip_end "
             "clip_text tag_verb tag_noun").split()
-    lines = ["\t".join(cols),
-             "\t".join(["0", "v1", "100", "narration_pass_1", "0", "3.5", "-0.2", "4.1", "#C C picks a cup", "[3]",
-                        "[5, 12]"]),
-             "\t".join(["1", "v1", "100", "narration_pass_1", "1", "oops", "1", "2", "#C C drops it", "[1]", "[2]"]),
-             "\t".join(["2", "v1", "100", "narration_pass_1", "2", "9", "8", "10", "#C C x", "os.system('x')", "[2]"])]
-    (tmp_path / "egoclip.csv").write_text("\n".join(lines) + "\n")
-    rows, bad = egovlp.read_egoclip(tmp_path / "egoclip.csv")
-    assert bad == 2 and len(rows) == 1
-    assert rows[0]["clip_text"] == "#C C picks a cup"  # verbatim
+    good = "\t".join(["0", "v1", "100", "narration_pass_1", "0", "3.5", "-0.2", "4.1", "#C C picks a cup", "[3]",
+                      "[5, 12]"])
+    (tmp_path / "egoclip.csv").write_text("\n".join(["\t".join(cols), good]) + "\n")
+    rows = egovlp.read_egoclip(tmp_path / "egoclip.csv")
+    assert len(rows) == 1 and rows[0]["clip_text"] == "#C C picks a cup"  # verbatim
     assert rows[0]["tag_noun"] == [5, 12] and rows[0]["clip_start"] == -0.2
+    bad_rows = ["\t".join(["1", "v1", "100", "narration_pass_1", "1", "oops", "1", "2", "#C C drops it", "[1]", "[2]"]),
+                "\t".join(["2", "v1", "100", "narration_pass_1", "2", "9", "8", "10", "#C C x", "os.system('x')", "[2]"])]
+    for bad in bad_rows:
+        (tmp_path / "bad.csv").write_text("\n".join(["\t".join(cols), good, bad]) + "\n")
+        with pytest.raises(ValueError, match=r"bad\.csv, line 3"):
+            egovlp.read_egoclip(tmp_path / "bad.csv")
 
 
 def _rows():
@@ -337,7 +339,7 @@ def test_chunked_layout_reads_the_same_frames_as_the_whole_video(tiny_corpus, tm
     import numpy as np
     from common.video import read_frames, video_meta
     root = tiny_corpus / "egoclip"
-    uid = egovlp.read_egoclip(root / "egoclip.csv")[0][0]["video_uid"]
+    uid = egovlp.read_egoclip(root / "egoclip.csv")[0]["video_uid"]
     src = root / "videos" / f"{uid}.mp4"
     meta = video_meta(src)
     frames = read_frames(src, range(meta.num_frames))
@@ -361,7 +363,7 @@ def test_chunked_layout_reads_the_same_frames_as_the_whole_video(tiny_corpus, tm
 
 def test_short_and_out_of_range_windows_still_give_t_frames(tiny_corpus):
     root = tiny_corpus / "egoclip"
-    uid = egovlp.read_egoclip(root / "egoclip.csv")[0][0]["video_uid"]
+    uid = egovlp.read_egoclip(root / "egoclip.csv")[0]["video_uid"]
     reader = egovlp.ClipReader(root / "videos", cache=True)
     assert reader(uid, -1.0, 0.05, 4, "rand").shape[0] == 4  # starts before 0, shorter than one frame
     assert reader(uid, 1e4, 1e4 + 1, 4, "uniform").shape[0] == 4  # past the end: clamped to the last frame
