@@ -573,9 +573,11 @@ def decode_clip(path, cfg, train, rng=None):
 
 def read_webvid(root, split):
     """WebVid CSV (videoid, contentUrl, duration, page_dir, name[, reverse_of]) -> list of dict(path, text, twin)."""
-    rows = []
-    with open(Path(root) / "webvid" / f"results_{split}.csv", newline="") as f:
-        for r in csv.DictReader(f):
+    rows, path = [], Path(root) / "webvid" / f"results_{split}.csv"
+    with open(path, newline="") as f:
+        for line, r in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
+            if not r.get("videoid") or not r.get("page_dir") or r.get("name") is None:
+                raise ValueError(f"{path}, line {line}: malformed WebVid row (needs videoid, page_dir, name): {r}")
             rows.append(dict(id=r["videoid"], text=r["name"], reverse_of=r.get("reverse_of") or "",
                              path=str(Path(root) / "webvid" / "videos" / r["page_dir"] / f"{r['videoid']}.mp4")))
     index = {r["id"]: i for i, r in enumerate(rows)}
@@ -598,8 +600,16 @@ def read_msrvtt(root, split):
 
 
 def read_jsonl(path):
+    """JSON lines -> list of dicts; a malformed line is an error naming the file and the line."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {line_no}: malformed JSON ({e})") from None
+    return rows
 
 
 class ClipTextDataset(torch.utils.data.Dataset):

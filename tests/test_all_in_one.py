@@ -257,3 +257,14 @@ def test_ddp_vtc_matches_single_process():
         assert abs(results[r]["loss"] - out["loss"].item()) < 1e-4
         torch.testing.assert_close(results[r]["grad"], model.transformer.patch_embed.proj.weight.grad,
                                    rtol=1e-4, atol=1e-6)
+
+
+def test_malformed_annotation_rows_name_file_and_line(tmp_path):
+    (tmp_path / "qa.jsonl").write_text('{"video_id": "video1", "question": "q", "answer": "a"}\n{"video_id": \n')
+    with pytest.raises(ValueError, match=r"qa\.jsonl, line 2"):
+        aio.read_jsonl(tmp_path / "qa.jsonl")
+    (tmp_path / "webvid").mkdir()
+    (tmp_path / "webvid" / "results_train.csv").write_text(
+        "videoid,contentUrl,duration,page_dir,name\n1,u,PT00H00M02S,1_50,a red ball\n2,u,PT00H00M02S\n")
+    with pytest.raises(ValueError, match=r"results_train\.csv, line 3"):
+        aio.read_webvid(tmp_path, "train")
