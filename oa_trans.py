@@ -577,8 +577,12 @@ class WebVidObjects(torch.utils.data.Dataset):
 
     def __init__(self, root, split, cfg, tokenizer, objects=True, train=True):
         self.root, self.cfg, self.tok, self.objects, self.train = root, cfg, tokenizer, objects, train
-        with open(os.path.join(root, "webvid", f"results_{split}.csv"), newline="", encoding="utf-8") as f:
+        path = os.path.join(root, "webvid", f"results_{split}.csv")
+        with open(path, newline="", encoding="utf-8") as f:
             self.rows = list(csv.DictReader(f))
+        for line, r in enumerate(self.rows, start=2):  # line 1 is the header
+            if not r.get("videoid") or not r.get("page_dir") or r.get("name") is None:
+                raise ValueError(f"{path}, line {line}: malformed WebVid row (needs videoid, page_dir, name): {r}")
         self.transform = VideoTransform(cfg.img_size, train, scale=(cfg.crop_scale, 1.0))
         self.num_frames = cfg.num_frames  # changed by the frame curriculum
         self.object_names = read_vocab_lines(os.path.join(root, "webvid", "objects_vocab.txt"))

@@ -415,3 +415,15 @@ def test_dataset_batch_and_streams_on_the_tiny_corpus(tiny_corpus, variant):
     emb = oa.OATrans(cfg, tok.vocab_size)(**batch)
     expected = {"video", "text", "regions", "tags"} | ({"caption_tags"} if variant == "release" else set())
     assert emb.keys() == expected and all(v.shape == (3, 16) for v in emb.values())
+
+
+def test_malformed_webvid_row_names_file_and_line(tiny_corpus, tmp_path):
+    root = tmp_path / "corpus"
+    (root / "webvid").mkdir(parents=True)
+    (root / "webvid" / "objects_vocab.txt").write_text((tiny_corpus / "webvid" / "objects_vocab.txt").read_text())
+    (root / "webvid" / "results_train.csv").write_text(
+        "videoid,contentUrl,duration,page_dir,name\n1,u,PT00H00M02S,1_50,a red ball\n2,u,PT00H00M02S\n")
+    from common.text import Tokenizer
+    tok = Tokenizer(os.path.join(tiny_corpus, "vocab.txt"))
+    with pytest.raises(ValueError, match=r"results_train\.csv, line 3"):
+        oa.WebVidObjects(str(root), "train", tiny_cfg(), tok)
