@@ -807,7 +807,6 @@ def mcq_accuracy(sim, answer, types) -> dict:
 
 
 def read_csv(path) -> list[dict]:
-    import csv
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
