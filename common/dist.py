@@ -74,24 +74,40 @@ def cleanup():
         torch_dist.destroy_process_group()
 
 
+def _sizes(x):
+    """Every rank's first dimension (a batch can shrink when a video is unreadable and skipped)."""
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.empty_like(n) for _ in range(get_world_size())]
+    torch_dist.all_gather(sizes, n)
+    return [int(s) for s in sizes]
+
+
+def _gather(x, sizes):
+    """all_gather of tensors whose first dimension differs by rank: pad to the largest, gather, cut the pads."""
+    pad = max(sizes) - x.shape[0]
+    x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
+    out = [torch.empty_like(x) for _ in sizes]
+    torch_dist.all_gather(out, x.contiguous())
+    return torch.cat([o[:n] for o, n in zip(out, sizes)], dim=0)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(torch_dist.get_world_size())]
-        torch_dist.all_gather(out, x.contiguous())
-        return torch.cat(out, dim=0)
+        ctx.sizes = _sizes(x)
+        return _gather(x, ctx.sizes)
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
         torch_dist.all_reduce(grad, op=torch_dist.ReduceOp.SUM)  # every rank's loss depends on our slice
-        n = grad.shape[0] // torch_dist.get_world_size()
-        return grad[torch_dist.get_rank() * n:(torch_dist.get_rank() + 1) * n]
+        start = sum(ctx.sizes[:get_rank()])
+        return grad[start:start + ctx.sizes[get_rank()]]
 
 
 def all_gather_with_grad(x):
-    """(B, ...) on each rank -> (world * B, ...) in rank order, differentiable (see the module docstring).
-    Every rank must pass the same B."""
+    """(B_r, ...) on rank r -> (sum of B_r, ...) in rank order, differentiable (see the module docstring).
+    Ranks may pass different B_r (a batch that lost an unreadable video); the sizes are exchanged first."""
     if not is_dist() or get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
@@ -99,9 +115,7 @@ def all_gather_with_grad(x):
 
 @torch.no_grad()
 def all_gather_nograd(x):
-    """(B, ...) on each rank -> (world * B, ...) in rank order, no gradient (tags, labels, eval features)."""
+    """(B_r, ...) on rank r -> (sum of B_r, ...) in rank order, no gradient (tags, labels, eval features)."""
     if not is_dist() or get_world_size() == 1:
         return x
-    out = [torch.empty_like(x) for _ in range(get_world_size())]
-    torch_dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
+    return _gather(x, _sizes(x))
