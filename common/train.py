@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def resolve_device(name="auto"):
@@ -28,13 +29,21 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
 def autocast(device, precision):
     """One mixed-precision context for the whole loop body: bf16 autocast on CPU and CUDA (no GradScaler needed
-    for bf16), or nothing for fp32. Similarities and losses should still be computed in fp32 by the caller."""
+    for bf16), or nothing for fp32. Similarities and losses should still be computed in fp32 by the caller.
+
+    On CPU, bf16 attention also takes SDPA's plain math backend: the fused CPU flash kernel's bf16 backward is
+    slow for our short (17-100 token) sequences — a default all_in_one step took ~0.6 s of CPU time with it and
+    ~0.42 s with the math path (tests/bench.py). CUDA keeps the fused kernels."""
     if precision == "fp32":
-        return contextlib.nullcontext()
+        yield
+        return
     assert precision == "bf16", f"precision must be bf16 or fp32, got {precision}"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    math_attention = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16), math_attention:
+        yield
 
 
 def lr_at(step, max_steps, base_lr, warmup_steps, schedule="cosine", min_lr_ratio=0.0):
