@@ -143,12 +143,14 @@ class Config:
     vid_width: int = 128  # paper 768
     vid_depth: int = 4  # paper 12
     vid_heads: int = 2  # paper 12 (head dim 64)
+    time_init: str = "zeros"  # zeros = Frozen's TimeAttn init (qkv 0, proj weight 1) | live = qkv 0, proj ~ N(0, 0.02)
     # --- text encoder (DistilBERT architecture)
     vocab_size: int = 0  # 0 = the size of data_root/vocab.txt; paper 30522 (bert-base-uncased)
     txt_width: int = 128  # paper 768
     txt_depth: int = 2  # paper 6
     txt_heads: int = 2  # paper 12
     txt_positions: int = 64  # paper 512
+    text_pool: str = "cls"  # text feature: cls = the [CLS] output (Frozen / OA-Trans) | mean over the real tokens
     max_text_len: int = 32  # caption tokens incl. [CLS]/[SEP] (Frozen pads to the longest in the batch, truncates at 512)
     max_tag_len: int = 24  # tag-text tokens incl. specials
     embed_dim: int = 256  # joint embedding size (paper 256)
@@ -173,7 +175,7 @@ PRESETS = {
     "paper": dict(img_size=224, patch_size=16, vid_width=768, vid_depth=12, vid_heads=12, vocab_size=30522,
                   txt_width=768, txt_depth=6, txt_heads=12, txt_positions=512, max_text_len=64, max_tag_len=32,
                   num_frames=4, batch_size=16, lr=2e-4, weight_decay=0.0, warmup_steps=0, schedule="constant",
-                  grad_clip=0.0, crop_scale=0.5, max_steps=200_000, eval_interval=5000, log_interval=100,
+                  grad_clip=0.0, crop_scale=0.5, time_init="zeros", text_pool="cls", max_steps=200_000, eval_interval=5000, log_interval=100,
                   num_workers=8),
     # CPU fine-tuning of the default pre-trained checkpoint on the MSR-VTT-style train split (object streams dropped)
     "ft_retrieval": dict(finetune="retrieval", init="runs/oa_trans/ckpt.pt", out_dir="runs/oa_trans_ft",
@@ -262,7 +264,7 @@ class VideoEncoder(nn.Module):
     """Divided space-time ViT ("SpaceTimeTransformer"). video (B, T, 3, H, W) -> tokens (B, 1 + T*N, D) after
     the final LayerNorm; token 0 is CLS. Patch (f, n) gets pos_embed[1 + n] + temporal_embed[f]."""
 
-    def __init__(self, img_size, patch_size, dim, depth, heads, num_frames):
+    def __init__(self, img_size, patch_size, dim, depth, heads, num_frames, time_init="zeros"):
         super().__init__()
         self.grid = img_size // patch_size
         num_patches = self.grid ** 2
@@ -273,20 +275,22 @@ class VideoEncoder(nn.Module):
         self.temporal_embed = nn.Parameter(torch.zeros(1, num_frames, dim))  # zero init, as in Frozen
         self.blocks = nn.ModuleList(SpaceTimeBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self._init_weights()
+        self._init_weights(time_init)
 
-    def _init_weights(self):
+    def _init_weights(self, time_init):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        for blk in self.blocks:  # Frozen's "zeros" time init: qkv = 0, out-proj weight = 1, bias = 0
+        for blk in self.blocks:  # TimeAttn outputs 0 at init: qkv = 0 (so v = 0), out-proj bias = 0
             nn.init.zeros_(blk.timeattn.qkv.weight)
             nn.init.zeros_(blk.timeattn.qkv.bias)
-            nn.init.ones_(blk.timeattn.proj.weight)
             nn.init.zeros_(blk.timeattn.proj.bias)
+            if time_init == "zeros":  # Frozen's out-proj weight = 1: every channel of the output is the same sum,
+                nn.init.ones_(blk.timeattn.proj.weight)  # LN1 removes it, so qkv's gradient is 0 (see docstring)
+            # "live": the trunc_normal(0.02) out-proj weight set above, so the temporal branch can learn
 
     def forward(self, video):
         B, T = video.shape[:2]
@@ -376,8 +380,9 @@ class OATrans(nn.Module):
     def __init__(self, cfg, vocab_size):
         super().__init__()
         self.cfg = cfg
+        assert cfg.time_init in ("zeros", "live") and cfg.text_pool in ("cls", "mean")
         self.video_model = VideoEncoder(cfg.img_size, cfg.patch_size, cfg.vid_width, cfg.vid_depth, cfg.vid_heads,
-                                        cfg.num_frames)
+                                        cfg.num_frames, cfg.time_init)
         self.text_model = TextEncoder(vocab_size, cfg.txt_width, cfg.txt_depth, cfg.txt_heads, cfg.txt_positions)
         self.vid_proj = nn.Linear(cfg.vid_width, cfg.embed_dim)  # Vid Proj: Linear, no activation
         self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(cfg.txt_width, cfg.embed_dim))  # Txt Proj: ReLU -> Linear
@@ -388,8 +393,12 @@ class OATrans(nn.Module):
     def encode_video(self, video):
         return self.vid_proj(self.video_model(video)[:, 0])  # (B, E) from CLS
 
+    def pool_text(self, hidden, mask):
+        """(B, L, D) -> (B, D): the [CLS] output (Frozen), or the mean over the real tokens (text_pool=mean)."""
+        return hidden[:, 0] if self.cfg.text_pool == "cls" else masked_mean(hidden, mask.bool())
+
     def encode_text(self, ids, mask):
-        return self.txt_proj(self.text_model(ids, mask)[:, 0])  # (B, E) from [CLS]
+        return self.txt_proj(self.pool_text(self.text_model(ids, mask), mask))  # (B, E)
 
     def encode_regions(self, anchor, regions):
         """Object-guided masking: blank the anchor's patches outside every region, encode it as a 1-frame clip
@@ -415,8 +424,8 @@ class OATrans(nn.Module):
         if tags is not None:
             hidden = self.text_model(*tags)  # (B, Lt, D): the tags through the shared text encoder
             out["tags"] = self.pool_tags(hidden, tag_groups)
-            if self.cfg.oa_loss == "release":  # the text is "caption tag1 tag2 ...": its [CLS] is caption+tags
-                out["caption_tags"] = self.txt_proj(hidden[:, 0])
+            if self.cfg.oa_loss == "release":  # the text is "caption tag1 tag2 ...", pooled like a caption
+                out["caption_tags"] = self.txt_proj(self.pool_text(hidden, tags[1]))
         return out
 
 

@@ -101,6 +101,35 @@ def test_time_attention_starts_as_identity_and_temporal_embed_inflates():
     assert torch.equal(grown[:, :1], state["video_model.temporal_embed"]) and not grown[:, 1:].any()
 
 
+def test_frozen_time_init_starves_the_temporal_branch_and_live_init_does_not():
+    """With Frozen's init (qkv 0, out-proj weight 1) every output channel of TimeAttn is the same sum, LN1 removes
+    it and qkv gets no gradient; with time_init=live (out-proj ~ N(0, 0.02)) it does. Both start as a no-op."""
+    grads = {}
+    for init in ("zeros", "live"):
+        torch.manual_seed(0)
+        enc = oa.VideoEncoder(32, 8, 32, 2, 2, num_frames=3, time_init=init)
+        x = torch.randn(4, 1 + 3 * 16, 32)
+        assert torch.count_nonzero(enc.blocks[0].timeattn(x, "time", 3, 16)) == 0
+        enc(torch.randn(4, 3, 3, 32, 32))[:, 0].pow(2).sum().backward()
+        grads[init] = max(blk.timeattn.qkv.weight.grad.abs().max().item() for blk in enc.blocks)
+    assert grads["zeros"] < 1e-7 and grads["live"] > 1e-5, grads  # measured: ~1e-9 vs ~1e-3
+
+
+def test_text_pooling_cls_or_mean_over_real_tokens():
+    """text_pool=cls takes position 0; text_pool=mean averages the non-padding positions only."""
+    ids = torch.randint(5, 50, (3, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    for pool in ("cls", "mean"):
+        torch.manual_seed(0)
+        model = oa.OATrans(tiny_cfg(text_pool=pool), 50)
+        hidden = model.text_model(ids, mask)
+        if pool == "cls":
+            expected = hidden[:, 0]
+        else:
+            expected = torch.stack([hidden[b, :int(mask[b].sum())].mean(0) for b in range(3)])
+        assert torch.allclose(model.encode_text(ids, mask), model.txt_proj(expected), atol=1e-5), pool
+
+
 # ----------------------------------------------------------------------------- anchor frame and masks
 
 def test_detection_frames_and_anchor_selection():
