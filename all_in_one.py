@@ -135,6 +135,7 @@ class Config:
     max_text_len: int = 32  # text positions (with [CLS]/[SEP]); paper 40
     vocab_size: int = 0  # 0 = size of data_root/vocab.txt; paper 30522 (bert-base-uncased)
     proj_dim: int = 256  # VTC projection size P; release 512
+    vtc_pool: str = "cls"  # VTC features: cls (text [CLS], frame CLS averaged over T; release) | mean (all tokens)
     dropout: float = 0.0  # dropout on embeddings / projections / MLP; paper 0.1 (0 for short CPU runs)
     drop_path: float = 0.0  # stochastic depth, linear up to this; paper 0.1
     tied_mlm_decoder: bool = False  # tie the MLM decoder to the word embeddings; release False (untied)
@@ -436,10 +437,15 @@ class AllInOne(nn.Module):
         return rearrange(self.transformer.norm(x), "(b t) n d -> b t n d", t=T).mean(dim=1)
 
     def text_embedding(self, text_ids, text_mask):                    # -> (B, P), L2-normalised, fp32
-        return project(self.txt_proj, self.forward_text(text_ids, text_mask)[:, 0])
+        x = self.forward_text(text_ids, text_mask)                     # (B, L, D)
+        if self.cfg.vtc_pool == "mean":                                # mean over the real tokens
+            m = text_mask[..., None].to(x.dtype)
+            return project(self.txt_proj, (x * m).sum(1) / m.sum(1).clamp_min(1))
+        return project(self.txt_proj, x[:, 0])
 
     def video_embedding(self, video):                                 # -> (B, P), L2-normalised, fp32
-        return project(self.vid_proj, self.forward_video(video)[:, 0])
+        x = self.forward_video(video)                                  # (B, 1+N, D), already averaged over T
+        return project(self.vid_proj, x.mean(1) if self.cfg.vtc_pool == "mean" else x[:, 0])
 
     def mlm_logits(self, text_feats):                                 # (..., D) -> (..., V)
         return self.mlm_decoder(self.mlm_transform(text_feats))
@@ -903,7 +909,7 @@ SELECT_METRIC = {"pretrain": "retrieval/t2v_R@1", "retrieval": "retrieval/t2v_R@
 VAL_TASK = {"pretrain": "retrieval", "retrieval": "retrieval", "qa": "qa", "mc": "mc"}
 ARCH_FIELDS = ("width", "depth", "heads", "mlp_ratio", "patch_size", "img_size", "num_frames", "max_text_len",
                "vocab_size", "proj_dim", "tied_mlm_decoder", "temporal", "roll_fraction", "roll_tokens",
-               "roll_unimodal")
+               "roll_unimodal", "vtc_pool")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -104,6 +104,24 @@ def test_video_only_pass_rolls_only_when_asked():
     assert not torch.allclose(outs[True][0], outs[True][1], atol=1e-4)
 
 
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_text_embedding_ignores_padding(pool):
+    """Extra [PAD] positions (masked out) must not change a caption's VTC embedding, whatever the pooling."""
+    torch.manual_seed(0)
+    model = aio.AllInOne(tiny_cfg(vtc_pool=pool)).eval()
+    ids = torch.tensor([[2, 11, 12, 13, 3]])
+    padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 5), torch.zeros(1, 4)], dim=1).long()
+    with torch.no_grad():
+        a = model.text_embedding(ids, torch.ones(1, 5, dtype=torch.long))
+        b = model.text_embedding(padded, mask)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if pool == "mean":  # and mean pooling is not the [CLS] feature
+        model.cfg.vtc_pool = "cls"
+        with torch.no_grad():
+            assert not torch.allclose(model.text_embedding(ids, torch.ones(1, 5, dtype=torch.long)), a, atol=1e-4)
+
+
 # --- losses ----------------------------------------------------------------------------------------------------
 
 def test_vtc_loss_matches_naive_reference():
