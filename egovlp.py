@@ -156,6 +156,7 @@ class Config:
     batch_size: int = 32  # clips per device before scene negatives; paper 16 per GPU x 32 GPUs = 512
     num_workers: int = 1  # DataLoader worker processes; paper 16 per GPU
     crop_scale: float = 0.5  # RandomResizedCrop min scale (max 1.0); paper 0.5
+    hflip: bool = True  # random horizontal flip of training clips; release True
     # optimisation (AdamW, no decay on biases / norms / embeddings)
     max_steps: int = 800  # optimiser steps; paper ~10 epochs x 7.5K = 75K at global batch 512
     lr: float = 1e-3  # peak learning rate; paper 3e-5 (pre-trained init), constant
@@ -667,7 +668,7 @@ class EgoClipDataset(torch.utils.data.Dataset):
         self.reader = ClipReader(Path(root) / "videos", cfg.chunk_seconds, cfg.cache_videos)
         self.buckets = scene_buckets(rows, cfg.neg_window)
         from common.video import VideoTransform
-        self.transform = VideoTransform(cfg.image_size, train=True, scale=(cfg.crop_scale, 1.0))
+        self.transform = VideoTransform(cfg.image_size, train=True, scale=(cfg.crop_scale, 1.0), flip=cfg.hflip)
 
     def __len__(self):
         return len(self.rows)
@@ -748,7 +749,7 @@ class ClipBank:
         idx = [i for i, ok in enumerate(self.ok) if ok]
         for s in range(0, len(idx), batch):
             chunk = idx[s:s + batch]
-            with ctx:
+            with ctx():
                 out[chunk] = model.encode_video(torch.stack([self.videos[i] for i in chunk]).to(device).float()
                                                 ).float().cpu()
         return out
@@ -759,7 +760,7 @@ def embed_texts(model, tokenizer, texts: list[str], cfg: Config, device, ctx) ->
     out = []
     for s in range(0, len(texts), cfg.eval_batch_size):
         tok = tokenizer(texts[s:s + cfg.eval_batch_size], cfg.max_text_len, pad_to_max=False)
-        with ctx:
+        with ctx():
             out.append(model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device)).float().cpu())
     return torch.cat(out)
 
@@ -879,7 +880,7 @@ class EpicMIRTrain(torch.utils.data.Dataset):
         self.sentences = [r["narration"] for r in read_csv(root / "EPIC_100_retrieval_train_sentence.csv")]
         self.relevancy = np.load(root / "caption_relevancy_EPIC_100_retrieval_train.npy")
         self.reader = ClipReader(root / "videos")
-        self.transform = VideoTransform(cfg.image_size, train=True, scale=(cfg.crop_scale, 1.0))
+        self.transform = VideoTransform(cfg.image_size, train=True, scale=(cfg.crop_scale, 1.0), flip=cfg.hflip)
 
     def __len__(self):
         return len(self.clips)
@@ -1013,7 +1014,7 @@ def main(argv: list[str] | None = None) -> dict:
         if dist.is_main:
             ensure_corpus(root)
         barrier()
-    ctx = autocast(device, cfg.precision)
+    ctx = lambda: autocast(device, cfg.precision)  # a fresh context per use: common's autocast is single-use
     out_dir = Path(cfg.out_dir)
     logger = JsonlLogger(out_dir / "log.jsonl", enabled=dist.is_main)
 
@@ -1103,7 +1104,7 @@ def main(argv: list[str] | None = None) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         tok = tokenizer(batch["text"], cfg.max_text_len, pad_to_max=False)  # pad to the longest, as the release
-        with ctx:
+        with ctx():
             text_emb, video_emb = model(tok["input_ids"].to(device), tok["attention_mask"].to(device),
                                         batch["video"].to(device, non_blocking=True))
         if cfg.finetune == "epic_mir":
