@@ -171,6 +171,7 @@ class Config:
     max_eval_items: int = 0  # cap on items per evaluation split (0 = all); for quick runs only
     probe: str = "mlp"  # action probe head: mlp (release: pooler + 2-layer MLP) | linear
     probe_epochs: int = 200  # epochs of the action probe over cached frozen features
+    probe_features: str = "joint"  # joint (release: text [CLS] of the prompt's joint pass) | video (video-only pass)
 
 
 PRESETS = {
@@ -832,14 +833,20 @@ def evaluate_mlm_motion(model, cfg, tok, split, device):
 
 
 @torch.no_grad()
-def joint_cls_features(model, cfg, tok, split, device):
-    """Frozen features for the action probe: the text [CLS] of the joint pass of ACTION_PROMPT with the clip,
-    before the pooler (the release keeps the pooler trainable). -> (features (N, D), labels (N,))."""
+def probe_features(model, cfg, tok, split, device):
+    """Frozen features for the action probe (before the pooler, which the release keeps trainable). joint: the text
+    [CLS] of the joint pass of ACTION_PROMPT with the clip, as released; video: the video-only pass pooled as for
+    VTC (vtc_pool), i.e. the retrieval features before the projection. -> (features (N, D), labels (N,), skipped)."""
     ds = ClipTextDataset(build_task_items(cfg, "action", split), cfg, train=False)
+
+    def fn(b):
+        if cfg.probe_features == "video":
+            x = model.forward_video(b["video"])                          # (B, 1+N, D)
+            return dict(x=x.mean(1) if cfg.vtc_pool == "mean" else x[:, 0], y=b["label"])
+        return dict(x=model.forward_joint(b["text_ids"], b["text_mask"], b["video"])[0][:, 0], y=b["label"])
+
     out, skipped = run_eval_batches(model, make_loader(ds, Collate(tok, cfg, "eval"), cfg, None, False), device,
-                                    cfg.precision, lambda b: dict(
-                                        x=model.forward_joint(b["text_ids"], b["text_mask"], b["video"])[0][:, 0],
-                                        y=b["label"]))
+                                    cfg.precision, fn)
     return out["x"].float(), out["y"].long(), skipped
 
 
@@ -847,7 +854,7 @@ def action_probe(model, cfg, tok, device, num_classes):
     """Action recognition by a probe on frozen features (release: trainable pooler + 2-layer MLP, called "linear";
     `probe=linear`: one Linear on the frozen pooled features). Selected on val, reported on test."""
     model.eval()
-    feats = {s: joint_cls_features(model, cfg, tok, s, device) for s in ("train", "val", "test")}
+    feats = {s: probe_features(model, cfg, tok, s, device) for s in ("train", "val", "test")}
     pooler = copy.deepcopy(model.pooler).float().cpu()
     head = model.add_task_head("action", num_classes).float().cpu()
     params = list(head.parameters()) + (list(pooler.parameters()) if cfg.probe == "mlp" else [])
@@ -929,7 +936,8 @@ def main(argv=None):
     init = load_checkpoint(cfg.init) if cfg.init else None
     if init is not None:  # the architecture is the pre-trained model's
         for k in ARCH_FIELDS:
-            setattr(cfg, k, init["config"][k])
+            if k in init["config"]:  # (checkpoints from before a field existed keep this run's value)
+                setattr(cfg, k, init["config"][k])
     if cfg.vocab_size == 0:
         cfg.vocab_size = tok.vocab_size
     assert tok.vocab_size <= cfg.vocab_size, "the vocab file is larger than the word-embedding table"

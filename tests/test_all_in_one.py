@@ -228,10 +228,12 @@ def pretrained(tiny_corpus, tmp_path_factory):
     return pre / "ckpt.pt"
 
 
-@pytest.mark.parametrize("task", ["qa", "mc", "retrieval", "action"])
+@pytest.mark.parametrize("task", ["qa", "mc", "retrieval", "action", "action_video"])
 def test_finetune_runs(tiny_corpus, pretrained, tmp_path, task):
+    extra = ["--probe_features=video"] if task == "action_video" else []
+    task = task.replace("_video", "")
     m = aio.main(["--tiny", f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / task}", f"--finetune={task}",
-                  f"--init={pretrained}", "--max_steps=2", "--max_eval_items=8"])
+                  f"--init={pretrained}", "--max_steps=2", "--max_eval_items=8", *extra])
     key = {"qa": "qa/acc", "mc": "mc/acc", "retrieval": "retrieval/t2v_R@1", "action": "action/acc"}[task]
     assert 0.0 <= m[key] <= 100.0
     assert (tmp_path / task / "metrics.json").exists()
