@@ -275,6 +275,17 @@ def test_scene_negatives_come_from_the_same_video_and_window(tmp_path):
     assert draws == {1, 2}  # uniform over the bucket's other clips
 
 
+@pytest.mark.parametrize("hflip", [False, True])
+def test_hflip_field_controls_the_training_flip(tmp_path, hflip):
+    # a left-dark, right-bright ramp: "moves the cup to the left" must stay a leftward motion when hflip is off
+    import numpy as np
+    ramp = np.repeat(np.repeat(np.linspace(0, 255, 32, dtype=np.uint8)[None, None, :, None], 32, 1), 3, 3)
+    ds = egovlp.EgoClipDataset(tmp_path, Config(image_size=16, hflip=hflip), _rows(), 1, 1)
+    videos = [ds.transform(ramp)[0] for _ in range(40)]  # each (1, 3, 16, 16)
+    left_darker = [bool(v[0, 0, :, 0].mean() < v[0, 0, :, -1].mean()) for v in videos]
+    assert all(left_darker) if not hflip else not all(left_darker)
+
+
 def test_collate_puts_negatives_after_anchors():
     def item(name):
         return dict(video=torch.full((1, 3, 2, 2), float(len(name))), text=name, verb=torch.zeros(2),
