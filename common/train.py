@@ -36,7 +36,8 @@ def autocast(device, precision):
 
     On CPU, bf16 attention also takes SDPA's plain math backend: the fused CPU flash kernel's bf16 backward is
     slow for our short (17-100 token) sequences — a default all_in_one step took ~0.6 s of CPU time with it and
-    ~0.42 s with the math path (tests/bench.py). CUDA keeps the fused kernels."""
+    ~0.42 s with the math path (tests/bench.py). CUDA keeps the fused kernels. Single-use: write
+    `with autocast(device, precision):` at each use rather than keeping the returned object."""
     if precision == "fp32":
         yield
         return
