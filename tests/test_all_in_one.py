@@ -273,10 +273,10 @@ def test_ddp_vtc_matches_single_process():
     model = aio.AllInOne(tiny_cfg(vtm_weight=0.0, mlm_weight=0.0, roll_tokens="fixed"))
     out = model(batch, "pretrain")  # one process, the whole batch: the same negatives
     out["loss"].backward()
-    for r in range(2):
+    grad = model.transformer.patch_embed.proj.weight.grad
+    for r in range(2):  # equal up to float summation order (tolerance relative to the gradient's scale)
         assert abs(results[r]["loss"] - out["loss"].item()) < 1e-4
-        torch.testing.assert_close(results[r]["grad"], model.transformer.patch_embed.proj.weight.grad,
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(results[r]["grad"], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item())
 
 
 def test_malformed_annotation_rows_name_file_and_line(tmp_path):
