@@ -175,7 +175,7 @@ class Config:
     max_eval_items: int = 0  # cap on items per evaluation split (0 = all); for quick runs only
     probe: str = "mlp"  # action probe head: mlp (release: pooler + 2-layer MLP) | linear
     probe_epochs: int = 200  # epochs of the action probe over cached frozen features
-    probe_features: str = "joint"  # joint (release: text [CLS] of the prompt's joint pass) | video (video-only pass)
+    probe_features: str = "joint"  # joint (release: prompt's joint [CLS]) | video (video-only pass) | frames (per frame)
 
 
 PRESETS = {
@@ -347,10 +347,11 @@ class AllInOne(nn.Module):
             nn.init.normal_(m.cls_token, std=0.02)
             nn.init.normal_(m.pos_embed, std=0.02)
 
-    def add_task_head(self, task, num_classes=0):
+    def add_task_head(self, task, num_classes=0, in_dim=0):
         """Downstream heads, named as in the release. QA: Dropout(0.5) -> D -> D/2 -> LN -> GELU -> K;
-        MC: Dropout(0.1) -> D -> 256 -> LN -> GELU -> 1; action: the same MLP as QA, or one Linear."""
-        D = self.cfg.width
+        MC: Dropout(0.1) -> D -> 256 -> LN -> GELU -> 1; action: the same MLP as QA, or one Linear (input in_dim
+        if given: T*D for per-frame probe features)."""
+        D = in_dim or self.cfg.width
         if task in ("qa", "action") and not (task == "action" and self.cfg.probe == "linear"):
             head = nn.Sequential(nn.Dropout(0.5), nn.Linear(D, D // 2), nn.LayerNorm(D // 2), nn.GELU(),
                                  nn.Linear(D // 2, num_classes))
@@ -432,6 +433,10 @@ class AllInOne(nn.Module):
     def forward_video(self, video):
         """Video-only pass: each frame alone, averaged over T. As released, no rolling unless roll_unimodal, so
         the retrieval embedding sees time only through the temporal embedding. -> (B, 1+N, D)."""
+        return self.forward_frames(video).mean(dim=1)
+
+    def forward_frames(self, video):
+        """The video-only pass before the average over time. -> (B, T, 1+N, D)."""
         T = video.shape[1]
         v = self.embed_video(video)                                       # (B, T, 1+N, D)
         x = rearrange(v, "b t n d -> (b t) n d")
@@ -439,7 +444,7 @@ class AllInOne(nn.Module):
             if self.cfg.roll_unimodal:
                 x = rearrange(self.temporal_mix(rearrange(x, "(b t) n d -> b t n d", t=T)), "b t n d -> (b t) n d")
             x = blk(x)
-        return rearrange(self.transformer.norm(x), "(b t) n d -> b t n d", t=T).mean(dim=1)
+        return rearrange(self.transformer.norm(x), "(b t) n d -> b t n d", t=T)
 
     def text_embedding(self, text_ids, text_mask):                    # -> (B, P), L2-normalised, fp32
         x = self.forward_text(text_ids, text_mask)                     # (B, L, D)
@@ -840,13 +845,16 @@ def evaluate_mlm_motion(model, cfg, tok, split, device):
 def probe_features(model, cfg, tok, split, device):
     """Frozen features for the action probe (before the pooler, which the release keeps trainable). joint: the text
     [CLS] of the joint pass of ACTION_PROMPT with the clip, as released; video: the video-only pass pooled as for
-    VTC (vtc_pool), i.e. the retrieval features before the projection. -> (features (N, D), labels (N,), skipped)."""
+    VTC (vtc_pool), i.e. the retrieval features before the projection; frames: the same per frame, kept in time
+    order, so that the probe itself can compare frames (a late-fusion probe: it measures what each frame's
+    features hold, not the model's own temporal modelling). -> (features (N, D) or (N, T, D), labels (N,), skipped)."""
     ds = ClipTextDataset(build_task_items(cfg, "action", split), cfg, train=False)
 
     def fn(b):
-        if cfg.probe_features == "video":
-            x = model.forward_video(b["video"])                          # (B, 1+N, D)
-            return dict(x=x.mean(1) if cfg.vtc_pool == "mean" else x[:, 0], y=b["label"])
+        if cfg.probe_features in ("video", "frames"):
+            x = model.forward_frames(b["video"])                         # (B, T, 1+N, D)
+            x = x.mean(2) if cfg.vtc_pool == "mean" else x[:, :, 0]       # (B, T, D)
+            return dict(x=x if cfg.probe_features == "frames" else x.mean(1), y=b["label"])
         return dict(x=model.forward_joint(b["text_ids"], b["text_mask"], b["video"])[0][:, 0], y=b["label"])
 
     out, skipped = run_eval_batches(model, make_loader(ds, Collate(tok, cfg, "eval"), cfg, None, False), device,
@@ -860,11 +868,12 @@ def action_probe(model, cfg, tok, device, num_classes):
     model.eval()
     feats = {s: probe_features(model, cfg, tok, s, device) for s in ("train", "val", "test")}
     pooler = copy.deepcopy(model.pooler).float().cpu()
-    head = model.add_task_head("action", num_classes).float().cpu()
+    in_dim = feats["train"][0][0].numel()                              # D, or T*D for per-frame features
+    head = model.add_task_head("action", num_classes, in_dim).float().cpu()
     params = list(head.parameters()) + (list(pooler.parameters()) if cfg.probe == "mlp" else [])
     pooler.requires_grad_(cfg.probe == "mlp")
     opt = torch.optim.AdamW(params, lr=1e-3, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    predict = lambda x: head(torch.tanh(pooler(x)))
+    predict = lambda x: head(torch.tanh(pooler(x)).flatten(1))          # the pooler acts on each frame's D
     x, y, _ = feats["train"]
     best, best_state = -1.0, None
     g = torch.Generator().manual_seed(cfg.seed)

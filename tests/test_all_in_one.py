@@ -228,10 +228,10 @@ def pretrained(tiny_corpus, tmp_path_factory):
     return pre / "ckpt.pt"
 
 
-@pytest.mark.parametrize("task", ["qa", "mc", "retrieval", "action", "action_video"])
+@pytest.mark.parametrize("task", ["qa", "mc", "retrieval", "action", "action_video", "action_frames"])
 def test_finetune_runs(tiny_corpus, pretrained, tmp_path, task):
-    extra = ["--probe_features=video"] if task == "action_video" else []
-    task = task.replace("_video", "")
+    extra = [f"--probe_features={task.split('_')[1]}"] if "_" in task else []
+    task = task.split("_")[0]
     m = aio.main(["--tiny", f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / task}", f"--finetune={task}",
                   f"--init={pretrained}", "--max_steps=2", "--max_eval_items=8", *extra])
     key = {"qa": "qa/acc", "mc": "mc/acc", "retrieval": "retrieval/t2v_R@1", "action": "action/acc"}[task]
