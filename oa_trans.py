@@ -190,8 +190,8 @@ PRESETS = {
     "paper": dict(img_size=224, patch_size=16, vid_width=768, vid_depth=12, vid_heads=12, vocab_size=30522,
                   txt_width=768, txt_depth=6, txt_heads=12, txt_positions=512, max_text_len=64, max_tag_len=32,
                   num_frames=4, batch_size=16, lr=2e-4, weight_decay=0.0, warmup_steps=0, schedule="constant",
-                  grad_clip=0.0, crop_scale=0.5, time_init="zeros", text_pool="cls", max_steps=200_000, eval_interval=5000, log_interval=100,
-                  num_workers=8),
+                  grad_clip=0.0, crop_scale=0.5, time_init="zeros", text_pool="cls", max_steps=200_000,
+                  eval_interval=5000, log_interval=100, num_workers=8),
     # CPU fine-tuning of the default pre-trained checkpoint on the MSR-VTT-style train split (object streams dropped)
     "ft_retrieval": dict(finetune="retrieval", init="runs/oa_trans/ckpt.pt", out_dir="runs/oa_trans_ft",
                          max_steps=150, lr=1e-4, warmup_steps=10, eval_interval=75),
