@@ -62,7 +62,7 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
   by class id); region and tag features are means, not sums (sums grow with box size / tag length).
 - The release's OA models only work with 1 frame (+ anchor); here any number of frames works.
 
-## Departures of the CPU default from the paper's recipe (from random weights in an estimated ~7 minutes)
+## Departures of the CPU default from the paper's recipe (from random weights in 6.3 minutes on 2 idle cores)
 - Size and optimisation: 64 px frames, 8-px patches (paper 16 on 224), width 128, 4 video blocks, 2 text
   layers; AdamW 1e-3 with warmup + cosine decay, weight decay 0.01, gradient clipping 1, batch 32, 600 steps, of
   which the first 85% at 1 frame and the rest at 4 (Frozen's curriculum, shortened). `--paper` restores the
@@ -171,7 +171,7 @@ class Config:
     embed_dim: int = 256  # joint embedding size (paper 256)
     # --- optimisation
     batch_size: int = 32  # per process; the contrastive batch is world_size * batch_size (paper: 16 per GPU x 8)
-    max_steps: int = 600  # optimizer steps (est. ~7 min on 2 idle cores; a 4-frame step costs ~1.5-1.7x a 1-frame one)
+    max_steps: int = 600  # optimizer steps (380 s on 2 idle cores with evaluation; a 4-frame step costs ~2x a 1-frame one)
     lr: float = 1e-3  # peak AdamW lr (paper: 2e-4 pre-training, 3e-5 fine-tuning)
     weight_decay: float = 0.01  # AdamW decay on matrices (paper: 0)
     warmup_steps: int = 50  # linear warmup (paper: none)
