@@ -453,9 +453,12 @@ class AllInOne(nn.Module):
             return project(self.txt_proj, (x * m).sum(1) / m.sum(1).clamp_min(1))
         return project(self.txt_proj, x[:, 0])
 
+    def pool_visual(self, x):
+        """Visual tokens (..., 1+N, D) -> the VTC feature (..., D): their mean, or the CLS token (vtc_pool)."""
+        return x.mean(-2) if self.cfg.vtc_pool == "mean" else x[..., 0, :]
+
     def video_embedding(self, video):                                 # -> (B, P), L2-normalised, fp32
-        x = self.forward_video(video)                                  # (B, 1+N, D), already averaged over T
-        return project(self.vid_proj, x.mean(1) if self.cfg.vtc_pool == "mean" else x[:, 0])
+        return project(self.vid_proj, self.pool_visual(self.forward_video(video)))
 
     def mlm_logits(self, text_feats):                                 # (..., D) -> (..., V)
         return self.mlm_decoder(self.mlm_transform(text_feats))
@@ -852,8 +855,7 @@ def probe_features(model, cfg, tok, split, device):
 
     def fn(b):
         if cfg.probe_features in ("video", "frames"):
-            x = model.forward_frames(b["video"])                         # (B, T, 1+N, D)
-            x = x.mean(2) if cfg.vtc_pool == "mean" else x[:, :, 0]       # (B, T, D)
+            x = model.pool_visual(model.forward_frames(b["video"]))      # (B, T, D)
             return dict(x=x if cfg.probe_features == "frames" else x.mean(1), y=b["label"])
         return dict(x=model.forward_joint(b["text_ids"], b["text_mask"], b["video"])[0][:, 0], y=b["label"])
 

@@ -757,7 +757,7 @@ class ClipBank:
         idx = [i for i, ok in enumerate(self.ok) if ok]
         for s in range(0, len(idx), batch):
             chunk = idx[s:s + batch]
-            with ctx():
+            with ctx:
                 out[chunk] = model.encode_video(torch.stack([self.videos[i] for i in chunk]).to(device).float()
                                                 ).float().cpu()
         return out
@@ -768,7 +768,7 @@ def embed_texts(model, tokenizer, texts: list[str], cfg: Config, device, ctx) ->
     out = []
     for s in range(0, len(texts), cfg.eval_batch_size):
         tok = tokenizer(texts[s:s + cfg.eval_batch_size], cfg.max_text_len, pad_to_max=False)
-        with ctx():
+        with ctx:
             out.append(model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device)).float().cpu())
     return torch.cat(out)
 
@@ -1022,7 +1022,7 @@ def main(argv: list[str] | None = None) -> dict:
         if dist.is_main:
             ensure_corpus(root)
         barrier()
-    ctx = lambda: autocast(device, cfg.precision)  # a fresh context per use: common's autocast is single-use
+    ctx = autocast(device, cfg.precision)
     out_dir = Path(cfg.out_dir)
     logger = JsonlLogger(out_dir / "log.jsonl", enabled=dist.is_main)
 
@@ -1112,7 +1112,7 @@ def main(argv: list[str] | None = None) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         tok = tokenizer(batch["text"], cfg.max_text_len, pad_to_max=False)  # pad to the longest, as the release
-        with ctx():
+        with ctx:
             text_emb, video_emb = model(tok["input_ids"].to(device), tok["attention_mask"].to(device),
                                         batch["video"].to(device, non_blocking=True))
         if cfg.finetune == "epic_mir":

@@ -656,7 +656,7 @@ def collate(items, tokenizer, cfg):
     """List of items -> batch: stacks clips, tokenises captions, pads regions / tag texts / tag groups.
     Unreadable videos arrive as None and are counted in batch["skipped"]."""
     n_in = len(items)
-    items = [it for it in items if it is not None]  # (under DDP a short batch breaks the gather: pre-filter real data)
+    items = [it for it in items if it is not None]  # skipped videos (gathers accept a shorter batch)
     enc = tokenizer([it["caption"] for it in items], cfg.max_text_len, pad_to_max=False)
     batch = dict(video=torch.stack([it["video"] for it in items]),  # (B, T, 3, S, S)
                  text=(enc["input_ids"], enc["attention_mask"]), skipped=n_in - len(items))

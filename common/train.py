@@ -29,22 +29,35 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-@contextlib.contextmanager
 def autocast(device, precision):
     """One mixed-precision context for the whole loop body: bf16 autocast on CPU and CUDA (no GradScaler needed
     for bf16), or nothing for fp32. Similarities and losses should still be computed in fp32 by the caller.
 
     On CPU, bf16 attention also takes SDPA's plain math backend: the fused CPU flash kernel's bf16 backward is
     slow for our short (17-100 token) sequences — a default all_in_one step took ~0.6 s of CPU time with it and
-    ~0.42 s with the math path (tests/bench.py). CUDA keeps the fused kernels. Single-use: write
-    `with autocast(device, precision):` at each use rather than keeping the returned object."""
+    ~0.42 s with the math path (tests/bench.py). CUDA keeps the fused kernels. The returned object can be
+    entered again and again, like torch.autocast."""
     if precision == "fp32":
-        yield
-        return
+        return contextlib.nullcontext()
     assert precision == "bf16", f"precision must be bf16 or fp32, got {precision}"
-    math_attention = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16), math_attention:
-        yield
+    return _Bf16(device)
+
+
+class _Bf16:
+    """bf16 autocast, plus the math attention backend on CPU; fresh inner contexts on every `with`."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
+        if self.device.type == "cpu":
+            self.stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return self
+
+    def __exit__(self, *exc):
+        return self.stack.__exit__(*exc)
 
 
 def lr_at(step, max_steps, base_lr, warmup_steps, schedule="cosine", min_lr_ratio=0.0):

@@ -14,7 +14,6 @@ when the machine is shared). Not a test: pytest does not collect it.
 """
 
 import argparse
-import contextlib
 import importlib
 import statistics
 import sys
@@ -74,14 +73,11 @@ def setup(paper, extra, device):
 
 def time_steps(model, loss_fn, device, precision, fused, steps):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    no_math = contextlib.nullcontext if fused else None
+    # "bf16-fused": plain torch.autocast, i.e. PyTorch's default attention kernel; otherwise as the paper files run
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if fused else train.autocast(device, precision)
     wall, cpu = [], []
     for i in range(steps + 2):  # two warm-up steps
         t0, c0 = time.perf_counter(), time.process_time()
-        if no_math:  # bf16 with PyTorch's default kernel choice
-            ctx = torch.autocast(device.type, dtype=torch.bfloat16)
-        else:
-            ctx = train.autocast(device, precision)
         with ctx:
             loss = loss_fn()
         loss.backward()
