@@ -105,6 +105,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -618,7 +619,8 @@ class ClipReader:
     chunk_seconds > 0: the release's layout videos/<uid>/<k>.mp4, chunk k holding [k*chunk, (k+1)*chunk) s, so a
     clip is read from one or two short files; frame indices are global and mapped with chunk_frame().
     cache = True: decode each whole video once and keep its frames in RAM (for small corpora like data/synth,
-    where seeking per clip would cost more than the model's step); sampling is unchanged.
+    where seeking per clip would cost more than the model's step); sampling is unchanged. Call preload() before a
+    DataLoader forks its workers, or each worker fills its own copy.
     Raises common.video.VideoReadError for missing or corrupt files.
     """
 
@@ -644,6 +646,22 @@ class ClipReader:
             meta = video_meta(path)
             self._frames[uid] = read_frames(path, range(meta.num_frames)), meta.fps
         return self._frames[uid]
+
+    def preload(self, uids, threads: int = 8) -> int:
+        """Decode these whole videos into the cache now. Called in the main process before the DataLoader forks
+        its workers, so they share one copy (a cache filled inside each worker would decode every video once per
+        worker). Returns how many could not be read (their clips are skipped and counted when sampled)."""
+        from concurrent.futures import ThreadPoolExecutor
+        from common.video import VideoReadError
+
+        def decode(uid) -> bool:
+            try:
+                self.whole_video(uid)
+                return True
+            except VideoReadError:
+                return False
+        with ThreadPoolExecutor(threads) as pool:  # PyAV decodes outside the GIL
+            return sum(not ok for ok in pool.map(decode, sorted(set(uids))))
 
     def __call__(self, uid, start, end, n, mode, rng=None) -> np.ndarray:  # -> uint8 (n, H, W, 3)
         from common.video import load_clip, read_frames, sample_frame_indices, window_to_frames
@@ -974,7 +992,8 @@ def pretrain_loss(text_emb, video_emb, batch, cfg: Config):
     """EgoNCE over the batch gathered from every rank (negatives from all ranks; tags gathered alongside)."""
     from common.dist import all_gather_nograd, all_gather_with_grad
     text_all, video_all = all_gather_with_grad(text_emb), all_gather_with_grad(video_emb)  # (M, E)
-    verb, noun = all_gather_nograd(batch["verb"]), all_gather_nograd(batch["noun"])  # (M, Cv), (M, Cn)
+    device = text_emb.device
+    verb, noun = all_gather_nograd(batch["verb"].to(device)), all_gather_nograd(batch["noun"].to(device))  # (M, Cv/n)
     pos = action_positive_mask(verb, noun, cfg.positives)  # (M, M)
     return egonce_loss(sim_matrix(text_all, video_all), pos, cfg.temperature), pos
 
@@ -1073,6 +1092,11 @@ def main(argv: list[str] | None = None) -> dict:
         with open(root / "egoclip" / "noun_classes.txt") as f:
             num_nouns = sum(1 for _ in f)
         dataset = EgoClipDataset(root / "egoclip", cfg, rows, num_verbs, num_nouns)
+        if cfg.cache_videos and not cfg.chunk_seconds:
+            t0, uids = time.time(), {r["video_uid"] for r in rows}
+            bad = dataset.reader.preload(uids, threads=min(8, os.cpu_count() or 1))
+            print0(f"decoded {len(uids) - bad} training videos into RAM in {time.time() - t0:.0f} s"
+                   + (f" ({bad} unreadable: their clips are skipped and counted)" if bad else ""))
         collate, eval_tasks, per_clip = collate_pairs, ["egomcq", "epic_mir", "charades"], 1
         per_clip = 2 if cfg.negatives == "scene" else 1
         print0(f"EgoClip: {len(rows)} pairs, {num_verbs} verbs, {num_nouns} nouns")

@@ -382,6 +382,26 @@ def test_short_and_out_of_range_windows_still_give_t_frames(tiny_corpus):
         reader("no_such_video", 0.0, 1.0, 4, "rand")
 
 
+def test_preload_fills_the_cache_once_and_counts_unreadable_videos(tiny_corpus, tmp_path):
+    """preload decodes in the calling process (workers forked later share the frames); a corrupt file is counted,
+    not cached, and its clips still raise VideoReadError (so the dataset skips and counts them)."""
+    import shutil
+    from common.video import VideoReadError
+    root = tiny_corpus / "egoclip"
+    uids = sorted({r["video_uid"] for r in egovlp.read_egoclip(root / "egoclip.csv")})[:2]
+    for uid in uids:
+        shutil.copy(root / "videos" / f"{uid}.mp4", tmp_path / f"{uid}.mp4")
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    reader = egovlp.ClipReader(tmp_path, cache=True)
+    assert reader.preload(uids + ["broken", uids[0]], threads=2) == 1
+    assert sorted(reader._frames) == uids
+    for uid in uids:
+        (tmp_path / f"{uid}.mp4").unlink()  # cached clips no longer touch the files
+        assert reader(uid, 0.0, 1.0, 4, "uniform").shape[0] == 4
+    with pytest.raises(VideoReadError):
+        reader("broken", 0.0, 1.0, 4, "uniform")
+
+
 # --------------------------------------------------------------------------------------------- end to end
 def test_main_pretrain_then_resume_then_finetune_and_eval(tiny_corpus, tmp_path):
     common = [f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / 'pt'}", "--batch_size=4", "--num_workers=0",
