@@ -180,6 +180,7 @@ class Config:
     ckpt_every: int = 200  # steps between checkpoints (also written at the end)
     eval_batch_size: int = 64  # clips per forward pass at evaluation
     max_eval_items: int = 0  # cap on EgoMCQ questions per type / EPIC clips / Charades videos, 0 = all
+    eval_cache_gb: float = 2.0  # keep an eval set's decoded clips in RAM up to this size, else decode per evaluation
     dual_softmax: bool = False  # EPIC-MIR: re-weight similarities by dual-softmax (release test_epic.py default)
     dual_softmax_temp: float = 500.0  # release: softmax(S / 500) over videos, times S, softmax over texts
     charades_frames: int = 0  # frames per Charades video at zero-shot eval, 0 = num_frames; paper 16
@@ -749,35 +750,60 @@ class EpochSampler(torch.utils.data.Sampler):
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------
 class ClipBank:
-    """Decoded, eval-transformed clips kept in memory (eval sets are small here), embedded on demand.
-    Clips that cannot be read are counted and marked missing."""
+    """One benchmark's clips (T uniform frames = bin midpoints, centre crop), embedded on demand.
+
+    A set that fits in cfg.eval_cache_gb (the synthetic ones) is decoded once and kept in RAM as bf16; a larger one
+    (the real EgoMCQ has ~40K questions x 5 clips) is decoded again at each evaluation by a DataLoader, so memory
+    stays flat. Unreadable clips are counted (`skipped`) and marked missing (`ok`), and embed to zeros."""
 
     def __init__(self, reader: ClipReader, cfg: Config, windows: list[tuple], num_frames: int):
-        from common.video import VideoReadError, VideoTransform
-        transform = VideoTransform(cfg.image_size, train=False)
-        self.videos, self.ok, self.skipped = [], [], 0
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # tiny per-clip tensor ops: extra threads only add contention
-        for uid, start, end in windows:  # EgoMCQ protocol: T uniform frames (bin midpoints), centre crop
-            try:
-                video, _ = transform(reader(uid, start, end, num_frames, "uniform"))
-                self.videos.append(video.to(torch.bfloat16))  # halves the memory; the model casts back
-                self.ok.append(True)
-            except VideoReadError:
-                self.videos.append(None)
-                self.ok.append(False)
-                self.skipped += 1
-        torch.set_num_threads(threads)
+        from common.video import VideoTransform
+        self.reader, self.windows, self.num_frames = reader, list(windows), num_frames
+        self.transform = VideoTransform(cfg.image_size, train=False)
+        self.num_workers, self.videos = cfg.num_workers, None
+        self.ok, self.skipped = [True] * len(self.windows), 0  # known once the clips are decoded
+        if len(self.windows) * num_frames * 3 * cfg.image_size ** 2 * 2 <= cfg.eval_cache_gb * 2 ** 30:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # tiny per-clip tensor ops: extra threads only add contention
+            self.videos = [self[i] for i in range(len(self))]
+            torch.set_num_threads(threads)
+            self.ok = [v is not None for v in self.videos]
+            self.skipped = self.ok.count(False)
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, i: int):  # -> bf16 (T, 3, S, S), or None when the clip cannot be read
+        from common.video import VideoReadError
+        uid, start, end = self.windows[i]
+        try:
+            video, _ = self.transform(self.reader(uid, start, end, self.num_frames, "uniform"))
+        except VideoReadError:
+            return None
+        return video.to(torch.bfloat16)  # halves the memory; the model casts back
+
+    def batches(self, size: int):
+        """Yield (indices, clips) of the readable clips in order; a streamed pass refreshes ok / skipped."""
+        if self.videos is not None:
+            idx = [i for i in range(len(self)) if self.ok[i]]
+            for s in range(0, len(idx), size):
+                yield idx[s:s + size], [self.videos[i] for i in idx[s:s + size]]
+            return
+        loader = torch.utils.data.DataLoader(self, batch_size=size, num_workers=self.num_workers, collate_fn=list)
+        ok = []
+        for clips in loader:  # in order: batch b holds clips b*size ...
+            idx = [len(ok) + k for k, clip in enumerate(clips) if clip is not None]
+            ok += [clip is not None for clip in clips]
+            if idx:
+                yield idx, [clip for clip in clips if clip is not None]
+        self.ok, self.skipped = ok, ok.count(False)
 
     @torch.no_grad()
     def embed(self, model, device, batch: int, ctx) -> torch.Tensor:  # -> (num_clips, E), zeros where missing
-        out = torch.zeros(len(self.videos), model.vid_proj[0].out_features)
-        idx = [i for i, ok in enumerate(self.ok) if ok]
-        for s in range(0, len(idx), batch):
-            chunk = idx[s:s + batch]
+        out = torch.zeros(len(self), model.vid_proj[0].out_features)
+        for idx, clips in self.batches(batch):
             with ctx:
-                out[chunk] = model.encode_video(torch.stack([self.videos[i] for i in chunk]).to(device).float()
-                                                ).float().cpu()
+                out[idx] = model.encode_video(torch.stack(clips).to(device).float()).float().cpu()
         return out
 
 

@@ -4,6 +4,7 @@ examples, the EgoClip loader, and an end-to-end run with --resume on the tiny co
 
     cd /work/main && python -m pytest -q tests/test_egovlp.py
 """
+import contextlib
 import json
 import math
 
@@ -400,6 +401,28 @@ def test_preload_fills_the_cache_once_and_counts_unreadable_videos(tiny_corpus, 
         assert reader(uid, 0.0, 1.0, 4, "uniform").shape[0] == 4
     with pytest.raises(VideoReadError):
         reader("broken", 0.0, 1.0, 4, "uniform")
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_streamed_eval_bank_embeds_like_the_cached_one(tiny_corpus, num_workers):
+    """An eval set over eval_cache_gb is decoded per evaluation (DataLoader) instead of kept in RAM: the same
+    embeddings, and the same missing clip counted, as the cached bank."""
+    root = tiny_corpus / "egoclip"
+    rows = egovlp.read_egoclip(root / "egoclip.csv")[:5]
+    windows = [(r["video_uid"], r["clip_start"], r["clip_end"]) for r in rows]
+    windows.insert(2, ("no_such_video", 0.0, 1.0))
+    torch.manual_seed(0)
+    cfg = Config(**TINY_MODEL, num_workers=num_workers)
+    model = FrozenInTime(cfg, vocab_size=50).init_weights().eval()
+    reader = egovlp.ClipReader(root / "videos")
+    cached = egovlp.ClipBank(reader, cfg, windows, 4)
+    streamed = egovlp.ClipBank(reader, Config(**TINY_MODEL, num_workers=num_workers, eval_cache_gb=0.0), windows, 4)
+    assert cached.videos is not None and streamed.videos is None
+    a = cached.embed(model, "cpu", 3, contextlib.nullcontext())
+    b = streamed.embed(model, "cpu", 3, contextlib.nullcontext())
+    assert cached.skipped == streamed.skipped == 1 and cached.ok == streamed.ok
+    assert streamed.ok == [True, True, False, True, True, True]
+    assert torch.allclose(a, b) and a[2].abs().sum() == 0 and a[3].abs().sum() > 0
 
 
 # --------------------------------------------------------------------------------------------- end to end
