@@ -84,10 +84,11 @@ Departures from the release (and why)
   project's CPU a default training step took 0.6-0.85x the time of an fp32 step (interleaved benchmarks, one
   thread, with common's math-attention path), which pays for 1200 steps instead of 800 in about the same time.
   Similarities and losses stay in fp32.
-- No horizontal flip in the CPU default (`hflip`). The release flips half the training clips although many
-  narrations say "left" or "right"; on Ego4D that is minor noise, but in the synthetic corpus "moves the cup to
-  the left" / "to the right" are 2 of the 8 verb classes, and a mirrored clip contradicts its text. `--paper`
-  keeps the flip.
+- No horizontal flip in the CPU default (`hflip="off"`). The release flips half the training clips and keeps the
+  narration, so a flipped "moves the cup to the left" shows a move to the right; on Ego4D that is minor noise,
+  but in the synthetic corpus "left" / "right" moves are 2 of the 8 verb classes. `hflip="mirror"` flips and
+  swaps left and right in the narration and verb tags, a label-preserving version of the release's flip; neither
+  flip helped here (README). `--paper` keeps the release's flip (`hflip="release"`).
 - EgoMCQ accuracies are labelled by type id (1 = inter, 2 = intra); the release prints them swapped.
 - MI-MM's adaptive margin is wired in (`--adaptive_margin`); the release defines it but never passes relevancy.
 
@@ -107,6 +108,7 @@ import csv
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +167,8 @@ class Config:
     batch_size: int = 32  # clips per device before scene negatives; paper 16 per GPU x 32 GPUs = 512
     num_workers: int = 1  # DataLoader worker processes; paper 16 per GPU
     crop_scale: float = 0.5  # RandomResizedCrop min scale (max 1.0); paper 0.5
-    hflip: bool = False  # random horizontal flip of training clips; release True (mirrors "moves it to the left")
+    hflip: str = "off"  # flip half the training clips: "off" | "release" (text kept) | "mirror" (left/right swapped in
+    #   the narration and verb tags, so a flipped "moves it to the left" still matches its video)
     # optimisation (AdamW, no decay on biases / norms / embeddings)
     max_steps: int = 1200  # optimiser steps; paper ~10 epochs x 7.5K = 75K at global batch 512
     lr: float = 1e-3  # peak learning rate; paper 3e-5 (pre-trained init), constant
@@ -199,7 +202,7 @@ PRESETS = {
                   text_positions=512, max_text_len=64, batch_size=16, num_workers=16, max_steps=75_000,
                   lr=3e-5, weight_decay=0.0, warmup_steps=0, lr_schedule="constant", grad_clip=0.0,
                   time_init="release", text_pool="cls", cache_videos=False, eval_every=7_500, ckpt_every=7_500,
-                  eval_batch_size=32, precision="fp32", crop_scale=0.5, hflip=True),
+                  eval_batch_size=32, precision="fp32", crop_scale=0.5, hflip="release"),
     # EPIC-MIR fine-tuning at 16 frames (Table 4, last EgoVLP row); combine with --paper.
     "paper_epic": dict(finetune="epic_mir", num_frames=16, batch_size=4, max_steps=15_000, lr=3e-5,
                        eval_every=1_000, ckpt_every=1_000, charades_frames=16),
@@ -686,16 +689,40 @@ class ClipReader:
         return np.stack(frames)
 
 
+def mirror_text(text: str) -> str:
+    """The narration of a horizontally mirrored clip: "left" and "right" swap ("C slides the cup to the left" ->
+    "... to the right", "in his left hand" -> "in his right hand"); lower-case words only."""
+    return re.sub(r"\b(left|right)(?=(wards?)?\b)", lambda m: "right" if m.group(1) == "left" else "left", text)
+
+
+def mirror_classes(names: list[str]) -> list[int]:
+    """Class index -> the index of its mirror image (move_left <-> move_right); classes without one map to
+    themselves. Names use "_" for spaces, as EgoClip's verb_classes."""
+    index = {n: i for i, n in enumerate(names)}
+    return [index.get(mirror_text(n.replace("_", " ")).replace(" ", "_"), i) for i, n in enumerate(names)]
+
+
+def random_flip(video, text: str, mode: str, rng=random):
+    """Flip half the training clips horizontally (video (T, 3, S, S)). mode "off": never; "release": the text is
+    kept, so a flipped "moves it to the left" shows a move to the right; "mirror": left and right swap in the
+    text too. Returns (video, text, flipped)."""
+    if mode == "off" or rng.random() >= 0.5:
+        return video, text, False
+    return video.flip(-1), mirror_text(text) if mode == "mirror" else text, True
+
+
 class EgoClipDataset(torch.utils.data.Dataset):
     """EgoClip pairs. Item = (anchor, scene negative or None); each is dict(video (T, 3, S, S), text, verb (Cv,),
     noun (Cn,)). Returns None when a video cannot be read (the collate skips and counts it)."""
 
-    def __init__(self, root, cfg: Config, rows: list[dict], num_verbs: int, num_nouns: int):
+    def __init__(self, root, cfg: Config, rows: list[dict], num_verbs: int, num_nouns: int,
+                 verb_names: list[str] | None = None):
         self.cfg, self.rows, self.num_verbs, self.num_nouns = cfg, rows, num_verbs, num_nouns
+        self.verb_mirror = mirror_classes(verb_names) if verb_names else list(range(num_verbs))
         self.reader = ClipReader(Path(root) / "videos", cfg.chunk_seconds, cfg.cache_videos)
         self.buckets = scene_buckets(rows, cfg.neg_window)
         from common.video import VideoTransform
-        self.transform = VideoTransform(cfg.image_size, train=True, scale=(cfg.crop_scale, 1.0), flip=cfg.hflip)
+        self.transform = VideoTransform(cfg.image_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
 
     def __len__(self):
         return len(self.rows)
@@ -710,9 +737,10 @@ class EgoClipDataset(torch.utils.data.Dataset):
     def load(self, i: int) -> dict:
         r = self.rows[i]
         frames = self.reader(r["video_uid"], r["clip_start"], r["clip_end"], self.cfg.num_frames, "rand")
-        video, _ = self.transform(frames)
-        return dict(video=video, text=r["clip_text"],  # verbatim narration, "#C C ..." included
-                    verb=multi_hot(r["tag_verb"], self.num_verbs), noun=multi_hot(r["tag_noun"], self.num_nouns))
+        video, text, flipped = random_flip(self.transform(frames)[0], r["clip_text"], self.cfg.hflip)
+        verbs = [self.verb_mirror[v] for v in r["tag_verb"]] if flipped and self.cfg.hflip == "mirror" else r["tag_verb"]
+        return dict(video=video, text=text,  # verbatim narration, "#C C ..." included (mirrored if flipped)
+                    verb=multi_hot(verbs, self.num_verbs), noun=multi_hot(r["tag_noun"], self.num_nouns))
 
     def __getitem__(self, i):
         from common.video import VideoReadError
@@ -932,7 +960,7 @@ class EpicMIRTrain(torch.utils.data.Dataset):
         self.sentences = [r["narration"] for r in read_csv(root / "EPIC_100_retrieval_train_sentence.csv")]
         self.relevancy = np.load(root / "caption_relevancy_EPIC_100_retrieval_train.npy")
         self.reader = ClipReader(root / "videos")
-        self.transform = VideoTransform(cfg.image_size, train=True, scale=(cfg.crop_scale, 1.0), flip=cfg.hflip)
+        self.transform = VideoTransform(cfg.image_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
 
     def __len__(self):
         return len(self.clips)
@@ -951,7 +979,8 @@ class EpicMIRTrain(torch.utils.data.Dataset):
                                  hms_to_seconds(c["stop_timestamp"]), self.cfg.num_frames, "rand")
         except VideoReadError as e:
             return dict(error=str(e))
-        return dict(video=self.transform(frames)[0], text=text, relevancy=rel)
+        video, text, _ = random_flip(self.transform(frames)[0], text, self.cfg.hflip)
+        return dict(video=video, text=text, relevancy=rel)
 
 
 def collate_epic(items) -> dict:
@@ -1056,6 +1085,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, PRESETS)
     assert cfg.positives in ("verb_and_noun", "verb", "noun", "self"), cfg.positives
     assert cfg.negatives in ("scene", "none"), cfg.negatives
+    assert cfg.hflip in ("off", "release", "mirror"), cfg.hflip
     assert cfg.finetune in ("", "epic_mir"), cfg.finetune
     assert cfg.eval in ("", "egomcq", "epic_mir", "charades", "all"), cfg.eval
     dist = setup_distributed(cfg.device)
@@ -1114,10 +1144,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         rows = read_egoclip(root / "egoclip" / "egoclip.csv")
         with open(root / "egoclip" / "verb_classes.txt") as f:
-            num_verbs = sum(1 for _ in f)
+            verb_names = [line.strip() for line in f]
+        num_verbs = len(verb_names)
         with open(root / "egoclip" / "noun_classes.txt") as f:
             num_nouns = sum(1 for _ in f)
-        dataset = EgoClipDataset(root / "egoclip", cfg, rows, num_verbs, num_nouns)
+        dataset = EgoClipDataset(root / "egoclip", cfg, rows, num_verbs, num_nouns, verb_names)
         if cfg.cache_videos and not cfg.chunk_seconds:
             t0, uids = time.time(), {r["video_uid"] for r in rows}
             bad = dataset.reader.preload(uids, threads=min(8, os.cpu_count() or 1))

@@ -276,15 +276,35 @@ def test_scene_negatives_come_from_the_same_video_and_window(tmp_path):
     assert draws == {1, 2}  # uniform over the bucket's other clips
 
 
-@pytest.mark.parametrize("hflip", [False, True])
-def test_hflip_field_controls_the_training_flip(tmp_path, hflip):
-    # a left-dark, right-bright ramp: "moves the cup to the left" must stay a leftward motion when hflip is off
+@pytest.mark.parametrize("hflip", ["off", "release", "mirror"])
+def test_hflip_field_flips_video_and_mirrors_the_narration(tmp_path, hflip):
+    """A left-dark, right-bright frame and a "moves ... to the left" narration: "off" never flips; "release" flips
+    the video but keeps the text (then contradicting it); "mirror" flips both, and the verb tag with them."""
     import numpy as np
-    ramp = np.repeat(np.repeat(np.linspace(0, 255, 32, dtype=np.uint8)[None, None, :, None], 32, 1), 3, 3)
-    ds = egovlp.EgoClipDataset(tmp_path, Config(image_size=16, hflip=hflip), _rows(), 1, 1)
-    videos = [ds.transform(ramp)[0] for _ in range(40)]  # each (1, 3, 16, 16)
-    left_darker = [bool(v[0, 0, :, 0].mean() < v[0, 0, :, -1].mean()) for v in videos]
-    assert all(left_darker) if not hflip else not all(left_darker)
+    ramp = np.repeat(np.repeat(np.linspace(0, 255, 32, dtype=np.uint8)[None, None, :, None], 32, 1), 4, 0)
+    ramp = np.repeat(ramp, 3, 3)  # (4, 32, 32, 3)
+    verbs = ["take", "move_left_(slide,_drag)", "move_right_(slide,_drag)"]
+    rows = [dict(video_uid="v", narration_time=1.0, clip_start=0.5, clip_end=1.5,
+                 clip_text="#C C slides the cup to the left", tag_verb=[1], tag_noun=[0])]
+    ds = egovlp.EgoClipDataset(tmp_path, Config(image_size=16, hflip=hflip), rows, 3, 1, verbs)
+    ds.reader = lambda *args, **kwargs: ramp
+    flipped, texts = [], set()
+    for _ in range(40):
+        item = ds.load(0)
+        flip = bool(item["video"][0, 0, :, 0].mean() > item["video"][0, 0, :, -1].mean())
+        flipped.append(flip)
+        texts.add(item["text"])
+        if hflip == "mirror":
+            assert ("right" in item["text"]) == flip and item["verb"].tolist() == ([0, 0, 1] if flip else [0, 1, 0])
+        else:
+            assert item["text"].endswith("left") and item["verb"].tolist() == [0, 1, 0]
+    assert any(flipped) == (hflip != "off") and not all(flipped)
+
+
+def test_mirror_text_and_classes():
+    assert egovlp.mirror_text("#C C moves the cup right with his left hand") == "#C C moves the cup left with his right hand"
+    assert egovlp.mirror_text("leftover left rightwards") == "leftover right leftwards"
+    assert egovlp.mirror_classes(["move_left_(slide)", "take", "move_right_(slide)", "turn_left"]) == [2, 1, 0, 3]
 
 
 def test_collate_puts_negatives_after_anchors():
