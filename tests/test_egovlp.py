@@ -442,7 +442,8 @@ def test_streamed_eval_bank_embeds_like_the_cached_one(tiny_corpus, num_workers)
     b = streamed.embed(model, "cpu", 3, contextlib.nullcontext())
     assert cached.skipped == streamed.skipped == 1 and cached.ok == streamed.ok
     assert streamed.ok == [True, True, False, True, True, True]
-    assert torch.allclose(a, b) and a[2].abs().sum() == 0 and a[3].abs().sum() > 0
+    assert torch.allclose(a, b, atol=1e-6)  # batches differ in size: float summation order only
+    assert a[2].abs().sum() == 0 and a[3].abs().sum() > 0
 
 
 # --------------------------------------------------------------------------------------------- end to end
