@@ -738,7 +738,9 @@ class EgoClipDataset(torch.utils.data.Dataset):
         r = self.rows[i]
         frames = self.reader(r["video_uid"], r["clip_start"], r["clip_end"], self.cfg.num_frames, "rand")
         video, text, flipped = random_flip(self.transform(frames)[0], r["clip_text"], self.cfg.hflip)
-        verbs = [self.verb_mirror[v] for v in r["tag_verb"]] if flipped and self.cfg.hflip == "mirror" else r["tag_verb"]
+        verbs = r["tag_verb"]
+        if flipped and self.cfg.hflip == "mirror":
+            verbs = [self.verb_mirror[v] for v in verbs]
         return dict(video=video, text=text,  # verbatim narration, "#C C ..." included (mirrored if flipped)
                     verb=multi_hot(verbs, self.num_verbs), noun=multi_hot(r["tag_noun"], self.num_nouns))
 

@@ -171,10 +171,10 @@ class Config:
     embed_dim: int = 256  # joint embedding size (paper 256)
     # --- optimisation
     batch_size: int = 32  # per process; the contrastive batch is world_size * batch_size (paper: 16 per GPU x 8)
-    max_steps: int = 800  # optimizer steps; 600 gave test t2v R@1 26.3 / 23.3 (seeds 0 / 2, one thread), 800 gave 31.2 / 24.8
-    #   (a 4-frame step costs ~2-2.5x a 1-frame one)
+    max_steps: int = 800  # optimizer steps (537 s idle); 600 gave test t2v R@1 26.3 / 23.3 (seeds 0 / 2, one
+    #   thread), 800 gave 31.2 / 24.8. A 4-frame step costs ~2-2.5x a 1-frame one.
     lr: float = 1e-3  # peak AdamW lr (paper: 2e-4 pre-training, 3e-5 fine-tuning). Tried with 700 steps + 100 warmup: 5e-4
-    #   gave test t2v R@1 27.6 / 24.6 / 22.9 over seeds 0-2, no better than this default's 26.3 / 26.5 / 23.3 (README)
+    #   gave test t2v R@1 27.6 / 24.6 / 22.9 over seeds 0-2, no better than 600 steps at 1e-3: 26.3 / 26.5 / 23.3
     weight_decay: float = 0.01  # AdamW decay on matrices (paper: 0)
     warmup_steps: int = 50  # linear warmup (paper: none)
     schedule: str = "cosine"  # cosine | linear | constant (paper: step decay x0.1 at epochs 60, 80 -- effectively constant)
