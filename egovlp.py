@@ -1025,7 +1025,7 @@ def finetune_loss(text_emb, video_emb, batch, cfg: Config):
     """MI-MM over the gathered batch; adaptive MI-MM scales the margin by each pair's relevancy (0.4 * r)."""
     from common.dist import all_gather_nograd, all_gather_with_grad
     sim = sim_matrix(all_gather_with_grad(text_emb), all_gather_with_grad(video_emb))  # (M, M)
-    rel = all_gather_nograd(batch["relevancy"].to(sim.device))
+    rel = all_gather_nograd(batch["relevancy"])
     return mi_mm_loss(sim, 0.4 * rel if cfg.adaptive_margin else cfg.margin)
 
 
@@ -1049,8 +1049,7 @@ def pretrain_loss(text_emb, video_emb, batch, cfg: Config):
     """EgoNCE over the batch gathered from every rank (negatives from all ranks; tags gathered alongside)."""
     from common.dist import all_gather_nograd, all_gather_with_grad
     text_all, video_all = all_gather_with_grad(text_emb), all_gather_with_grad(video_emb)  # (M, E)
-    device = text_emb.device
-    verb, noun = all_gather_nograd(batch["verb"].to(device)), all_gather_nograd(batch["noun"].to(device))  # (M, Cv/n)
+    verb, noun = all_gather_nograd(batch["verb"]), all_gather_nograd(batch["noun"])  # (M, Cv), (M, Cn)
     pos = action_positive_mask(verb, noun, cfg.positives)  # (M, M)
     return egonce_loss(sim_matrix(text_all, video_all), pos, cfg.temperature), pos
 
@@ -1191,13 +1190,14 @@ def main(argv: list[str] | None = None) -> dict:
         if world > 1:  # equal local batches on every rank (a rank may have skipped an unreadable video)
             from common.dist import all_gather_nograd
             batch = trim_batch(batch, int(all_gather_nograd(torch.tensor([batch["anchors"]], device=device)).min()))
+        # every tensor of the batch to the device once: clips, EgoNCE tags, MI-MM relevancy
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         tok = tokenizer(batch["text"], cfg.max_text_len, pad_to_max=False)  # pad to the longest, as the release
         with ctx:
-            text_emb, video_emb = model(tok["input_ids"].to(device), tok["attention_mask"].to(device),
-                                        batch["video"].to(device, non_blocking=True))
+            text_emb, video_emb = model(tok["input_ids"].to(device), tok["attention_mask"].to(device), batch["video"])
         if cfg.finetune == "epic_mir":
             loss = finetune_loss(text_emb, video_emb, batch, cfg)
             extra = {}
