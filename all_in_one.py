@@ -104,7 +104,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 from common.config import config_to_dict, parse_config
-from common.dist import all_gather_with_grad, cleanup, print0, setup_distributed
+from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import accuracy, retrieval_metrics
 from common.text import Tokenizer, whole_word_mask
 from common.train import (JsonlLogger, autocast, count_parameters, format_table, load_checkpoint, lr_at,
@@ -942,11 +942,11 @@ def main(argv=None):
     dist = setup_distributed(cfg.device)
     device = dist.device
     seed_everything(cfg.seed + dist.rank)
-    if dist.is_main and cfg.data_root == Config.data_root and not (Path(cfg.data_root) / "DONE").exists():
-        from common.synthetic import ensure_corpus  # generate the built-in corpus on first use
-        ensure_corpus(cfg.data_root, size="default", seed=0)
-    if dist.world_size > 1:
-        torch.distributed.barrier()
+    if cfg.data_root == Config.data_root:  # the built-in corpus: written on first use, rewritten when outdated
+        from common.synthetic import ensure_corpus
+        if dist.is_main:
+            ensure_corpus(cfg.data_root)
+        barrier()
     tok = Tokenizer(str(Path(cfg.data_root) / "vocab.txt"))
     init = load_checkpoint(cfg.init) if cfg.init else None
     if init is not None:  # the architecture is the pre-trained model's

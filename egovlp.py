@@ -1093,10 +1093,10 @@ def main(argv: list[str] | None = None) -> dict:
     device, world = dist.device, dist.world_size
     seed_everything(cfg.seed + dist.rank)
     root = Path(cfg.data_root)
-    if cfg.data_root == Config.data_root and not (root / "DONE").exists():
+    if cfg.data_root == Config.data_root:  # the built-in corpus: written on first use, rewritten when outdated
         from common.synthetic import ensure_corpus
         if dist.is_main:
-            ensure_corpus(root)
+            ensure_corpus(cfg.data_root)
         barrier()
     ctx = autocast(device, cfg.precision)
     out_dir = Path(cfg.out_dir)

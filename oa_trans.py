@@ -107,7 +107,7 @@ from einops import rearrange, repeat
 from tqdm import tqdm
 
 from common.config import config_to_dict, parse_config
-from common.dist import all_gather_nograd, all_gather_with_grad, cleanup, print0, setup_distributed
+from common.dist import all_gather_nograd, all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import retrieval_metrics
 from common.text import Tokenizer
 from common.train import (JsonlLogger, autocast, count_parameters, format_table, load_checkpoint, lr_at,
@@ -818,12 +818,11 @@ def main(argv=None):
     dist = setup_distributed(cfg.device)
     device = dist.device
     seed_everything(cfg.seed + dist.rank)
-    if cfg.data_root == "data/synth" and not os.path.exists(os.path.join(cfg.data_root, "DONE")):
+    if cfg.data_root == Config.data_root:  # the built-in corpus: written on first use, rewritten when outdated
         from common.synthetic import ensure_corpus
         if dist.is_main:
             ensure_corpus(cfg.data_root)
-        if dist.world_size > 1:
-            torch.distributed.barrier()
+        barrier()
     tokenizer = Tokenizer(cfg.vocab_file or os.path.join(cfg.data_root, "vocab.txt"))
     os.makedirs(cfg.out_dir, exist_ok=True)
     log = JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=dist.is_main)

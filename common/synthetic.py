@@ -47,7 +47,7 @@ fixed options (macroblock-tree off, see write_video), so the same seed gives byt
 and videos alike, whatever the number of worker processes or the order in which they take jobs.
 
 Usage:
-    python -m common.synthetic --out data/synth --seed 0 --size default     # ~1-1.5 min on 2 idle cores
+    python -m common.synthetic --out data/synth --seed 0 --size default     # ~1.5 min on 2 idle cores
     python -m common.synthetic --out /tmp/synth_tiny --size tiny             # a few seconds, used by the tests
     from common.synthetic import ensure_corpus; root = ensure_corpus("data/synth")
 """
@@ -77,13 +77,13 @@ from PIL import Image, ImageDraw
 # Knobs
 
 SIZES = {
-    # tiny: for tests (a few seconds); default: what the paper files train on (~1 min on 2 cores); large: ~4x.
+    # tiny: for tests (a few seconds); default: what the paper files train on (~1.5 min on 2 cores); large: ~4x.
     "tiny": dict(webvid_train=24, webvid_val=8, msrvtt_train=24, msrvtt_val=8, msrvtt_test=16,
                  ego_train_videos=3, ego_mcq_videos=5, ego_duration=(36, 48),
                  epic_train_videos=2, epic_test_videos=2, epic_duration=(30, 40),
                  charades_train=6, charades_test=8, captions_per_video=3),
     "default": dict(webvid_train=3000, webvid_val=200, msrvtt_train=1500, msrvtt_val=200, msrvtt_test=500,
-                    ego_train_videos=60, ego_mcq_videos=16, ego_duration=(120, 180),
+                    ego_train_videos=180, ego_mcq_videos=16, ego_duration=(120, 180),
                     epic_train_videos=12, epic_test_videos=6, epic_duration=(100, 140),
                     charades_train=150, charades_test=100, captions_per_video=5),
     "large": dict(webvid_train=12000, webvid_val=500, msrvtt_train=6000, msrvtt_val=500, msrvtt_test=1000,
@@ -98,6 +98,9 @@ TWIN_FRACTION = 0.25      # share of WebVid training clips that get a time-rever
 JITTER_PROB = 0.5         # share of WebVid / MSR-VTT clips with camera jitter
 NUM_DETECTION_FRAMES = 8  # BUTD detections on the midpoints of 8 equal segments (OA-Trans, WebVid)
 MIN_BOXES = 10            # BUTD's --min-max-boxes 10,100: every frame has at least 10 boxes
+# Bumped whenever a change alters the files a seed produces; ensure_corpus regenerates an older corpus.
+# 2: 180 EgoClip training videos (was 60); EgoMCQ's held-out videos drawn from their own random stream.
+CORPUS_VERSION = 2
 
 # ---------------------------------------------------------------------------------------------------------------
 # The world's vocabulary
@@ -1038,10 +1041,9 @@ def _clip(uid, dur, start, end, text, verb, nouns) -> dict:
 def build_egoclip(root: Path, cfg: dict, seed: int, S: float, texts: list, jobs: list) -> dict:
     """EgoClip (train videos, contextual windows t +- beta/(2 alpha)) and EgoMCQ (held-out videos)."""
     out = root / "egoclip"
-    rng = item_rng(seed, "egoclip", 0)
     lo, hi = cfg["ego_duration"]
 
-    def videos(n):
+    def videos(n, rng):
         vids = []
         for _ in range(n):
             uid = _fake_uid(rng)
@@ -1063,8 +1065,10 @@ def build_egoclip(root: Path, cfg: dict, seed: int, S: float, texts: list, jobs:
             jobs.append(("ego", plan, S, str(out / "videos" / f"{uid}.mp4")))
         return vids
 
-    train = videos(cfg["ego_train_videos"])
-    held = videos(cfg["ego_mcq_videos"])
+    # Two random streams, so that the held-out EgoMCQ videos do not change with the number of training videos
+    train = videos(cfg["ego_train_videos"], item_rng(seed, "egoclip", 0))
+    rng = item_rng(seed, "egomcq", 0)
+    held = videos(cfg["ego_mcq_videos"], rng)
     alpha = float(np.mean([b for *_, b in train]))   # mean beta over the (training) videos, as in Eq. 1
     rows = []
     for uid, plan, narr, beta in train:
@@ -1253,7 +1257,8 @@ def generate(root: Path, size: str = "default", seed: int = 0, frame_size: int =
     counts["videos_written"] = sum(1 + (j[0] == "clip" and j[4] is not None) for j in jobs)
     counts["seconds"] = round(time.time() - t0, 1)
     counts["seconds_annotations"] = round(t_ann, 1)
-    info = dict(size=size, seed=seed, frame_size=frame_size, twin_fraction=twin_fraction, counts=counts)
+    info = dict(version=CORPUS_VERSION, size=size, seed=seed, frame_size=frame_size, twin_fraction=twin_fraction,
+                counts=counts)
     (root / "DONE").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     if verbose:
         print(summary(info))
@@ -1277,16 +1282,30 @@ def summary(info: dict) -> str:
         f"  {c['videos_written']} videos written in {c['seconds']} s (annotations {c['seconds_annotations']} s)"])
 
 
+def done_info(root: Path) -> dict | None:
+    """root/DONE's record, None while there is no complete corpus; a corpus from before versions were recorded
+    reads as version 1."""
+    done = Path(root) / "DONE"
+    return {"version": 1, **json.loads(done.read_text(encoding="utf-8"))} if done.exists() else None
+
+
 def ensure_corpus(root="data/synth", size: str = "default", seed: int = 0, frame_size: int = 64,
                   workers: int = 2, twin_fraction: float = TWIN_FRACTION) -> Path:
-    """Generate the corpus into `root` unless root/DONE exists; return root as a Path.
+    """Generate the corpus into `root` unless root/DONE exists and records this CORPUS_VERSION; return root.
 
-    Generation writes into a temporary sibling directory that is renamed into place at the end, so an
-    interrupted run never leaves a half corpus and readers of an existing corpus see either the old or the new
-    one."""
+    A corpus of an older version is regenerated with the parameters its DONE records: it is derived data, and the
+    paper files' numbers are measured on the current version. Generation writes into a temporary sibling directory
+    that is renamed into place at the end, so an interrupted run never leaves a half corpus and readers of an
+    existing corpus see either the old or the new one."""
     root = Path(root)
-    if (root / "DONE").exists():
+    info = done_info(root)
+    if info and info["version"] == CORPUS_VERSION:
         return root
+    if info:
+        print(f"{root} holds synthetic corpus version {info['version']}; regenerating it as version "
+              f"{CORPUS_VERSION}", flush=True)
+        size, seed, frame_size = info["size"], info["seed"], info["frame_size"]
+        twin_fraction = info.get("twin_fraction", twin_fraction)
     _generate_and_swap(root, size=size, seed=seed, frame_size=frame_size, workers=workers,
                        twin_fraction=twin_fraction)
     return root
@@ -1294,13 +1313,13 @@ def ensure_corpus(root="data/synth", size: str = "default", seed: int = 0, frame
 
 def _generate_and_swap(root: Path, keep_existing: bool = True, **kwargs):
     """Generate into a temporary sibling of `root`, then rename it into place. With keep_existing, a complete
-    corpus that appeared meanwhile (another process won the race) is kept and ours is discarded."""
+    current corpus that appeared meanwhile (another process won the race) is kept and ours is discarded."""
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         generate(tmp, **kwargs)
-        if keep_existing and (root / "DONE").exists():
+        if keep_existing and (done_info(root) or {}).get("version") == CORPUS_VERSION:
             return
         if root.exists():       # an old or partial corpus: move it away first, so the swap is two renames
             old = root.parent / f".{root.name}.old-{os.getpid()}"
@@ -1325,7 +1344,8 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="regenerate even if OUT/DONE exists (atomic swap)")
     a = p.parse_args(argv)
     root = Path(a.out)
-    if (root / "DONE").exists() and not a.force:
+    info = done_info(root)
+    if info and info["version"] == CORPUS_VERSION and not a.force:
         print(f"{root}/DONE exists; nothing to do (use --force to regenerate)")
         return
     _generate_and_swap(root, keep_existing=False, size=a.size, seed=a.seed, frame_size=a.frame_size,

@@ -9,13 +9,14 @@ import csv
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-from common.synthetic import EGO_FPS, SIZES, build_msrvtt, ensure_corpus
+from common.synthetic import CORPUS_VERSION, EGO_FPS, SIZES, build_egoclip, build_msrvtt, done_info, ensure_corpus
 
 ANNOTATION_SUFFIXES = {".csv", ".json", ".jsonl", ".txt", ".list", ".npy", ".npz"}
 
@@ -70,6 +71,31 @@ def test_ensure_corpus_is_idempotent(tiny_corpus):
     assert ensure_corpus(tiny_corpus, size="tiny", seed=0) == tiny_corpus
     assert (tiny_corpus / "DONE").read_text() == done
     assert not list(tiny_corpus.parent.glob(".*tmp*"))      # no temporary directory left behind
+
+
+def test_outdated_corpus_is_regenerated_with_its_recorded_parameters(tiny_corpus, tmp_path):
+    root = tmp_path / "old"
+    shutil.copytree(tiny_corpus, root)
+    info = json.loads((root / "DONE").read_text())
+    del info["version"]                                      # as written before versions were recorded
+    (root / "DONE").write_text(json.dumps(info))
+    (root / "egoclip" / "egomcq.json").write_text("{}")      # an older version's file
+    assert done_info(root)["version"] == 1
+    ensure_corpus(root, size="default", workers=1)           # DONE's size (tiny) wins over the argument
+    assert done_info(root)["version"] == CORPUS_VERSION and done_info(root)["size"] == "tiny"
+    assert file_hashes(root) == file_hashes(tiny_corpus)
+
+
+def test_egomcq_videos_do_not_depend_on_the_number_of_training_videos(tmp_path):
+    def egomcq(n_train):    # annotations only (the video jobs are collected, not rendered)
+        build_egoclip(tmp_path / str(n_train), dict(SIZES["tiny"], ego_train_videos=n_train), 0, 1.0, [], [])
+        mcq = json.loads((tmp_path / str(n_train) / "egoclip/egomcq.json").read_text())
+        return [(q["query"]["video_uid"], q["query"]["clip_text"], q["types"], q["answer"]) for q in mcq.values()]
+
+    assert len(egomcq(3)) > 10
+    assert egomcq(3) == egomcq(6)
+    rows = lambda n: (tmp_path / str(n) / "egoclip/egoclip.csv").read_text().splitlines()
+    assert len(rows(6)) > len(rows(3))
 
 
 # ---------------------------------------------------------------------------------------------------------------
