@@ -760,7 +760,7 @@ def collate_pairs(items) -> dict:
     members = [a for a, _ in ok] + [n for _, n in ok if n is not None]
     return dict(video=torch.stack([m["video"] for m in members]), text=[m["text"] for m in members],
                 verb=torch.stack([m["verb"] for m in members]), noun=torch.stack([m["noun"] for m in members]),
-                skipped=len(items) - len(ok), anchors=len(ok))
+                skipped=len(items) - len(ok))
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -988,8 +988,7 @@ class EpicMIRTrain(torch.utils.data.Dataset):
 def collate_epic(items) -> dict:
     ok = [it for it in items if "error" not in it]
     return dict(video=torch.stack([it["video"] for it in ok]), text=[it["text"] for it in ok],
-                relevancy=torch.tensor([it["relevancy"] for it in ok]), skipped=len(items) - len(ok),
-                anchors=len(ok))
+                relevancy=torch.tensor([it["relevancy"] for it in ok]), skipped=len(items) - len(ok))
 
 
 class CharadesEgo:
@@ -1032,19 +1031,6 @@ def finetune_loss(text_emb, video_emb, batch, cfg: Config):
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
-def trim_batch(batch: dict, keep: int) -> dict:
-    """Keep the first `keep` anchors (and their negatives), so every rank gathers the same number of clips even
-    when a rank skipped an unreadable video."""
-    a = batch["anchors"]
-    if keep == a:
-        return batch
-    rows = list(range(keep)) + ([a + i for i in range(keep)] if len(batch["text"]) == 2 * a else [])
-    out = {k: (v[rows] if torch.is_tensor(v) and v.shape[0] == len(batch["text"]) else v) for k, v in batch.items()}
-    out["text"] = [batch["text"][i] for i in rows]
-    out["anchors"] = keep
-    return out
-
-
 def pretrain_loss(text_emb, video_emb, batch, cfg: Config):
     """EgoNCE over the batch gathered from every rank (negatives from all ranks; tags gathered alongside)."""
     from common.dist import all_gather_nograd, all_gather_with_grad
@@ -1187,9 +1173,6 @@ def main(argv: list[str] | None = None) -> dict:
 
         batch = next(batches)
         skipped += batch["skipped"]
-        if world > 1:  # equal local batches on every rank (a rank may have skipped an unreadable video)
-            from common.dist import all_gather_nograd
-            batch = trim_batch(batch, int(all_gather_nograd(torch.tensor([batch["anchors"]], device=device)).min()))
         # every tensor of the batch to the device once: clips, EgoNCE tags, MI-MM relevancy
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)

@@ -4,7 +4,7 @@
 #   bash run.sh            install what is missing, generate the synthetic corpus, run each paper's default job
 #   bash run.sh test       install what is missing, run the test suite
 #   bash run.sh setup      only install
-#   bash run.sh data       only generate the synthetic corpus (data/synth, about a minute on 2 cores)
+#   bash run.sh data       only generate the synthetic corpus (data/synth, 1-2 minutes on 2 cores)
 #   bash run.sh all_in_one | egovlp | oa_trans    one paper's default job
 #
 # Set PYTHON to choose the interpreter (default: python3). Outputs go to runs/<paper>/ (each paper file's default out_dir).
@@ -75,7 +75,7 @@ case "$cmd" in
     setup; shift; "run_$cmd" "$@"; summary "$cmd" ;;
   main)
     setup
-    [ -f data/synth/DONE ] || data
+    data   # a no-op when data/synth is complete and current; regenerates an outdated version
     papers=()
     for paper in all_in_one egovlp oa_trans; do
       if [ -f "$paper.py" ]; then "run_$paper"; papers+=("$paper"); fi
