@@ -1063,7 +1063,7 @@ def evaluate(model, evaluators: dict, tokenizer, cfg, device, ctx) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     from common.config import config_to_dict, parse_config
-    from common.dist import barrier, cleanup, get_rank, print0, setup_distributed
+    from common.dist import all_gather_nograd, barrier, cleanup, get_rank, print0, setup_distributed
     from common.text import Tokenizer
     from common.train import (JsonlLogger, autocast, count_parameters, format_table, load_checkpoint, lr_at,
                               param_groups, save_checkpoint, seed_everything, write_metrics)
@@ -1205,6 +1205,8 @@ def main(argv: list[str] | None = None) -> dict:
                       + (f" | skipped {skipped}" if skipped else ""))
             t_last, clips_since, steps_since = time.time(), 0, 0
     bar.close()
+    if world > 1:  # unreadable training videos met on any rank
+        skipped = int(all_gather_nograd(torch.tensor([skipped], device=device)).sum())
     if dist.is_main:
         metrics["train/skipped_videos"] = float(skipped)
         write_metrics(out_dir, metrics)
