@@ -65,7 +65,9 @@ Departures from the release (and why)
   (the release may draw the anchor, which then sits in the batch as its own "negative").
 - Constant learning rate after warm-up as the paper says (3e-5 for `--paper`); the release resets the lr to
   `learning_rate1` = 2e-4 after the first epoch, a bug. The CPU default trains from scratch with a warm-up and a
-  cosine decay, because it has no pre-trained weights to protect.
+  cosine decay, because it has no pre-trained weights to protect, at a peak of 3e-4. At 1e-3 the post-LN text
+  encoder collapsed within 100 steps (every narration embedded at the same point, cosine 0.9995) and stayed
+  there for 300-700 steps depending on the seed, so EgoMCQ swung by 15 points between seeds (README).
 - In-window frame sampling never crashes on clips shorter than 2 x T frames (the release's `'rand'` sampler
   raises and silently returns a black clip); unreadable videos are skipped and counted, never blacked out.
 - Chunked videos use the chunk's real frame rate, not an assumed 30 fps.
@@ -171,7 +173,7 @@ class Config:
     #   the narration and verb tags, so a flipped "moves it to the left" still matches its video)
     # optimisation (AdamW, no decay on biases / norms / embeddings)
     max_steps: int = 1200  # optimiser steps; paper ~10 epochs x 7.5K = 75K at global batch 512
-    lr: float = 1e-3  # peak learning rate; paper 3e-5 (pre-trained init), constant
+    lr: float = 3e-4  # peak learning rate; paper 3e-5 (pre-trained init), constant; 1e-3 collapsed the text side
     weight_decay: float = 0.01  # paper 0 (transformers.AdamW default)
     adam_eps: float = 1e-6  # paper 1e-6
     warmup_steps: int = 50  # linear warm-up; paper 0
