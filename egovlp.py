@@ -717,10 +717,9 @@ class EgoClipDataset(torch.utils.data.Dataset):
     """EgoClip pairs. Item = (anchor, scene negative or None); each is dict(video (T, 3, S, S), text, verb (Cv,),
     noun (Cn,)). Returns None when a video cannot be read (the collate skips and counts it)."""
 
-    def __init__(self, root, cfg: Config, rows: list[dict], num_verbs: int, num_nouns: int,
-                 verb_names: list[str] | None = None):
-        self.cfg, self.rows, self.num_verbs, self.num_nouns = cfg, rows, num_verbs, num_nouns
-        self.verb_mirror = mirror_classes(verb_names) if verb_names else list(range(num_verbs))
+    def __init__(self, root, cfg: Config, rows: list[dict], verb_names: list[str], num_nouns: int):
+        self.cfg, self.rows, self.num_verbs, self.num_nouns = cfg, rows, len(verb_names), num_nouns
+        self.verb_mirror = mirror_classes(verb_names)  # for hflip="mirror": move_left <-> move_right
         self.reader = ClipReader(Path(root) / "videos", cfg.chunk_seconds, cfg.cache_videos)
         self.buckets = scene_buckets(rows, cfg.neg_window)
         from common.video import VideoTransform
@@ -1134,18 +1133,17 @@ def main(argv: list[str] | None = None) -> dict:
         rows = read_egoclip(root / "egoclip" / "egoclip.csv")
         with open(root / "egoclip" / "verb_classes.txt") as f:
             verb_names = [line.strip() for line in f]
-        num_verbs = len(verb_names)
         with open(root / "egoclip" / "noun_classes.txt") as f:
             num_nouns = sum(1 for _ in f)
-        dataset = EgoClipDataset(root / "egoclip", cfg, rows, num_verbs, num_nouns, verb_names)
+        dataset = EgoClipDataset(root / "egoclip", cfg, rows, verb_names, num_nouns)
         if cfg.cache_videos and not cfg.chunk_seconds:
             t0, uids = time.time(), {r["video_uid"] for r in rows}
             bad = dataset.reader.preload(uids, threads=min(8, os.cpu_count() or 1))
             print0(f"decoded {len(uids) - bad} training videos into RAM in {time.time() - t0:.0f} s"
                    + (f" ({bad} unreadable: their clips are skipped and counted)" if bad else ""))
-        collate, eval_tasks, per_clip = collate_pairs, ["egomcq", "epic_mir", "charades"], 1
+        collate, eval_tasks = collate_pairs, ["egomcq", "epic_mir", "charades"]
         per_clip = 2 if cfg.negatives == "scene" else 1
-        print0(f"EgoClip: {len(rows)} pairs, {num_verbs} verbs, {num_nouns} nouns")
+        print0(f"EgoClip: {len(rows)} pairs, {len(verb_names)} verbs, {num_nouns} nouns")
     sampler = EpochSampler(len(dataset), cfg.seed, dist.rank, world, start_epoch=step * cfg.batch_size * world
                            // max(1, len(dataset)))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,

@@ -263,7 +263,7 @@ def _rows():
 def test_scene_negatives_come_from_the_same_video_and_window(tmp_path):
     rows = _rows()
     assert scene_buckets(rows, 60.0) == {("a", 0): [0, 1, 2], ("a", 1): [3, 4], ("b", 0): [5]}
-    ds = egovlp.EgoClipDataset(tmp_path, Config(), rows, 1, 1)
+    ds = egovlp.EgoClipDataset(tmp_path, Config(), rows, ["take"], 1)
     import random
     rng = random.Random(0)
     for i in range(5):
@@ -286,7 +286,7 @@ def test_hflip_field_flips_video_and_mirrors_the_narration(tmp_path, hflip):
     verbs = ["take", "move_left_(slide,_drag)", "move_right_(slide,_drag)"]
     rows = [dict(video_uid="v", narration_time=1.0, clip_start=0.5, clip_end=1.5,
                  clip_text="#C C slides the cup to the left", tag_verb=[1], tag_noun=[0])]
-    ds = egovlp.EgoClipDataset(tmp_path, Config(image_size=16, hflip=hflip), rows, 3, 1, verbs)
+    ds = egovlp.EgoClipDataset(tmp_path, Config(image_size=16, hflip=hflip), rows, verbs, 1)
     ds.reader = lambda *args, **kwargs: ramp
     flipped, texts = [], set()
     for _ in range(40):
