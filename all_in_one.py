@@ -110,6 +110,7 @@ from common.text import Tokenizer, whole_word_mask
 from common.train import (JsonlLogger, autocast, count_parameters, format_table, load_checkpoint, lr_at,
                           param_groups, save_checkpoint, seed_everything, write_metrics)
 from common.video import VideoReadError, VideoTransform, load_clip, read_frames, sample_frame_indices, video_meta
+from common.weights import find_state_dict, load_into, read_checkpoint, read_state_dict
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,7 +125,11 @@ class Config:
     precision: str = "bf16"  # bf16 autocast (CPU and GPU) | fp32; similarities and losses are always fp32
     seed: int = 0  # random seed
     max_steps: int = 1000  # optimizer steps of the current job (pre-training or fine-tuning); paper 200k
-    init: str = ""  # weights-only checkpoint to start from (pre-trained model for --finetune / --eval)
+    init: str = ""  # a whole model to start from: our ckpt.pt (pre-trained, for --finetune / --eval) or a release .ckpt
+    init_video: str = ""  # a timm ViT / DeiT state dict for the backbone; paper: Ti deit_tiny_patch16_224, S
+    #   deit_small_distilled_patch16_224, B vit_base_patch16_224 (the Ti / S / B presets; nothing is downloaded)
+    init_text: str = ""  # a Hugging Face BERT state dict: its word / position / token-type embeddings (not in the paper)
+    vocab_file: str = ""  # "" = data_root/vocab.txt; real data: bert-base-uncased's vocab.txt (the paper's tokenizer)
     resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt (optimizer and step included)
     finetune: str = ""  # "" (pre-train) | retrieval | qa | mc | action
     eval: str = ""  # "" | zeroshot | retrieval | qa | mc | action: evaluate --init on test, no training
@@ -929,6 +934,40 @@ def evaluate_task(model, cfg, tok, task, split, device, answer_vocab=None):
 
 SELECT_METRIC = {"pretrain": "retrieval/t2v_R@1", "retrieval": "retrieval/t2v_R@1", "qa": "qa/acc", "mc": "mc/acc"}
 VAL_TASK = {"pretrain": "retrieval", "retrieval": "retrieval", "qa": "qa", "mc": "mc"}
+# ---------------------------------------------------------------------------------------------------------------
+# Pretrained weights: key maps for common/weights.py, which reads a file without running its pickled code, adapts
+# temporal_embed (cut / zero-padded to num_frames, the release's `_inflate_positional_embeds`), pos_embed (bicubic
+# for another img_size) and text positions (cut), and fails, listing the keys, on anything left unaccounted for.
+#   FULL_MODEL: our checkpoints (same names) or the release's Lightning .ckpt ("state_dict"), whose heads are
+#     named pooler.dense, itm_score.fc, mlm_score.{transform.dense, transform.LayerNorm, decoder, bias} and whose
+#     blocks hold mlp.fc1 / mlp.fc2 (timm's Mlp; ours is a Sequential). Dropped on purpose: rank_output (a copy of
+#     the ITM match row, rebuilt by the release for ranking), mpp_score (masked-patch head, never trained in the
+#     paper), DeiT-S's dist_token (not modelled, departure 8) and task heads this run does not build. New when
+#     absent: task heads built for this run, the VTC projections (the release pre-trains with VTC off) and
+#     temporal_embed (which the March 2022 release code commented out, shared/papers/all_in_one.md §8.5).
+#   VIT_INIT: timm vit_base_patch16_224 / deit_tiny_patch16_224 / deit_small(_distilled)_patch16_224 ->
+#     transformer.*; the classifier heads and the distillation token dropped, everything outside the ViT new.
+#   BERT_INIT: Hugging Face bert-base-uncased (BertModel names, or BertForPreTraining's under "bert.", old
+#     LayerNorm.gamma / beta names too): only the embeddings, into text_embeddings.* (512 positions cut to
+#     max_text_len); the BERT encoder, pooler and heads are dropped: All-in-one's transformer is the ViT. The
+#     paper itself loads no BERT weights (only the tokenizer); this is an option, not the recipe.
+_MLP = [(r"\.mlp\.fc1\.", ".mlp.0."), (r"\.mlp\.fc2\.", ".mlp.3.")]
+FULL_MODEL = dict(
+    rules=_MLP + [(r"^pooler\.dense\.", "pooler."), (r"^itm_score\.fc\.", "itm_score."),
+                  (r"^mlm_score\.transform\.dense\.", "mlm_transform.0."),
+                  (r"^mlm_score\.transform\.LayerNorm\.", "mlm_transform.2."),
+                  (r"^mlm_score\.decoder\.weight$", "mlm_decoder.weight"), (r"^mlm_score\.bias$", "mlm_decoder.bias"),
+                  (r"^(vqa_classifier|mc_vqa_classifier)\.", r"heads.\1.")],
+    drop=[r"position_ids$", r"^rank_output(_2)?\.", r"^mpp_score\.", r"^transformer\.dist_token$", r"^heads\."],
+    new=[r"^heads\.", r"^(txt|vid)_proj\.", r"^transformer\.temporal_embed$"])
+VIT_INIT = dict(rules=[(r"^", "transformer.")] + _MLP,
+                drop=[r"^head\.", r"^head_dist\.", r"^pre_logits\.", r"^dist_token$"],
+                new=[r"^(?!transformer\.)", r"^transformer\.temporal_embed$"])
+BERT_INIT = dict(rules=[(r"^bert\.", ""), (r"LayerNorm\.gamma$", "LayerNorm.weight"),
+                        (r"LayerNorm\.beta$", "LayerNorm.bias"), (r"^embeddings\.", "text_embeddings.")],
+                 drop=[r"^encoder\.", r"^pooler\.", r"^cls\.", r"position_ids$"],
+                 new=[r"^(?!text_embeddings\.)"])
+
 ARCH_FIELDS = ("width", "depth", "heads", "mlp_ratio", "patch_size", "img_size", "num_frames", "max_text_len",
                "vocab_size", "proj_dim", "tied_mlm_decoder", "temporal", "roll_fraction", "roll_tokens",
                "roll_unimodal", "vtc_pool")
@@ -947,9 +986,10 @@ def main(argv=None):
         if dist.is_main:
             ensure_corpus(cfg.data_root)
         barrier()
-    tok = Tokenizer(str(Path(cfg.data_root) / "vocab.txt"))
-    init = load_checkpoint(cfg.init) if cfg.init else None
-    if init is not None:  # the architecture is the pre-trained model's
+    tok = Tokenizer(cfg.vocab_file or str(Path(cfg.data_root) / "vocab.txt"))
+    init = read_checkpoint(cfg.init) if cfg.init else None
+    init_state = find_state_dict(init) if init is not None else {}
+    if isinstance(init, dict) and isinstance(init.get("config"), dict):  # ours: the architecture is the checkpoint's
         for k in ARCH_FIELDS:
             if k in init["config"]:  # (checkpoints from before a field existed keep this run's value)
                 setattr(cfg, k, init["config"][k])
@@ -967,14 +1007,12 @@ def main(argv=None):
         counts = Counter(q["answer"] for q in read_jsonl(Path(cfg.data_root) / "msrvtt" / "msrvtt_qa_train.jsonl"))
         answer_vocab = {a: i for i, (a, _) in enumerate(counts.most_common())}
         model.add_task_head("qa", len(answer_vocab))
-    if cfg.finetune == "mc" or (cfg.eval == "mc" and init is not None and
-                                any(k.startswith("heads.mc_vqa_classifier") for k in init["model"])):
+    if cfg.finetune == "mc" or (cfg.eval == "mc" and any("mc_vqa_classifier." in k for k in init_state)):
         model.add_task_head("mc")
-    if init is not None:
-        own = model.state_dict()
-        weights = {k: v for k, v in init["model"].items() if k in own and own[k].shape == v.shape}
-        missing, _ = model.load_state_dict(weights, strict=False)
-        print0(f"init from {cfg.init}: {len(weights)} tensors loaded, new: {sorted(set(missing))[:8]}")
+    for path, state, key_map in ((cfg.init_video, None, VIT_INIT), (cfg.init_text, None, BERT_INIT),
+                                 (cfg.init, init_state, FULL_MODEL)):
+        if path:
+            print0(load_into(model, read_state_dict(path) if state is None else state, **key_map, source=path))
     model.to(device)
     print0(f"All-in-one: D={cfg.width} depth={cfg.depth} temporal={cfg.temporal} "
            f"params={count_parameters(model) / 1e6:.2f}M (backbone+text emb {backbone_parameters(model) / 1e6:.2f}M)")

@@ -54,8 +54,10 @@ What is reproduced
   mean, optional dual-softmax), zero-shot Charades-Ego-style action recognition (mAP over classes), and EPIC-MIR
   fine-tuning with the multi-instance max-margin loss (margin 0.2, or the adaptive 0.4 * relevancy margin).
 What is not: Ego4D itself (the default data is the synthetic corpus in data/synth written in the same formats),
-the ImageNet-21k ViT and DistilBERT initial weights (the CPU default trains from scratch; `--init` loads a
-converted checkpoint), the NLQ / MQ / OSCC / PNR heads.
+the ImageNet-21k ViT and DistilBERT initial weights are not shipped (the CPU default trains from scratch; the
+paper's start is `--init_video=<timm jx_vit_base_p16_224 .pth> --init_text=<distilbert-base-uncased .bin or
+.safetensors> --vocab_file=<its vocab.txt>`, and `--init` reads our checkpoints and the release's, see "Pretrained
+weights" below and the README), the NLQ / MQ / OSCC / PNR heads.
 
 Departures from the release (and why)
 -------------------------------------
@@ -100,7 +102,10 @@ Commands
   python egovlp.py --pretrain --positives=self --negatives=none --out_dir=runs/egovlp_infonce   # InfoNCE (Table 3)
   python egovlp.py --finetune=epic_mir --init=runs/egovlp/ckpt.pt --out_dir=runs/egovlp_epic --max_steps=300 --lr=3e-4
   python egovlp.py --eval=all --init=runs/egovlp/ckpt.pt --out_dir=runs/egovlp_eval
-  python egovlp.py --paper --device=cuda --precision=bf16 --data_root=/data/egoclip          # one GPU
+  python egovlp.py --paper --device=cuda --precision=bf16 --data_root=/data/egoclip \
+      --init_video=/w/jx_vit_base_p16_224-80ecf9dd.pth --init_text=/w/distilbert-base-uncased/pytorch_model.bin \
+      --vocab_file=/w/distilbert-base-uncased/vocab.txt                                     # one GPU, paper init
+  python egovlp.py --paper --eval=all --init=/w/egovlp.pth --vocab_file=/w/vocab.txt --data_root=/data/egoclip
   torchrun --nproc_per_node=8 egovlp.py --paper --precision=bf16 --data_root=/data/egoclip  # 8 GPUs
 """
 from __future__ import annotations
@@ -133,7 +138,10 @@ class Config:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     precision: str = "bf16"  # "bf16" | "fp32" autocast; paper fp32 (--paper keeps it); bf16 ~1.4x faster on CPU here
     seed: int = 0  # python / numpy / torch seed
-    init: str = ""  # weights-only checkpoint to start from (a pre-training run's ckpt.pt, or a converted release)
+    init: str = ""  # a whole model to start from: a pre-training run's ckpt.pt, or the release's EgoVLP_PT_BEST.pth
+    init_video: str = ""  # a timm ViT state dict for the video encoder's spatial part; paper: jx_vit_base_p16_224
+    init_text: str = ""  # a Hugging Face DistilBERT state dict for the text encoder; paper: distilbert-base-uncased
+    vocab_file: str = ""  # "" = data_root/vocab.txt; real data: bert-base-uncased's vocab.txt (DistilBERT's)
     resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt
     finetune: str = ""  # "" = EgoNCE pre-training on EgoClip | "epic_mir" = EPIC-MIR fine-tuning with MI-MM
     eval: str = ""  # "" = train | "egomcq" | "epic_mir" | "charades" | "all": evaluate only, no training
@@ -198,7 +206,9 @@ class Config:
 PRESETS = {
     # The CPU default (every field's default); named so that `python egovlp.py --pretrain` reads as intended.
     "pretrain": {},
-    # The paper's model and optimisation: ViT-B/16 at 224, DistilBERT-base, 4 frames, AdamW 3e-5 constant.
+    # The paper's model and optimisation: ViT-B/16 at 224, DistilBERT-base, 4 frames, AdamW 3e-5 constant. The
+    # paper starts from ImageNet-21k ViT-B/16 (timm's jx_vit_base_p16_224) and distilbert-base-uncased: pass
+    # them as --init_video / --init_text with --vocab_file=<bert-base-uncased vocab.txt> (nothing is downloaded).
     "paper": dict(image_size=224, patch_size=16, num_frames=4, vit_width=768, vit_depth=12, vit_heads=12,
                   vocab_size=30522, text_width=768, text_layers=6, text_heads=12, text_ffn=3072,
                   text_positions=512, max_text_len=64, batch_size=16, num_workers=16, max_steps=75_000,
@@ -479,26 +489,22 @@ class FrozenInTime(nn.Module):
         return self.encode_text(input_ids, attention_mask), self.encode_video(video)
 
 
-def inflate_temporal_embed(state: dict, num_frames: int) -> dict:
-    """Make a checkpoint's temporal embedding fit `num_frames` rows: truncate to the first rows, or zero-pad
-    (the release's 'zeros' mode; a 4-frame model fine-tuned at 16 frames starts with rows 5-16 at zero)."""
-    for key in [k for k in state if k.endswith("video_model.temporal_embed")]:
-        te = state[key]  # (1, T_ckpt, D)
-        if te.shape[1] > num_frames:
-            state[key] = te[:, :num_frames]
-        elif te.shape[1] < num_frames:
-            state[key] = torch.cat([te, te.new_zeros(1, num_frames - te.shape[1], te.shape[2])], 1)
-    return state
-
-
-def load_weights(model: nn.Module, state: dict, num_frames: int) -> list[str]:
-    """Load a state dict (ours or the release's: a DDP 'module.' prefix and HF's position_ids buffer are dropped).
-    Returns the model keys that the checkpoint did not provide."""
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.endswith("position_ids")}
-    missing, unexpected = model.load_state_dict(inflate_temporal_embed(state, num_frames), strict=False)
-    if unexpected:
-        raise KeyError(f"checkpoint keys not in the model: {unexpected[:5]} ...")
-    return missing
+# Pretrained weights: key maps for common/weights.py, which reads a file without running its pickled code and
+# fails, listing the keys, on any tensor or parameter left unaccounted for (see its docstring).
+#   FULL_MODEL: one of our checkpoints, or the release's (its "state_dict", DDP's "module." stripped); the
+#       release's 16-row temporal_embed is cut to num_frames (or zero-padded when fine-tuning at more frames).
+#   VIT_INIT: a timm ViT / DeiT state dict (`vit_base_patch16_224`, the release's jx ViT-B/16) -> video_model.*,
+#       names unchanged; the ImageNet head is dropped; pos_embed is resampled for another image size; the temporal
+#       branch (timeattn, norm3, temporal_embed) is new and keeps init_weights' values, so with qkv = 0 the
+#       encoder starts as the image ViT on every frame.
+#   DISTILBERT_INIT: Hugging Face `distilbert-base-uncased` (DistilBertModel names, or DistilBertForMaskedLM's
+#       under "distilbert." with its MLM head dropped) -> text_model.*; 512 position rows cut to text_positions.
+FULL_MODEL = dict(rules=[], drop=[r"position_ids$"], new=[])
+VIT_INIT = dict(rules=[(r"^", "video_model.")], drop=[r"^head\.", r"^head_dist\.", r"^pre_logits\.", r"^dist_token$"],
+                new=[r"^(?!video_model\.)", r"\.timeattn\.", r"\.norm3\.", r"\.temporal_embed$"])
+DISTILBERT_INIT = dict(rules=[(r"^distilbert\.", ""), (r"^", "text_model.")],
+                       drop=[r"^vocab_(transform|layer_norm|projector)\.", r"position_ids$"],
+                       new=[r"^(?!text_model\.)"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1066,6 +1072,7 @@ def main(argv: list[str] | None = None) -> dict:
     from common.config import config_to_dict, parse_config
     from common.dist import all_gather_nograd, barrier, cleanup, get_rank, print0, setup_distributed
     from common.text import Tokenizer
+    from common.weights import load_into, read_state_dict
     from common.train import (JsonlLogger, autocast, count_parameters, format_table, load_checkpoint, lr_at,
                               param_groups, save_checkpoint, seed_everything, write_metrics)
     from tqdm import tqdm
@@ -1090,14 +1097,14 @@ def main(argv: list[str] | None = None) -> dict:
     logger = JsonlLogger(out_dir / "log.jsonl", enabled=dist.is_main)
 
     # --- model
-    tokenizer = Tokenizer(str(root / "vocab.txt"))
+    tokenizer = Tokenizer(cfg.vocab_file or str(root / "vocab.txt"))
     vocab = cfg.vocab_size or tokenizer.vocab_size
     assert vocab >= tokenizer.vocab_size, f"vocab_size {vocab} < tokenizer's {tokenizer.vocab_size}"
-    model = FrozenInTime(cfg, vocab).init_weights(cfg.time_init).to(device)
-    if cfg.init:
-        ckpt = load_checkpoint(cfg.init)  # ours: {"model": ...}; the release's: {"state_dict": ...}
-        missing = load_weights(model, ckpt.get("model") or ckpt.get("state_dict") or ckpt, cfg.num_frames)
-        print0(f"init from {cfg.init} ({len(missing)} model tensors not in it)")
+    model = FrozenInTime(cfg, vocab).init_weights(cfg.time_init)
+    for path, key_map in ((cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)):
+        if path:  # ours: {"model": ...}; the release's: {"state_dict": ...}; timm / HF: the tensors themselves
+            print0(load_into(model, read_state_dict(path), **key_map, source=path))
+    model = model.to(device)
     print0(f"EgoVLP dual encoder: {count_parameters(model):,} parameters")
 
     # --- evaluation only

@@ -44,8 +44,9 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
   plus retrieval restricted to the test captions that name a small object (`retrieval_small/*`).
 
 ## What is not
-- No pretrained initialisation: the real run starts from ImageNet-21k ViT-B/16 and distilbert-base-uncased;
-  nothing is downloaded here, so every run starts from random weights (the loader of `--init` is there for them).
+- No pretrained weights are shipped or downloaded: the CPU default starts from random weights. The real run
+  starts from ImageNet-21k ViT-B/16 and distilbert-base-uncased: `--init_video=<timm .pth> --init_text=<HF .bin
+  or .safetensors>` load them (key maps under "pretrained weights" below, every tensor accounted for).
 - No detector: the corpus ships BUTD-style `.npz` detections; with real data run BUTD (see the release note).
 - Data: the built-in synthetic corpus (WebVid-style CSV + detections, MSR-VTT-style retrieval), not CC3M +
   WebVid-2M. No CC3M image stream (the release alternates image and video batches).
@@ -85,7 +86,8 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
     python oa_trans.py --finetune=retrieval --init=runs/oa_trans/ckpt.pt --out_dir=runs/oa_trans_ft --max_steps=150 --lr=1e-4
     python oa_trans.py --ft_retrieval                                # the same fine-tuning, as a preset
     python oa_trans.py --eval=retrieval --init=runs/oa_trans/ckpt.pt --out_dir=runs/oa_trans_eval  # evaluate only
-    python oa_trans.py --paper --device=cuda --data_root=/data --vocab_file=/data/vocab.txt   # paper size, one GPU
+    python oa_trans.py --paper --device=cuda --data_root=/data --vocab_file=/data/vocab.txt \
+        --init_video=/w/jx_vit_base_p16_224-80ecf9dd.pth --init_text=/w/distilbert-base-uncased/model.safetensors
     torchrun --standalone --nproc_per_node=8 oa_trans.py --paper --data_root=/data --vocab_file=/data/vocab.txt
     python oa_trans.py --paper --paper_ft --init=CKPT --data_root=/data --vocab_file=/data/vocab.txt  # fine-tune
 """
@@ -112,6 +114,7 @@ from common.metrics import retrieval_metrics
 from common.text import Tokenizer
 from common.train import (JsonlLogger, autocast, count_parameters, format_table, load_checkpoint, lr_at,
                           param_groups, save_checkpoint, seed_everything, write_metrics)
+from common.weights import load_into, read_state_dict
 from common.video import (IMAGENET_MEAN, IMAGENET_STD, VideoReadError, VideoTransform, load_clip, read_frames,
                           sample_frame_indices, video_meta)
 
@@ -126,7 +129,9 @@ class Config:
     data_root: str = "data/synth"  # corpus root (webvid/, msrvtt/, vocab.txt); the synthetic one is generated here
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0  # python / numpy / torch seed
-    init: str = ""  # weights-only checkpoint to start from (e.g. a pre-trained ckpt.pt for fine-tuning)
+    init: str = ""  # a whole model to start from: a pre-trained ckpt.pt, or a Frozen / OA-Trans-layout release checkpoint
+    init_video: str = ""  # a timm ViT state dict for the video encoder's spatial part; paper: jx_vit_base_p16_224
+    init_text: str = ""  # a Hugging Face DistilBERT state dict for the text encoder; paper: distilbert-base-uncased
     resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt
     precision: str = "bf16"  # bf16 | fp32 (bf16 autocast on CPU and CUDA; similarities and losses stay fp32)
     finetune: str = ""  # "" = pre-train on WebVid-style data | "retrieval" = fine-tune on the MSR-VTT-style train split
@@ -188,7 +193,9 @@ class Config:
 PRESETS = {
     # CPU pre-training on the synthetic corpus: the defaults above (named so the command reads as what it does)
     "pretrain": {},
-    # the paper's model and pre-training recipe (ViT-B/16 + DistilBERT, 224 px, 4 frames, tau 0.05, AdamW 2e-4)
+    # the paper's model and pre-training recipe (ViT-B/16 + DistilBERT, 224 px, 4 frames, tau 0.05, AdamW 2e-4);
+    # the paper starts from ImageNet-21k ViT-B/16 (timm's jx_vit_base_p16_224) and distilbert-base-uncased: pass
+    # them as --init_video / --init_text (with --vocab_file = its vocab.txt); nothing is downloaded here
     "paper": dict(img_size=224, patch_size=16, vid_width=768, vid_depth=12, vid_heads=12, vocab_size=30522,
                   txt_width=768, txt_depth=6, txt_heads=12, txt_positions=512, max_text_len=64, max_tag_len=32,
                   num_frames=4, batch_size=16, lr=2e-4, weight_decay=0.0, warmup_steps=0, schedule="constant",
@@ -446,20 +453,20 @@ class OATrans(nn.Module):
         return out
 
 
-def inflate_temporal_embed(state_dict, num_frames):
-    """Load a checkpoint trained with a different frame count: zero-pad temporal_embed (Frozen's "zeros"
-    inflation, used by the 1 -> 4 frame curriculum) or truncate it."""
-    key = "video_model.temporal_embed"
-    te = state_dict.get(key)
-    if te is not None and te.shape[1] != num_frames:
-        if te.shape[1] < num_frames:
-            te = torch.cat([te, te.new_zeros(1, num_frames - te.shape[1], te.shape[2])], dim=1)
-        state_dict[key] = te[:, :num_frames]
-    return state_dict
+# pretrained weights: key maps for common/weights.py (safe reading, every tensor accounted for, shapes adapted:
+# temporal_embed cut or zero-padded to num_frames, pos_embed resampled for another img_size, text positions cut)
+#   FULL_MODEL: our checkpoints, or a Frozen / OA-Trans-layout release ("state_dict", "module." stripped); the
+#       release's video head is Sequential(Linear) (vid_proj.0), ours a plain Linear
+#   VIT_INIT: a timm ViT / DeiT state dict -> video_model.* (same names; the ImageNet head dropped); the temporal
+#       branch (timeattn, norm3, temporal_embed) is new, and with its zero qkv the encoder starts as the image ViT
+#   DISTILBERT_INIT: HF DistilBertModel names (or DistilBertForMaskedLM's under "distilbert.", MLM head dropped)
+FULL_MODEL = dict(rules=[(r"^vid_proj\.0\.", "vid_proj.")], drop=[r"position_ids$"], new=[])
+VIT_INIT = dict(rules=[(r"^", "video_model.")], drop=[r"^head\.", r"^head_dist\.", r"^pre_logits\.", r"^dist_token$"],
+                new=[r"^(?!video_model\.)", r"\.timeattn\.", r"\.norm3\.", r"\.temporal_embed$"])
+DISTILBERT_INIT = dict(rules=[(r"^distilbert\.", ""), (r"^", "text_model.")],
+                       drop=[r"^vocab_(transform|layer_norm|projector)\.", r"position_ids$"],
+                       new=[r"^(?!text_model\.)"])
 
-
-# -----------------------------------------------------------------------------
-# the object-aware pieces: anchor frame, box -> patch mask, tag text
 
 def detection_frames(num_frames, n_det=8):
     """Frame indices the detector ran on: the midpoints (a + b) // 2 of n_det equal segments [a, b) of the clip."""
@@ -832,11 +839,11 @@ def main(argv=None):
     objects = cfg.objects == "on" and not finetuning  # fine-tuning and testing drop the object streams
 
     # --- model
-    model = OATrans(cfg, cfg.vocab_size or tokenizer.vocab_size).to(device)
-    if cfg.init:
-        state = inflate_temporal_embed(load_checkpoint(cfg.init)["model"], cfg.num_frames)
-        model.load_state_dict(state)
-        print0(f"initialised from {cfg.init}")
+    model = OATrans(cfg, cfg.vocab_size or tokenizer.vocab_size)
+    for path, key_map in ((cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)):
+        if path:  # ours: {"model": ...}; a release: {"state_dict": ...}; timm / HF: the tensors themselves
+            print0(load_into(model, read_state_dict(path), **key_map, source=path))
+    model = model.to(device)
     print0(f"parameters: {count_parameters(model):,} (the object streams share them)")
     raw_model = model
     if dist.world_size > 1:

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import egovlp
+from common.weights import fit_temporal_embed
 from egovlp import (Config, FrozenInTime, PRESETS, VarAttention, action_positive_mask, chunk_frame, egonce_loss,
-                    inflate_temporal_embed, mcq_accuracy, mi_mm_loss, parse_tags, scene_buckets, sim_matrix)
+                    mcq_accuracy, mi_mm_loss, parse_tags, scene_buckets, sim_matrix)
 
 TINY_MODEL = dict(image_size=32, patch_size=16, vit_width=32, vit_depth=2, vit_heads=2, text_width=32,
                   text_layers=1, text_heads=2, text_ffn=64, embed_dim=16)
@@ -211,10 +212,8 @@ def test_fewer_frames_than_temporal_rows_and_inflation():
     model = FrozenInTime(cfg, 50).init_weights()
     assert model.encode_video(torch.randn(1, 2, 3, 32, 32)).shape == (1, 16)  # 2 frames with 4 rows
     te = torch.arange(8.0).view(1, 4, 2)
-    grown = inflate_temporal_embed({"video_model.temporal_embed": te}, 6)["video_model.temporal_embed"]
-    assert torch.equal(grown, torch.cat([te, torch.zeros(1, 2, 2)], 1))
-    cut = inflate_temporal_embed({"module.video_model.temporal_embed": te}, 3)["module.video_model.temporal_embed"]
-    assert torch.equal(cut, te[:, :3])
+    assert torch.equal(fit_temporal_embed(te, 6), torch.cat([te, torch.zeros(1, 2, 2)], 1))
+    assert torch.equal(fit_temporal_embed(te, 3), te[:, :3])
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import oa_trans as oa
 from common.video import VideoTransform
+from common.weights import fit_temporal_embed
 
 
 def tiny_cfg(**kw):
@@ -95,10 +96,10 @@ def test_time_attention_starts_as_identity_and_temporal_embed_inflates():
     enc = oa.VideoEncoder(32, 8, 32, 2, 2, num_frames=3)
     x = torch.randn(5, 1 + 3 * 16, 32)
     assert torch.count_nonzero(enc.blocks[0].timeattn(x, "time", 3, 16)) == 0
-    state = {"video_model.temporal_embed": torch.randn(1, 1, 32)}
-    grown = oa.inflate_temporal_embed(dict(state), 3)["video_model.temporal_embed"]
+    te = torch.randn(1, 1, 32)
+    grown = fit_temporal_embed(te, 3)
     assert grown.shape == (1, 3, 32)
-    assert torch.equal(grown[:, :1], state["video_model.temporal_embed"]) and not grown[:, 1:].any()
+    assert torch.equal(grown[:, :1], te) and not grown[:, 1:].any()
 
 
 def test_frozen_time_init_starves_the_temporal_branch_and_live_init_does_not():
