@@ -43,7 +43,8 @@ What is reproduced, what is not
 Reproduced: the single-stream model with the release's joint-pass layout, temporal token rolling (with the
 release's random-subset behaviour), time average and a TSM-style shift as one-field ablations (`temporal=`),
 VTM + MLM + VTC, the four downstream protocols, Ti / S / B sizes (parameter counts checked in the tests).
-Not reproduced: ImageNet initialisation (everything is trained from scratch on the built-in synthetic corpus),
+Not reproduced: the ImageNet start of the CPU default (it trains from scratch on the built-in synthetic corpus;
+`--init_video=<timm .pth>` loads the paper's DeiT / ViT weights, `--init=<release .ckpt>` the released models),
 HowTo100M / WebVid-scale training, WPA (word-patch alignment by optimal transport, weight 0.1, inside the
 release's ITM loss), captioning (no code was released), VCR, image co-training (All-in-one+).
 
@@ -83,7 +84,9 @@ Commands
     python all_in_one.py --eval=retrieval --init=runs/all_in_one/ckpt.pt
     python all_in_one.py --pretrain --temporal=mean       # the paper's ablation: time average instead of rolling
     python all_in_one.py --B --device=cuda --data_root=/data --batch_size=16           # one GPU, paper size
-    torchrun --standalone --nproc_per_node=8 all_in_one.py --B --data_root=/data --batch_size=16
+    torchrun --standalone --nproc_per_node=8 all_in_one.py --B --data_root=/data --batch_size=16 \
+        --init_video=/w/jx_vit_base_p16_224-80ecf9dd.pth --vocab_file=/w/bert-base-uncased/vocab.txt
+    python all_in_one.py --B --eval=mc --init=pretrained/all-in-one-base.ckpt --vocab_file=/w/vocab.txt --data_root=/data
 """
 
 import contextlib
@@ -189,7 +192,8 @@ PRESETS = {
     # seconds on a CPU: tests and smoke runs
     "tiny": dict(width=32, depth=2, heads=2, proj_dim=32, batch_size=8, max_steps=4, eval_every=2, ckpt_every=2,
                  log_every=1, warmup_steps=1, eval_batch_size=8, num_workers=0, probe_epochs=5),
-    # paper sizes: 12 layers, patch 16, 224x224, 3 frames, BERT vocab, 40 tokens (Table 1: 12M / 33M / 110M)
+    # paper sizes: 12 layers, patch 16, 224x224, 3 frames, BERT vocab, 40 tokens (Table 1: 12M / 33M / 110M); the paper
+    # initialises the ViT from timm's DeiT-Ti / DeiT-S distilled / ViT-B/16 (PAPER_INIT; --init_video), BERT: none
     "Ti": dict(width=192, depth=12, heads=3, img_size=224, max_text_len=40, vocab_size=30522, proj_dim=512,
                dropout=0.1, drop_path=0.1, lr=1e-4, warmup_steps=2500, max_steps=200_000),
     "S": dict(width=384, depth=12, heads=6, img_size=224, max_text_len=40, vocab_size=30522, proj_dim=512,
@@ -951,6 +955,9 @@ VAL_TASK = {"pretrain": "retrieval", "retrieval": "retrieval", "qa": "qa", "mc":
 #     LayerNorm.gamma / beta names too): only the embeddings, into text_embeddings.* (512 positions cut to
 #     max_text_len); the BERT encoder, pooler and heads are dropped: All-in-one's transformer is the ViT. The
 #     paper itself loads no BERT weights (only the tokenizer); this is an option, not the recipe.
+PAPER_INIT = {192: "deit_tiny_patch16_224 (DeiT-Ti, ImageNet-1k)",
+              384: "deit_small_distilled_patch16_224 (DeiT-S distilled, ImageNet-1k)",
+              768: "vit_base_patch16_224 (jx_vit_base_p16_224, ImageNet-21k then 1k)"}
 _MLP = [(r"\.mlp\.fc1\.", ".mlp.0."), (r"\.mlp\.fc2\.", ".mlp.3.")]
 FULL_MODEL = dict(
     rules=_MLP + [(r"^pooler\.dense\.", "pooler."), (r"^itm_score\.fc\.", "itm_score."),
@@ -1013,6 +1020,9 @@ def main(argv=None):
                                  (cfg.init, init_state, FULL_MODEL)):
         if path:
             print0(load_into(model, read_state_dict(path) if state is None else state, **key_map, source=path))
+    if cfg.width in PAPER_INIT and not (cfg.init or cfg.init_video):
+        print0(f"note: paper-size backbone from random weights; the paper starts from timm's {PAPER_INIT[cfg.width]}"
+               f" (--init_video) and loads no BERT weights (only bert-base-uncased's vocab.txt, --vocab_file)")
     model.to(device)
     print0(f"All-in-one: D={cfg.width} depth={cfg.depth} temporal={cfg.temporal} "
            f"params={count_parameters(model) / 1e6:.2f}M (backbone+text emb {backbone_parameters(model) / 1e6:.2f}M)")

@@ -499,6 +499,8 @@ class FrozenInTime(nn.Module):
 #       encoder starts as the image ViT on every frame.
 #   DISTILBERT_INIT: Hugging Face `distilbert-base-uncased` (DistilBertModel names, or DistilBertForMaskedLM's
 #       under "distilbert." with its MLM head dropped) -> text_model.*; 512 position rows cut to text_positions.
+PAPER_INIT = ("the paper starts from ImageNet-21k ViT-B/16 (--init_video=jx_vit_base_p16_224-80ecf9dd.pth) and "
+              "distilbert-base-uncased (--init_text, with --vocab_file=its vocab.txt)")
 FULL_MODEL = dict(rules=[], drop=[r"position_ids$"], new=[])
 VIT_INIT = dict(rules=[(r"^", "video_model.")], drop=[r"^head\.", r"^head_dist\.", r"^pre_logits\.", r"^dist_token$"],
                 new=[r"^(?!video_model\.)", r"\.timeattn\.", r"\.norm3\.", r"\.temporal_embed$"])
@@ -1104,6 +1106,8 @@ def main(argv: list[str] | None = None) -> dict:
     for path, key_map in ((cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)):
         if path:  # ours: {"model": ...}; the release's: {"state_dict": ...}; timm / HF: the tensors themselves
             print0(load_into(model, read_state_dict(path), **key_map, source=path))
+    if cfg.vit_width == 768 and not (cfg.init or cfg.init_video or cfg.init_text):
+        print0(f"note: paper-size model from random weights; {PAPER_INIT}")
     model = model.to(device)
     print0(f"EgoVLP dual encoder: {count_parameters(model):,} parameters")
 

@@ -460,6 +460,8 @@ class OATrans(nn.Module):
 #   VIT_INIT: a timm ViT / DeiT state dict -> video_model.* (same names; the ImageNet head dropped); the temporal
 #       branch (timeattn, norm3, temporal_embed) is new, and with its zero qkv the encoder starts as the image ViT
 #   DISTILBERT_INIT: HF DistilBertModel names (or DistilBertForMaskedLM's under "distilbert.", MLM head dropped)
+PAPER_INIT = ("the paper starts from ImageNet-21k ViT-B/16 (--init_video=jx_vit_base_p16_224-80ecf9dd.pth) and "
+              "distilbert-base-uncased (--init_text, with --vocab_file=its vocab.txt)")
 FULL_MODEL = dict(rules=[(r"^vid_proj\.0\.", "vid_proj.")], drop=[r"position_ids$"], new=[])
 VIT_INIT = dict(rules=[(r"^", "video_model.")], drop=[r"^head\.", r"^head_dist\.", r"^pre_logits\.", r"^dist_token$"],
                 new=[r"^(?!video_model\.)", r"\.timeattn\.", r"\.norm3\.", r"\.temporal_embed$"])
@@ -843,6 +845,8 @@ def main(argv=None):
     for path, key_map in ((cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)):
         if path:  # ours: {"model": ...}; a release: {"state_dict": ...}; timm / HF: the tensors themselves
             print0(load_into(model, read_state_dict(path), **key_map, source=path))
+    if cfg.vid_width == 768 and not (cfg.init or cfg.init_video or cfg.init_text):
+        print0(f"note: paper-size model from random weights; {PAPER_INIT}")
     model = model.to(device)
     print0(f"parameters: {count_parameters(model):,} (the object streams share them)")
     raw_model = model
