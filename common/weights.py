@@ -143,8 +143,11 @@ def adapt_shape(key, src, shape):
             and (_is_square(src.shape[1] - 1) or _is_square(src.shape[1] - 2)):
         out = resize_pos_embed(src, shape[1])
         if out.shape == shape:
-            dist = ", distillation row dropped" if not _is_square(src.shape[1] - 1) else ""
-            return out, f"{how}, patch grid resampled bicubically{dist}"
+            distilled = not _is_square(src.shape[1] - 1)
+            g, G = math.isqrt(src.shape[1] - 1 - distilled), math.isqrt(shape[1] - 1)
+            steps = ([f"the {g}x{g} patch grid resampled bicubically to {G}x{G}"] if g != G else []) + \
+                    (["the distillation token's row dropped"] if distilled else [])
+            return out, f"{how}, " + ", ".join(steps)
     if key.endswith("position_embeddings.weight") and src.ndim == 2 and src.shape[1] == shape[1] \
             and src.shape[0] > shape[0]:
         return src[:shape[0]], f"{how}, the first {shape[0]} positions kept"
@@ -162,20 +165,27 @@ class Report:
     reshaped: dict = field(default_factory=dict)  # model key -> how
     dropped: list = field(default_factory=list)   # source keys discarded on purpose
     new: list = field(default_factory=list)       # model keys the source does not provide, kept at their init
+    source_keys: list = field(default_factory=list, repr=False)
+    model_keys: list = field(default_factory=list, repr=False)
 
     def __str__(self):
         lines = [f"{self.source}: {len(self.loaded)} tensors loaded"]
         lines += [f"  reshaped {k}: {how}" for k, how in self.reshaped.items()]
         if self.dropped:
-            lines.append(f"  dropped on purpose ({len(self.dropped)}): {', '.join(collapse(self.dropped))}")
+            lines.append(f"  dropped on purpose ({len(self.dropped)}): "
+                         + ", ".join(collapse(self.dropped, self.source_keys)))
         if self.new:
-            lines.append(f"  new, kept at their init ({len(self.new)}): {', '.join(collapse(self.new))}")
+            lines.append(f"  new, kept at their init ({len(self.new)}): " + ", ".join(collapse(self.new, self.model_keys)))
         return "\n".join(lines)
 
 
-def collapse(keys):
-    """Layer indices folded into '*': blocks.0.attn.qkv.weight ... blocks.11.attn.qkv.weight -> one entry."""
-    return list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", k) for k in keys))
+def collapse(keys, every):
+    """Short names for a list of keys: a top-level module all of whose keys (in `every`) are listed becomes
+    'name.*', and layer indices fold into '*' (blocks.0.norm3.weight ... blocks.11.norm3.weight: one entry)."""
+    listed, top = set(keys), lambda k: k.split(".")[0]
+    whole = {t for t in map(top, keys) if all(k in listed for k in every if top(k) == t)}
+    return list(dict.fromkeys(f"{top(k)}.*" if top(k) in whole and "." in k else re.sub(r"\.\d+\.", ".*.", k)
+                              for k in keys))
 
 
 def _matches(key, patterns):
@@ -192,8 +202,8 @@ def load_into(model, state, rules=(), drop=(), new=(), source="checkpoint"):
     Anything else left over on either side, or a shape that adapt_shape cannot adapt, raises a ValueError that
     lists every such key. Nothing is loaded when it raises.
     """
-    report = Report(source)
     own = model.state_dict()
+    report = Report(source, source_keys=list(state), model_keys=list(own))
     mapped = {}
     for src_key, value in state.items():
         key = map_key(src_key, rules)
