@@ -80,6 +80,8 @@ def read_checkpoint(path):
             others = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception:  # a legacy (pre-1.6) file: torch's own weights_only load says what it cannot read
             others = []
+    if not others:
+        return torch.load(path, map_location="cpu", weights_only=True)
     with torch.serialization.safe_globals([(_placeholder(n), n) for n in others]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
