@@ -424,3 +424,47 @@ def test_all_in_one_eval_from_a_release_checkpoint_end_to_end(tiny_corpus, tmp_p
     m = aio.main(["--tiny", f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / 'ev'}", "--img_size=32",
                   "--eval=retrieval", f"--init={tmp_path / 'release.ckpt'}", "--max_eval_items=8"])
     assert 0.0 <= m["retrieval/t2v_R@1"] <= 100.0
+
+
+def write_safetensors(path, tensors):
+    """The safetensors layout, byte by byte (f32 only): what a hub's model.safetensors holds."""
+    header, blobs, offset = {}, [], 0
+    for k, t in tensors.items():
+        raw = t.float().contiguous().numpy().tobytes()
+        header[k] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    path.write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
+def test_egovlp_main_starts_from_timm_vit_and_hf_distilbert_files(tiny_corpus, tmp_path):
+    """--init_video=<timm .pth> --init_text=<HF .safetensors> through main, then an evaluation."""
+    from common.text import Tokenizer
+    vocab = Tokenizer(str(tiny_corpus / "vocab.txt")).vocab_size
+    torch.save(timm_vit(32, 2, img=224, patch=16), tmp_path / "vit.pth")  # pos_embed resampled 14x14 -> 2x2
+    write_safetensors(tmp_path / "distilbert.safetensors", hf_distilbert(32, 1, vocab=vocab, positions=512, ffn=64))
+    tiny = dict(image_size=32, patch_size=16, vit_width=32, vit_depth=2, vit_heads=2, text_width=32, text_layers=1,
+                text_heads=2, text_ffn=64, embed_dim=16)
+    m = egovlp.main([f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / 'ev'}", "--eval=egomcq",
+                     "--num_workers=0", "--eval_batch_size=16", "--max_eval_items=4",
+                     f"--init_video={tmp_path / 'vit.pth'}", f"--init_text={tmp_path / 'distilbert.safetensors'}"]
+                    + [f"--{k}={v}" for k, v in tiny.items()])
+    assert 0 <= m["egomcq/inter_acc"] <= 100
+
+
+def test_oa_trans_main_evaluates_a_frozen_layout_release_file(tiny_corpus, tmp_path):
+    """Frozen's file layout through main: a ConfigParser-like object beside the weights, "module.", vid_proj.0,
+    a 1-frame temporal embedding zero-padded to the 2 frames asked for."""
+    from common.text import Tokenizer
+    vocab = Tokenizer(str(tiny_corpus / "vocab.txt")).vocab_size
+    flags = dict(img_size=32, patch_size=8, vid_width=32, vid_depth=1, vid_heads=2, txt_width=32, txt_depth=1,
+                 txt_heads=2)
+    src = oa.OATrans(oa.Config(**flags, num_frames=1), vocab)
+    state = {"module." + k.replace("vid_proj.", "vid_proj.0."): v for k, v in src.state_dict().items()}
+    torch.save({"arch": "FrozenInTime", "epoch": 3, "state_dict": state, "config": argparse.Namespace(n=1)},
+               tmp_path / "frozen.pth.tar")
+    m = oa.main([f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / 'ev'}", "--eval=retrieval",
+                 f"--init={tmp_path / 'frozen.pth.tar'}", "--num_frames=2", "--num_workers=0", "--precision=fp32",
+                 "--eval_batch_size=8"] + [f"--{k}={v}" for k, v in flags.items()])
+    assert 0 <= m["retrieval/t2v_R@1"] <= 100
