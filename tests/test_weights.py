@@ -234,12 +234,14 @@ def oa_model(**kw):
     return oa.OATrans(oa.Config(**{**OA_TINY, **kw}), 50)
 
 
-@pytest.mark.parametrize("paper", ["egovlp", "oa_trans"])
-def test_timm_vit_into_the_video_encoder_equals_a_plain_vit(paper):
+@pytest.mark.parametrize("paper,time_init", [("egovlp", "live"), ("egovlp", "release"), ("oa_trans", "live"),
+                                             ("oa_trans", "zeros")])
+def test_timm_vit_into_the_video_encoder_equals_a_plain_vit(paper, time_init):
     """One frame through the divided space-time encoder = the image ViT of the same tensors (the temporal branch
-    starts as identity); every parameter outside the temporal branch and the text side is overwritten."""
+    starts as identity, with either temporal init); every parameter outside the temporal branch and the text
+    side is overwritten."""
     torch.manual_seed(0)
-    model = (ego_model() if paper == "egovlp" else oa_model()).eval()
+    model = (ego_model(time_init=time_init) if paper == "egovlp" else oa_model(time_init=time_init)).eval()
     keys = egovlp.VIT_INIT if paper == "egovlp" else oa.VIT_INIT
     sd = timm_vit(32, 2, img=32, patch=16, classes=10)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -468,3 +470,28 @@ def test_oa_trans_main_evaluates_a_frozen_layout_release_file(tiny_corpus, tmp_p
                  f"--init={tmp_path / 'frozen.pth.tar'}", "--num_frames=2", "--num_workers=0", "--precision=fp32",
                  "--eval_batch_size=8"] + [f"--{k}={v}" for k, v in flags.items()])
     assert 0 <= m["retrieval/t2v_R@1"] <= 100
+
+
+def test_all_in_one_release_b_checkpoint_key_set_on_the_meta_device():
+    """All-in-one-B as released (AllinoneTransformerSS built with VTC off, the ViT without temporal_embed):
+    BertEmbeddings + modality table + timm ViT-B/16 without head + Pooler + ITMHead + MLMHead = 167 tensors,
+    written here from the release's module names. All map: 166 loaded, position_ids dropped, and the model's
+    temporal_embed and VTC projections reported new (5)."""
+    D, V = 768, 30522
+    m = lambda *s: torch.empty(s, device="meta")
+    sd = {"text_embeddings.word_embeddings.weight": m(V, D), "text_embeddings.position_embeddings.weight": m(40, D),
+          "text_embeddings.token_type_embeddings.weight": m(2, D), "text_embeddings.LayerNorm.weight": m(D),
+          "text_embeddings.LayerNorm.bias": m(D), "text_embeddings.position_ids": torch.arange(40)[None],
+          "token_type_embeddings.weight": m(2, D),
+          "pooler.dense.weight": m(D, D), "pooler.dense.bias": m(D), "itm_score.fc.weight": m(2, D),
+          "itm_score.fc.bias": m(2), "mlm_score.transform.dense.weight": m(D, D), "mlm_score.transform.dense.bias": m(D),
+          "mlm_score.transform.LayerNorm.weight": m(D), "mlm_score.transform.LayerNorm.bias": m(D),
+          "mlm_score.decoder.weight": m(V, D), "mlm_score.bias": m(V)}
+    sd.update({"transformer." + k: v for k, v in timm_vit(D, 12, device="meta").items() if not k.startswith("head.")})
+    assert len(sd) == 167
+    with torch.device("meta"):
+        model = aio.AllInOne(aio.Config(**aio.PRESETS["B"]))
+    report = load_into(model, sd, **aio.FULL_MODEL)
+    assert len(report.loaded) == 166 and report.dropped == ["text_embeddings.position_ids"]
+    assert sorted(report.new) == ["transformer.temporal_embed", "txt_proj.bias", "txt_proj.weight", "vid_proj.bias",
+                                  "vid_proj.weight"]
