@@ -19,7 +19,8 @@ What it reports, each with the file and line (or entry) it comes from:
   duplicate       a row whose key (video id, clip, narration id) an earlier row already had
   missing_file    a video the annotations name that is not on disk (checked for every video, even without --all)
   undecodable     a video that does not open, or whose first / middle / last frame does not decode
-  too_short       a video with fewer than --min_frames frames
+  too_short       a video with fewer than --min_frames frames, or a clip window covering fewer (in the videos
+                  opened; the loaders then repeat frames)
   window_outside  a clip window that lies outside its video (by the annotation's own duration column, and by the
                   decoded video's duration for the videos opened)
 Videos are opened for a random sample of --sample videos (seeded), or all of them with --all. The exit status is
@@ -251,8 +252,15 @@ def check_video(path, findings, min_frames):
         findings.add("undecodable", path, f"{e} (named at {where})")
         return
     for start, end, row in findings.windows.get(path, []):
-        if row not in findings.outside and (start >= meta.duration or end <= 0):
+        if row in findings.outside:
+            continue
+        if start >= meta.duration or end <= 0:
             findings.add("window_outside", row, f"[{start:.2f}, {end:.2f}] s outside {path} ({meta.duration:.2f} s)")
+            continue
+        frames = (min(end, meta.duration) - max(start, 0.0)) * meta.fps  # frames the window covers
+        if frames < min_frames:
+            findings.add("too_short", row, f"[{start:.2f}, {end:.2f}] s holds {frames:.1f} frames at {meta.fps:g} "
+                                           f"fps < {min_frames}: frames will repeat")
 
 
 def check(root, fmt, split="train", all_videos=False, sample=200, min_frames=4, seed=0, progress=True):
@@ -277,7 +285,8 @@ def main(argv=None):
     ap.add_argument("--split", default="train", help="train | val | test (egoclip has one file: ignored)")
     ap.add_argument("--all", action="store_true", help="open every video (default: a sample)")
     ap.add_argument("--sample", type=int, default=200, help="videos opened without --all")
-    ap.add_argument("--min_frames", type=int, default=4, help="fewer decodable frames is too short (paper: 4)")
+    ap.add_argument("--min_frames", type=int, default=4, help="a video or window with fewer frames is too short "
+                    "(the papers sample 4 per clip at pre-training, 16 at EPIC fine-tuning)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--show", type=int, default=20, help="problems printed per kind (all are counted)")
     args = ap.parse_args(argv)

@@ -80,10 +80,12 @@ def test_egoclip_planted_problems_are_all_found(tiny_corpus, tmp_path):
         line(2.0, 3.0, r["video_dur"], "#C C waits", tags="[1"),      # bad_row: tag list
         line(5.0, 4.0, r["video_dur"], "#C C waits"),                 # bad_row: end <= start
         line(900.0, 901.0, 1000.0, "#C C waits"),                     # window_outside (by the decoded video)
+        line(2.0, 2.2, r["video_dur"], "#C C blinks"),                # too_short: 0.2 s at 8 fps < 4 frames
     ])
     problems, _ = check(str(root), "egoclip", all_videos=True, progress=False)
     where = lambda kind: sorted(p.split(": ")[0] for p in problems[kind])
     assert where("duplicate") == [f"{csv_path}:{first}"]
     assert where("bad_row") == [f"{csv_path}:{first + 2}", f"{csv_path}:{first + 3}"]
     assert where("window_outside") == [f"{csv_path}:{first + 1}", f"{csv_path}:{first + 4}"]
-    assert problems["missing_file"] == problems["undecodable"] == problems["too_short"] == []
+    assert where("too_short") == [f"{csv_path}:{first + 5}"]
+    assert problems["missing_file"] == problems["undecodable"] == []
