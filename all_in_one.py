@@ -110,8 +110,8 @@ from common.config import config_to_dict, parse_config
 from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import accuracy, retrieval_metrics
 from common.text import Tokenizer, whole_word_mask
-from common.train import (JsonlLogger, autocast, count_parameters, format_table, load_checkpoint, lr_at,
-                          param_groups, save_checkpoint, seed_everything, write_metrics)
+from common.train import (JsonlLogger, autocast, choose_precision, count_parameters, format_table,
+                          load_checkpoint, lr_at, param_groups, save_checkpoint, seed_everything, write_metrics)
 from common.video import VideoReadError, VideoTransform, load_clip, read_frames, sample_frame_indices, video_meta
 from common.weights import find_state_dict, load_into, read_checkpoint, read_state_dict
 
@@ -124,8 +124,9 @@ class Config:
     # --- run
     out_dir: str = "runs/all_in_one"  # where ckpt.pt, log.jsonl and metrics.json go
     data_root: str = "data/synth"  # corpus root (webvid/, msrvtt/, vocab.txt); generated on first use if default
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "bf16"  # bf16 autocast (CPU and GPU) | fp32; similarities and losses are always fp32
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    precision: str = "auto"  # auto (bf16 where a start-up probe finds it faster, else fp32) | bf16 autocast | fp32;
+    #   similarities and losses are always fp32
     seed: int = 0  # random seed
     max_steps: int = 1000  # optimizer steps of the current job (pre-training or fine-tuning); paper 200k
     init: str = ""  # a whole model to start from: our ckpt.pt (pre-trained, for --finetune / --eval) or a release .ckpt
@@ -987,6 +988,8 @@ def main(argv=None):
     cfg = parse_config(Config, argv, PRESETS)
     dist = setup_distributed(cfg.device)
     device = dist.device
+    cfg.precision, why = choose_precision(cfg.precision, device)
+    print0(why)
     seed_everything(cfg.seed + dist.rank)
     if cfg.data_root == Config.data_root:  # the built-in corpus: written on first use, rewritten when outdated
         from common.synthetic import ensure_corpus
@@ -1082,6 +1085,7 @@ def main(argv=None):
     # --- loop
     batches = iter(loader)
     skipped, t0, seen = 0, time.time(), 0
+    wait, wait_total, t_start = 0.0, 0.0, time.time()  # seconds blocked on the data loader (interval, run)
     pbar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main, desc=task, dynamic_ncols=True)
     start_step = step
     model.train()
@@ -1108,12 +1112,14 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
         for micro in range(cfg.grad_accum):
+            t_wait = time.time()
             batch = next(batches)
             skipped += batch["skipped"]
             while "video" not in batch:  # every clip of the batch was unreadable
                 batch = next(batches)
                 skipped += batch["skipped"]
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            wait += time.time() - t_wait
             sync = micro == cfg.grad_accum - 1 or dist.world_size == 1
             with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device, cfg.precision):
                 out = ddp(batch, task)
@@ -1126,13 +1132,15 @@ def main(argv=None):
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             dt = time.time() - t0
             rec = {"step": step, "lr": lr, **{k: round(float(v.detach()), 4) for k, v in out.items()},
-                   "ms_per_step": 1000 * dt / cfg.log_every, "clips_per_s": seen / dt, "skipped_videos": skipped}
+                   "ms_per_step": 1000 * dt / cfg.log_every, "clips_per_s": seen / dt, "data_wait_pct": 100 * wait / dt,
+                   "skipped_videos": skipped}
             logger.log(rec)
             tqdm.write(f"step {step:5d} | " + " ".join(f"{k} {float(v.detach()):.3f}" for k, v in out.items()) +
                        f" | lr {lr:.2e} | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s"
-                       f" | skipped {skipped}") if dist.is_main else None
-            t0, seen = time.time(), 0
+                       f" | data wait {rec['data_wait_pct']:.0f}% | skipped {skipped}") if dist.is_main else None
+            t0, seen, wait_total, wait = time.time(), 0, wait_total + wait, 0.0
     pbar.close()
+    train_seconds = time.time() - t_start  # the loop, with its validation passes and checkpoints
 
     # --- final evaluation on test (rank 0): zero-shot suite after pre-training, the task after fine-tuning
     metrics = {}
@@ -1142,6 +1150,7 @@ def main(argv=None):
         metrics = evaluate_task(model, cfg, tok, "zeroshot" if task == "pretrain" else task, "test", device,
                                 answer_vocab)
         metrics[f"{task}/skipped_train_videos"] = skipped
+        metrics[f"{task}/data_wait_pct"] = 100 * (wait_total + wait) / max(1e-9, train_seconds)
         metrics[f"{task}/val_best"] = best
     return finish(cfg, dist, metrics, "zero-shot on test" if task == "pretrain" else f"{task} fine-tuned, test")
 

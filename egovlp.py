@@ -84,9 +84,8 @@ Departures from the release (and why)
   default mean-pools the tokens; `--paper` keeps "cls".
 - The CPU default keeps decoded training videos in RAM (`cache_videos`) and trains from scratch with AdamW
   (weight decay 0.01, grad clip 1, warm-up + cosine). `--paper` uses the release's optimiser settings.
-- bf16 autocast is the CPU default (`precision`); the paper trains in fp32 and `--paper` keeps fp32. On this
-  project's CPU a default training step took 0.6-0.85x the time of an fp32 step (interleaved benchmarks, one
-  thread, with common's math-attention path), which pays for 1200 steps instead of 800 in about the same time.
+- `precision="auto"` (the CPU default) runs bf16 autocast where a start-up matmul probe finds bf16 faster than
+  fp32 (a CPU with AVX512-BF16 / AMX, a recent GPU), else fp32; the paper trains in fp32 and `--paper` keeps fp32.
   Similarities and losses stay in fp32.
 - No horizontal flip in the CPU default (`hflip="off"`). The release flips half the training clips and keeps the
   narration, so a flipped "moves the cup to the left" shows a move to the right; on Ego4D that is minor noise,
@@ -135,8 +134,9 @@ class Config:
     # run
     out_dir: str = "runs/egovlp"  # checkpoints, log.jsonl, metrics.json
     data_root: str = "data/synth"  # corpus root (egoclip/ below it); the default is generated on first use
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    precision: str = "bf16"  # "bf16" | "fp32" autocast; paper fp32 (--paper keeps it); bf16 ~1.4x faster on CPU here
+    device: str = "auto"  # "auto" (cuda, then mps, then cpu) | "cpu" | "cuda" | "mps"
+    precision: str = "auto"  # "auto" (bf16 where a start-up probe finds it faster, else fp32) | "bf16" | "fp32";
+    #   paper fp32 (--paper keeps it)
     seed: int = 0  # python / numpy / torch seed
     init: str = ""  # a whole model to start from: a pre-training run's ckpt.pt, or the release's EgoVLP_PT_BEST.pth
     init_video: str = ""  # a timm ViT state dict for the video encoder's spatial part; paper: jx_vit_base_p16_224
@@ -1075,8 +1075,8 @@ def main(argv: list[str] | None = None) -> dict:
     from common.dist import all_gather_nograd, barrier, cleanup, get_rank, print0, setup_distributed
     from common.text import Tokenizer
     from common.weights import load_into, read_state_dict
-    from common.train import (JsonlLogger, autocast, count_parameters, format_table, load_checkpoint, lr_at,
-                              param_groups, save_checkpoint, seed_everything, write_metrics)
+    from common.train import (JsonlLogger, autocast, choose_precision, count_parameters, format_table,
+                              load_checkpoint, lr_at, param_groups, save_checkpoint, seed_everything, write_metrics)
     from tqdm import tqdm
 
     cfg = parse_config(Config, argv, PRESETS)
@@ -1094,6 +1094,8 @@ def main(argv: list[str] | None = None) -> dict:
         if dist.is_main:
             ensure_corpus(cfg.data_root)
         barrier()
+    cfg.precision, why = choose_precision(cfg.precision, device)
+    print0(why)
     ctx = autocast(device, cfg.precision)
     out_dir = Path(cfg.out_dir)
     logger = JsonlLogger(out_dir / "log.jsonl", enabled=dist.is_main)
@@ -1167,6 +1169,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- loop
     metrics, skipped, t_last, clips_since, steps_since = {}, 0, time.time(), 0, 0
+    wait, wait_total, t_start = 0.0, 0.0, time.time()  # seconds blocked on the data loader (interval, run)
     batches = iter(loader)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main, desc="egovlp", dynamic_ncols=True)
     model.train()
@@ -1182,10 +1185,12 @@ def main(argv: list[str] | None = None) -> dict:
         if last_step:
             break
 
+        t_wait = time.time()
         batch = next(batches)
         skipped += batch["skipped"]
         # every tensor of the batch to the device once: clips, EgoNCE tags, MI-MM relevancy
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        wait += time.time() - t_wait
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -1209,17 +1214,20 @@ def main(argv: list[str] | None = None) -> dict:
         if dist.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
             dt = time.time() - t_last
             record = {"step": step, "loss": loss.item(), "lr": lr, "ms_per_step": 1000 * dt / steps_since,
-                      "clips_per_s": clips_since / dt, "skipped_videos": skipped, **extra}
+                      "clips_per_s": clips_since / dt, "data_wait_pct": 100 * wait / dt, "skipped_videos": skipped,
+                      **extra}
             logger.log(record)
             bar.write(f"step {step:5d} | loss {record['loss']:.4f} | lr {lr:.2e} | "
                       f"{record['ms_per_step']:.0f} ms/step | {record['clips_per_s']:.1f} clips/s"
-                      + (f" | skipped {skipped}" if skipped else ""))
-            t_last, clips_since, steps_since = time.time(), 0, 0
+                      f" | data wait {record['data_wait_pct']:.0f}%" + (f" | skipped {skipped}" if skipped else ""))
+            t_last, clips_since, steps_since, wait_total, wait = time.time(), 0, 0, wait_total + wait, 0.0
     bar.close()
+    train_seconds = time.time() - t_start  # the loop, with its evaluations and checkpoints
     if world > 1:  # unreadable training videos met on any rank
         skipped = int(all_gather_nograd(torch.tensor([skipped], device=device)).sum())
     if dist.is_main:
         metrics["train/skipped_videos"] = float(skipped)
+        metrics["train/data_wait_pct"] = 100 * (wait_total + wait) / max(1e-9, train_seconds)
         write_metrics(out_dir, metrics)
         print0(format_table(metrics, f"EgoVLP {cfg.finetune or 'pre-training'}: final metrics (step {step})"))
     cleanup()

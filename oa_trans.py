@@ -112,8 +112,8 @@ from common.config import config_to_dict, parse_config
 from common.dist import all_gather_nograd, all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import retrieval_metrics
 from common.text import Tokenizer
-from common.train import (JsonlLogger, autocast, count_parameters, format_table, load_checkpoint, lr_at,
-                          param_groups, save_checkpoint, seed_everything, write_metrics)
+from common.train import (JsonlLogger, autocast, choose_precision, count_parameters, format_table,
+                          load_checkpoint, lr_at, param_groups, save_checkpoint, seed_everything, write_metrics)
 from common.weights import load_into, read_state_dict
 from common.video import (IMAGENET_MEAN, IMAGENET_STD, VideoReadError, VideoTransform, load_clip, read_frames,
                           sample_frame_indices, video_meta)
@@ -127,18 +127,21 @@ class Config:
     # --- run
     out_dir: str = "runs/oa_trans"  # where ckpt.pt, log.jsonl, metrics.json go
     data_root: str = "data/synth"  # corpus root (webvid/, msrvtt/, vocab.txt); the synthetic one is generated here
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
     seed: int = 0  # python / numpy / torch seed
     init: str = ""  # a whole model to start from: a pre-trained ckpt.pt, or a Frozen / OA-Trans-layout release checkpoint
     init_video: str = ""  # a timm ViT state dict for the video encoder's spatial part; paper: jx_vit_base_p16_224
     init_text: str = ""  # a Hugging Face DistilBERT state dict for the text encoder; paper: distilbert-base-uncased
     resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt
-    precision: str = "bf16"  # bf16 | fp32 (bf16 autocast on CPU and CUDA; similarities and losses stay fp32)
+    precision: str = "auto"  # auto (bf16 where a start-up probe finds it faster, else fp32) | bf16 autocast | fp32;
+    #   similarities and losses stay fp32
     finetune: str = ""  # "" = pre-train on WebVid-style data | "retrieval" = fine-tune on the MSR-VTT-style train split
     eval: str = ""  # "" | "retrieval": only evaluate --init (zero-shot when it is a pre-trained checkpoint)
     vocab_file: str = ""  # "" = data_root/vocab.txt; real data: bert-base-uncased's vocab.txt (what DistilBERT uses)
     allow_pickle: bool = False  # read the release's pickled `info` dict in .npz detections (runs code: trusted files only)
     num_workers: int = 1  # DataLoader workers decoding videos
+    cache_videos: bool = True  # decode each training video once into RAM before training (~0.3 MB per 64x64 clip;
+    #   the sampling is unchanged); False = decode the sampled frames at every step (the release; real datasets)
     # --- the paper's idea (one field each)
     objects: str = "on"  # on = OA-Trans (4 streams) | off = plain Frozen (L(t, v) only, no detections read)
     oa_loss: str = "paper"  # paper = L(t,v)+L(tags,v)+L(t,regions) | release = L(t,v)+L(caption+tags,v)+L(mean region,mean tag)
@@ -621,23 +624,49 @@ class WebVidObjects(torch.utils.data.Dataset):
         self.transform = VideoTransform(cfg.img_size, train, scale=(cfg.crop_scale, 1.0))
         self.num_frames = cfg.num_frames  # changed by the frame curriculum
         self.object_names = read_vocab_lines(os.path.join(root, "webvid", "objects_vocab.txt"))
+        self.cache = {}  # video path -> every decoded frame, uint8 (F, H, W, 3), when cfg.cache_videos
 
     def __len__(self):
         return len(self.rows)
 
+    def video_path(self, row):
+        return os.path.join(self.root, "webvid", "videos", row["page_dir"], row["videoid"] + ".mp4")
+
+    def preload(self, threads=2):
+        """Decode every video whole into the cache, in the main process before the DataLoader forks its workers
+        (they share the one copy, and it outlives the loader that the frame curriculum rebuilds). At every step the
+        frames are then sampled from memory exactly as they would be decoded. Returns the number unreadable."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def decode(path):
+            try:
+                self.cache[path] = read_frames(path, range(video_meta(path).num_frames))
+                return True
+            except VideoReadError:
+                return False  # skipped and counted when sampled
+        with ThreadPoolExecutor(threads) as pool:  # PyAV decodes outside the GIL
+            return sum(not ok for ok in pool.map(decode, [self.video_path(r) for r in self.rows]))
+
+    def read(self, path, indices):
+        """Frames `indices` of a video: from the cache when preloaded, else decoded now."""
+        return self.cache[path][indices] if path in self.cache else read_frames(path, indices)
+
+    def num_frames_of(self, path):
+        return len(self.cache[path]) if path in self.cache else video_meta(path).num_frames
+
     def __getitem__(self, i):
         row, cfg = self.rows[i], self.cfg
         rng = random.Random(random.getrandbits(64))  # DataLoader workers get distinct python seeds from torch
-        path = os.path.join(self.root, "webvid", "videos", row["page_dir"], row["videoid"] + ".mp4")
+        path = self.video_path(row)
         try:
-            n = video_meta(path).num_frames
+            n = self.num_frames_of(path)
             idx = sample_frame_indices(n, self.num_frames, "rand" if self.train else "uniform", rng=rng)
             if not self.objects:
-                video, _ = self.transform(read_frames(path, idx), rng=rng)
+                video, _ = self.transform(self.read(path, idx), rng=rng)
                 return dict(video=video, caption=row["name"])
             det_idx = detection_frames(n, cfg.det_frames)
             a = anchor_position(idx, det_idx)
-            frames = read_frames(path, idx + [det_idx[a]])  # (T + 1, H, W, 3): the anchor comes last
+            frames = self.read(path, idx + [det_idx[a]])  # (T + 1, H, W, 3): the anchor comes last
             det = read_detections(os.path.join(self.root, "webvid", "objects", row["page_dir"], row["videoid"],
                                                f"{a}.npz"), cfg.allow_pickle)
         except (VideoReadError, FileNotFoundError):  # unreadable video or missing detections
@@ -826,6 +855,8 @@ def main(argv=None):
     cfg = parse_config(Config, argv, PRESETS)
     dist = setup_distributed(cfg.device)
     device = dist.device
+    cfg.precision, why = choose_precision(cfg.precision, device)
+    print0(why)
     seed_everything(cfg.seed + dist.rank)
     if cfg.data_root == Config.data_root:  # the built-in corpus: written on first use, rewritten when outdated
         from common.synthetic import ensure_corpus
@@ -877,6 +908,10 @@ def main(argv=None):
         dataset = MSRVTTTrain(MSRVTT(cfg.data_root, "train"), cfg)
     else:
         dataset = WebVidObjects(cfg.data_root, "train", cfg, tokenizer, objects=objects)
+        if cfg.cache_videos:
+            t = time.time()
+            bad = dataset.preload(threads=min(8, os.cpu_count() or 1))
+            print0(f"decoded {len(dataset.cache)} training videos into RAM in {time.time() - t:.0f} s ({bad} unreadable)")
     terms = LOSS_TERMS[cfg.oa_loss]
     weights = dict(w_main=cfg.w_main, w_tags=cfg.w_tags, w_regions=cfg.w_regions)
     print0(f"{'fine-tuning' if finetuning else 'pre-training'}: {len(dataset)} clips, objects={'on' if objects else 'off'}, "
@@ -886,6 +921,7 @@ def main(argv=None):
     # --- loop
     batches, loader_frames = None, None
     skipped, t0, clips_seen = 0, time.time(), 0
+    wait, wait_total, t_start = 0.0, 0.0, time.time()  # seconds blocked on the data loader (interval, run)
     pbar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
     while True:
         last_step = step == cfg.max_steps
@@ -904,7 +940,9 @@ def main(argv=None):
         if frames != loader_frames:  # (re)start the data stream; the curriculum switches the frame count once
             dataset.num_frames = loader_frames = frames
             batches = infinite_batches(dataset, functools.partial(collate, tokenizer=tokenizer, cfg=cfg), cfg, dist.world_size, dist.rank, cfg.seed + step)
+        t_wait = time.time()
         batch = to_device(next(batches), device)
+        wait += time.time() - t_wait
         skipped += batch.pop("skipped")
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule)
         for group in optimizer.param_groups:
@@ -926,16 +964,19 @@ def main(argv=None):
             dt = time.time() - t0
             rec = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "lr": lr,
                    "grad_norm": grad_norm.item(), "frames": frames, "ms_per_step": 1000 * dt / cfg.log_interval, "clips_per_s": clips_seen / dt,
-                   "skipped_videos": skipped}
+                   "data_wait_pct": 100 * wait / dt, "skipped_videos": skipped}
             log.log(rec)
             pbar.write(f"step {step} | loss {rec['loss']:.3f} ("
                        + ", ".join(f"{k} {v.item():.3f}" for k, v in parts.items())
-                       + f") | lr {lr:.2e} | grad {rec['grad_norm']:.2f} | T={frames} | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s")
-            t0, clips_seen = time.time(), 0
+                       + f") | lr {lr:.2e} | grad {rec['grad_norm']:.2f} | T={frames} | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s"
+                       f" | data wait {rec['data_wait_pct']:.0f}%")
+            t0, clips_seen, wait_total, wait = time.time(), 0, wait_total + wait, 0.0
     pbar.close()
+    train_seconds = time.time() - t_start  # the loop, with its validation passes and checkpoints
 
     metrics = evaluate_retrieval(raw_model, test_clips, tokenizer, cfg, device)
     metrics["train/skipped_videos"] = skipped
+    metrics["train/data_wait_pct"] = 100 * (wait_total + wait) / max(1e-9, train_seconds)
     metrics["retrieval/unreadable_videos"] = test_clips.unreadable
     if dist.is_main:
         write_metrics(cfg.out_dir, metrics)

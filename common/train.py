@@ -14,13 +14,72 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def resolve_device(name="auto"):
-    """"auto" -> cuda when available, else cpu."""
+def resolve_device(name="auto", has_cuda=None, has_mps=None):
+    """"auto" -> cuda, then Apple mps, then cpu (the first one present). An explicit device that is absent is an
+    error. `has_cuda` / `has_mps` override the detection (for tests)."""
+    has_cuda = torch.cuda.is_available() if has_cuda is None else has_cuda
+    if has_mps is None:
+        has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device=cuda but no CUDA device is available")
+        name = "cuda" if has_cuda else "mps" if has_mps else "cpu"
+    elif name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise SystemExit(f"error: --device must be auto, cpu, cuda or mps, got {name!r}")
+    if name.startswith("cuda") and not has_cuda:
+        raise SystemExit(f"error: --device={name} but no CUDA device is available")
+    if name == "mps" and not has_mps:
+        raise SystemExit("error: --device=mps but this PyTorch build or machine has no Apple MPS device")
+    if name == "mps" and os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") != "1":
+        # An op without an MPS kernel otherwise stops the run; with the fallback it runs on the CPU (slower,
+        # same result). Similarities, losses and metrics are computed in fp32 on every device.
+        print("note: on mps, set PYTORCH_ENABLE_MPS_FALLBACK=1 so that ops without an MPS kernel run on the CPU")
     return torch.device(name)
+
+
+def matmul_rates(device, n=256, budget_seconds=0.05, max_rounds=20):
+    """Measured GFLOP/s of an n x n matmul in fp32 and in bf16 on `device`: the start-up probe behind
+    precision="auto". The two dtypes are timed in alternation and each keeps its fastest matmul, so a busy machine
+    slows both alike; on a CPU the probe runs on one thread (the ratio is what matters, and a thread that waits for a
+    busy core would otherwise dominate the timing). A few ms where bf16 is native; on a CPU without native bf16 one bf16 matmul of this size
+    takes ~0.1 s (PyTorch falls back to a path ~150x slower than fp32) and the probe stops after two of them."""
+    mats = {name: [torch.randn(n, n, device=device).to(dtype) for _ in range(2)]
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    best = {name: float("inf") for name in mats}
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    start = time.perf_counter()
+    for round_ in range(max_rounds + 1):
+        for name, (a, b) in mats.items():
+            t0 = time.perf_counter()
+            (a @ b).sum().item()  # .item() waits for an asynchronous device
+            if round_ > 0:  # round 0 is the warm-up (kernel selection)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        if round_ > 0 and time.perf_counter() - start >= budget_seconds:
+            break
+    torch.set_num_threads(threads)
+    return {name: 2 * n ** 3 / seconds / 1e9 for name, seconds in best.items()}
+
+
+def choose_precision(requested, device, rates=None, min_speedup=1.2):
+    """-> "bf16" or "fp32" for a run, and a one-line reason to print.
+
+    "auto": bf16 where the device runs bf16 matmuls at least `min_speedup` x faster than fp32 (a GPU since Ampere,
+    a CPU with AVX512-BF16 / AMX), else fp32, decided by `matmul_rates` (pass `rates` to skip the probe). An
+    explicit "bf16" is kept but warned about when the probe finds bf16 slower than fp32. "fp32" is never probed."""
+    if requested not in ("auto", "bf16", "fp32"):
+        raise SystemExit(f"error: --precision must be auto, bf16 or fp32, got {requested!r}")
+    if requested == "fp32":
+        return "fp32", "precision fp32 (asked for)"
+    rates = rates or matmul_rates(device)
+    speedup = rates["bf16"] / rates["fp32"]
+    measured = f"{device.type} matmul {rates['fp32']:.0f} GFLOP/s fp32, {rates['bf16']:.0f} GFLOP/s bf16"
+    if requested == "bf16":
+        if speedup < 1:
+            return "bf16", (f"warning: precision bf16 (asked for) runs {1 / speedup:.0f}x SLOWER than fp32 on this "
+                            f"{device.type} ({measured}): it has no native bf16; use --precision=auto or fp32")
+        return "bf16", f"precision bf16 (asked for; {measured})"
+    chosen = "bf16" if speedup >= min_speedup else "fp32"
+    return chosen, f"precision auto -> {chosen} ({measured})"
 
 
 def seed_everything(seed):
@@ -39,7 +98,7 @@ def autocast(device, precision):
     entered again and again, like torch.autocast."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    assert precision == "bf16", f"precision must be bf16 or fp32, got {precision}"
+    assert precision == "bf16", f"precision must be bf16 or fp32 (auto is resolved by choose_precision), got {precision}"
     return _Bf16(device)
 
 
