@@ -495,3 +495,38 @@ def test_all_in_one_release_b_checkpoint_key_set_on_the_meta_device():
     assert len(report.loaded) == 166 and report.dropped == ["text_embeddings.position_ids"]
     assert sorted(report.new) == ["transformer.temporal_embed", "txt_proj.bias", "txt_proj.weight", "vid_proj.bias",
                                   "vid_proj.weight"]
+
+
+def frozen_release_state(frames, D=768, depth=12, device="meta"):
+    """The Frozen-in-Time / EgoVLP release layout, written from its namespaces (shared/papers/egovlp.md §1.5):
+    module.video_model.* (timm names, no head, + temporal_embed, norm3, timeattn), module.text_model.* (HF
+    DistilBertModel, with position_ids), module.txt_proj.1, module.vid_proj.0."""
+    m = lambda *s: torch.empty(s, device=device)
+    video = {k: v for k, v in timm_vit(D, depth, device=device).items() if not k.startswith("head.")}
+    video["temporal_embed"] = m(1, frames, D)
+    for i in range(depth):
+        b = f"blocks.{i}."
+        video.update({b + "norm3.weight": m(D), b + "norm3.bias": m(D), b + "timeattn.qkv.weight": m(3 * D, D),
+                      b + "timeattn.qkv.bias": m(3 * D), b + "timeattn.proj.weight": m(D, D),
+                      b + "timeattn.proj.bias": m(D)})
+    text = hf_distilbert(D, 6, device=device)
+    text["embeddings.position_ids"] = torch.arange(512)[None]
+    state = {**{"video_model." + k: v for k, v in video.items()}, **{"text_model." + k: v for k, v in text.items()},
+             "txt_proj.1.weight": m(256, D), "txt_proj.1.bias": m(256), "vid_proj.0.weight": m(256, D),
+             "vid_proj.0.bias": m(256)}
+    return {"module." + k: v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("paper", ["egovlp", "oa_trans"])
+def test_frozen_layout_release_full_size_on_the_meta_device(paper):
+    """EgoVLP_PT_BEST (16 temporal rows) into egovlp --paper, Frozen's 4-frame release into oa_trans --paper:
+    all 327 parameters loaded, position_ids dropped, nothing new."""
+    from common.weights import find_state_dict
+    state = find_state_dict({"state_dict": frozen_release_state(16 if paper == "egovlp" else 4)})
+    with torch.device("meta"):
+        model = (egovlp.FrozenInTime(egovlp.Config(**egovlp.PRESETS["paper"]), 30522) if paper == "egovlp"
+                 else oa.OATrans(oa.Config(**oa.PRESETS["paper"]), 30522))
+    report = load_into(model, state, **(egovlp.FULL_MODEL if paper == "egovlp" else oa.FULL_MODEL))
+    assert len(report.loaded) == len(model.state_dict()) == 327 and report.new == []
+    assert report.dropped == ["text_model.embeddings.position_ids"]
+    assert list(report.reshaped) == (["video_model.temporal_embed"] if paper == "egovlp" else [])
