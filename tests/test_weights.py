@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import all_in_one as aio
 import egovlp
 import oa_trans as oa
-from common.weights import load_into, read_checkpoint, read_state_dict, resize_pos_embed
+from common.weights import find_state_dict, load_into, read_checkpoint, read_state_dict, resize_pos_embed
 
 
 # ------------------------------------------------------------------------------------ state dicts with real names
@@ -298,16 +298,11 @@ def test_oa_trans_frozen_layout_checkpoint_loads_every_key():
     src = oa_model(num_frames=1)
     state = {"module." + k.replace("vid_proj.", "vid_proj.0."): v for k, v in src.state_dict().items()}
     model = oa_model()
-    report = load_into(model, read_state_dict_from({"state_dict": state}), **oa.FULL_MODEL)
+    report = load_into(model, find_state_dict({"state_dict": state}), **oa.FULL_MODEL)
     assert report.new == [] and report.dropped == [] and len(report.loaded) == len(model.state_dict())
     te = model.state_dict()["video_model.temporal_embed"]
     assert torch.equal(te[:, :1], src.video_model.temporal_embed) and not te[:, 1:].any()
     assert torch.equal(model.vid_proj.weight, src.vid_proj.weight)
-
-
-def read_state_dict_from(obj):
-    from common.weights import find_state_dict
-    return find_state_dict(obj)
 
 
 def test_full_size_key_sets_on_the_meta_device():
@@ -521,7 +516,6 @@ def frozen_release_state(frames, D=768, depth=12, device="meta"):
 def test_frozen_layout_release_full_size_on_the_meta_device(paper):
     """EgoVLP_PT_BEST (16 temporal rows) into egovlp --paper, Frozen's 4-frame release into oa_trans --paper:
     all 327 parameters loaded, position_ids dropped, nothing new."""
-    from common.weights import find_state_dict
     state = find_state_dict({"state_dict": frozen_release_state(16 if paper == "egovlp" else 4)})
     with torch.device("meta"):
         model = (egovlp.FrozenInTime(egovlp.Config(**egovlp.PRESETS["paper"]), 30522) if paper == "egovlp"
