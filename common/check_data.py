@@ -105,7 +105,8 @@ def hms(text):
 
 def scan_webvid(root, split, findings):
     base = os.path.join(root, "webvid")
-    for where, r in read_rows(os.path.join(base, f"results_{split}.csv"), ",", findings, ("videoid", "page_dir", "name")):
+    path = os.path.join(base, f"results_{split}.csv")
+    for where, r in read_rows(path, ",", findings, ("videoid", "page_dir", "name")):
         if not r["videoid"].strip().isdigit():
             findings.add("bad_row", where, f"videoid {r['videoid']!r} is not an integer")
         elif findings.unique(("webvid", r["videoid"]), where):

@@ -177,7 +177,8 @@ class Report:
             lines.append(f"  dropped on purpose ({len(self.dropped)}): "
                          + ", ".join(collapse(self.dropped, self.source_keys)))
         if self.new:
-            lines.append(f"  new, kept at their init ({len(self.new)}): " + ", ".join(collapse(self.new, self.model_keys)))
+            lines.append(f"  new, kept at their init ({len(self.new)}): "
+                         + ", ".join(collapse(self.new, self.model_keys)))
         return "\n".join(lines)
 
 
@@ -198,19 +199,21 @@ def load_into(model, state, rules=(), drop=(), new=(), source="checkpoint"):
     """Load `state` (source names) into `model` strictly and return a Report.
 
     rules: (regex, replacement) pairs mapping source names to the model's (see `map_key`).
-    drop:  regexes over source names (or their mapped names): tensors the model has no place for, discarded on purpose (only when the
-           model lacks the renamed key; a key the model has is always loaded).
+    drop:  regexes over source names (or their mapped names): tensors the model has no place for, discarded on
+           purpose (only when the model lacks the mapped key; a key the model has is always loaded).
     new:   regexes over model names: parameters the source is not expected to provide (only when it doesn't).
     Anything else left over on either side, or a shape that adapt_shape cannot adapt, raises a ValueError that
     lists every such key. Nothing is loaded when it raises.
     """
     own = model.state_dict()
     report = Report(source, source_keys=list(state), model_keys=list(own))
-    mapped = {}
+    mapped, collisions = {}, []
     for src_key, value in state.items():
         key = map_key(src_key, rules)
         if key not in own and (_matches(src_key, drop) or _matches(key, drop)):
             report.dropped.append(src_key)
+        elif key in mapped:
+            collisions.append(f"{mapped[key][0]} and {src_key} both map to {key}")
         else:
             mapped[key] = (src_key, value)
     unused = [f"{s} (as {k})" if s != k else s for k, (s, _) in mapped.items() if k not in own]
@@ -228,7 +231,7 @@ def load_into(model, state, rules=(), drop=(), new=(), source="checkpoint"):
             value, report.reshaped[key] = adapted
         weights[key] = value
         report.loaded.append(key)
-    errors = []
+    errors = [f"{len(collisions)} model keys have two sources:\n    " + "\n    ".join(collisions)] if collisions else []
     if unused:
         errors.append(f"{len(unused)} source tensors map to no parameter of the model:\n    " + "\n    ".join(unused))
     if missing:

@@ -24,10 +24,17 @@ from common.weights import find_state_dict, load_into, read_checkpoint, read_sta
 
 # ------------------------------------------------------------------------------------ state dicts with real names
 
+def maker(device, generator):
+    """A tensor factory: shapes only on the meta device (no memory), else small random values."""
+    if device == "meta":
+        return lambda *shape: torch.empty(shape, device="meta")
+    return lambda *shape: torch.randn(*shape, generator=generator) * 0.1
+
+
 def timm_vit(D, depth, img=224, patch=16, classes=1000, distilled=False, device=None, seed=0):
     """The keys and shapes of timm's VisionTransformer (vit_base_patch16_224: D=768, depth 12; deit_tiny: 192)."""
     g = torch.Generator().manual_seed(seed)
-    r = (lambda *s: torch.empty(s, device="meta")) if device == "meta" else (lambda *s: torch.randn(*s, generator=g) * 0.1)
+    r = maker(device, g)
     n = (img // patch) ** 2
     sd = {"cls_token": r(1, 1, D), "pos_embed": r(1, n + 1 + distilled, D),
           "patch_embed.proj.weight": r(D, 3, patch, patch), "patch_embed.proj.bias": r(D)}
@@ -50,7 +57,7 @@ def timm_vit(D, depth, img=224, patch=16, classes=1000, distilled=False, device=
 def hf_distilbert(D, layers, vocab=30522, positions=512, ffn=None, masked_lm=False, device=None, seed=1):
     """transformers' DistilBertModel keys (DistilBertForMaskedLM: under "distilbert." plus the MLM head)."""
     g = torch.Generator().manual_seed(seed)
-    r = (lambda *s: torch.empty(s, device="meta")) if device == "meta" else (lambda *s: torch.randn(*s, generator=g) * 0.1)
+    r = maker(device, g)
     ffn = ffn or 4 * D
     sd = {"embeddings.word_embeddings.weight": r(vocab, D), "embeddings.position_embeddings.weight": r(positions, D),
           "embeddings.LayerNorm.weight": 1 + r(D), "embeddings.LayerNorm.bias": r(D)}
@@ -65,7 +72,8 @@ def hf_distilbert(D, layers, vocab=30522, positions=512, ffn=None, masked_lm=Fal
     if masked_lm:
         sd = {"distilbert." + k: v for k, v in sd.items()}
         sd.update({"vocab_transform.weight": r(D, D), "vocab_transform.bias": r(D), "vocab_layer_norm.weight": r(D),
-                   "vocab_layer_norm.bias": r(D), "vocab_projector.weight": r(vocab, D), "vocab_projector.bias": r(vocab)})
+                   "vocab_layer_norm.bias": r(D), "vocab_projector.weight": r(vocab, D),
+                   "vocab_projector.bias": r(vocab)})
     return sd
 
 
@@ -73,7 +81,7 @@ def hf_bert(D, layers, vocab=30522, positions=512, pretraining=False, device=Non
     """transformers' BertModel keys; BertForPreTraining's original file: "bert." prefix, LayerNorm.gamma / beta,
     and the cls.* heads."""
     g = torch.Generator().manual_seed(seed)
-    r = (lambda *s: torch.empty(s, device="meta")) if device == "meta" else (lambda *s: torch.randn(*s, generator=g) * 0.1)
+    r = maker(device, g)
     ln_w, ln_b = ("gamma", "beta") if pretraining else ("weight", "bias")
     sd = {"embeddings.word_embeddings.weight": r(vocab, D), "embeddings.position_embeddings.weight": r(positions, D),
           "embeddings.token_type_embeddings.weight": r(2, D), f"embeddings.LayerNorm.{ln_w}": 1 + r(D),
@@ -319,8 +327,8 @@ def test_full_size_key_sets_on_the_meta_device():
         assert len(r.loaded) == len(vit_b) - 2 and r.dropped == ["head.weight", "head.bias"]
         r = load_into(model, bert, **m.DISTILBERT_INIT)
         assert len(r.loaded) == len(bert) == 100  # DistilBertModel's 100 tensors (transformers >= 4.31)
-    for preset, sd in (("Ti", timm_vit(192, 12, device="meta")), ("S", timm_vit(384, 12, distilled=True, device="meta")),
-                       ("B", vit_b)):
+    for preset, sd in (("Ti", timm_vit(192, 12, device="meta")),
+                       ("S", timm_vit(384, 12, distilled=True, device="meta")), ("B", vit_b)):
         r = load_into(aio_models[preset], sd, **aio.VIT_INIT)
         n_drop = 5 if preset == "S" else 2  # head (+ head_dist, dist_token)
         assert len(r.dropped) == n_drop and len(r.loaded) == len(sd) - n_drop
@@ -376,17 +384,18 @@ def test_bert_embeddings_into_all_in_one(pretraining):
 def release_all_in_one_state(model):
     """Our All-in-one's tensors under the release's names (AllinoneTransformerSS): heads.py's Pooler / ITMHead /
     MLMHead, timm's Mlp, BertEmbeddings' position_ids, the MC ranking copy of the ITM match row."""
-    names = {"pooler.": "pooler.dense.", "itm_score.": "itm_score.fc.", "mlm_transform.0.": "mlm_score.transform.dense.",
-             "mlm_transform.2.": "mlm_score.transform.LayerNorm.", "mlm_decoder.weight": "mlm_score.decoder.weight",
-             "mlm_decoder.bias": "mlm_score.bias", ".mlp.0.": ".mlp.fc1.", ".mlp.3.": ".mlp.fc2.",
-             "heads.": ""}
+    names = {"pooler.": "pooler.dense.", "itm_score.": "itm_score.fc.",
+             "mlm_transform.0.": "mlm_score.transform.dense.", "mlm_transform.2.": "mlm_score.transform.LayerNorm.",
+             "mlm_decoder.weight": "mlm_score.decoder.weight", "mlm_decoder.bias": "mlm_score.bias",
+             ".mlp.0.": ".mlp.fc1.", ".mlp.3.": ".mlp.fc2.", "heads.": ""}
     state = {}
     for k, v in model.state_dict().items():
         for ours, theirs in names.items():
             k = k.replace(ours, theirs)
         state[k] = v
     state["text_embeddings.position_ids"] = torch.arange(12)[None]
-    state["rank_output.weight"], state["rank_output.bias"] = state["itm_score.fc.weight"][1:], state["itm_score.fc.bias"][1:]
+    state["rank_output.weight"] = state["itm_score.fc.weight"][1:]
+    state["rank_output.bias"] = state["itm_score.fc.bias"][1:]
     return state
 
 
@@ -479,7 +488,8 @@ def test_all_in_one_release_b_checkpoint_key_set_on_the_meta_device():
           "text_embeddings.LayerNorm.bias": m(D), "text_embeddings.position_ids": torch.arange(40)[None],
           "token_type_embeddings.weight": m(2, D),
           "pooler.dense.weight": m(D, D), "pooler.dense.bias": m(D), "itm_score.fc.weight": m(2, D),
-          "itm_score.fc.bias": m(2), "mlm_score.transform.dense.weight": m(D, D), "mlm_score.transform.dense.bias": m(D),
+          "itm_score.fc.bias": m(2), "mlm_score.transform.dense.weight": m(D, D),
+          "mlm_score.transform.dense.bias": m(D),
           "mlm_score.transform.LayerNorm.weight": m(D), "mlm_score.transform.LayerNorm.bias": m(D),
           "mlm_score.decoder.weight": m(V, D), "mlm_score.bias": m(V)}
     sd.update({"transformer." + k: v for k, v in timm_vit(D, 12, device="meta").items() if not k.startswith("head.")})
