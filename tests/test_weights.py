@@ -215,6 +215,9 @@ def test_unmapped_keys_fail_with_a_message_that_lists_them():
     assert "extra.thing" in str(err.value) and "0.bias" in str(err.value)
     with pytest.raises(ValueError, match=r"0\.weight: \(4, 2\)"):
         load_into(model, {"0.weight": torch.zeros(4, 2), "0.bias": torch.zeros(3)})
+    with pytest.raises(ValueError, match="fc.weight and 0.weight both map to 0.weight"):
+        load_into(model, {"fc.weight": torch.zeros(3, 2), "0.weight": torch.zeros(3, 2), "0.bias": torch.zeros(3)},
+                  rules=[(r"^fc\.", "0.")])
 
 
 def test_pos_embed_resize_keeps_cls_and_a_constant_grid_and_drops_the_distillation_row():
