@@ -188,6 +188,8 @@ class Config:
     eval_cache_gb: float = 2.0  # keep an eval set's decoded clips in RAM up to this size, else decode per evaluation
     dual_softmax: bool = False  # EPIC-MIR: re-weight similarities by dual-softmax (release test_epic.py default)
     dual_softmax_temp: float = 500.0  # release: softmax(S / 500) over videos, times S, softmax over texts
+    dual_softmax_over: str = "clips"  # texts the 2nd softmax runs over: "clips" = one caption per test clip,
+    #   duplicates included (release) | "sentences" = the unique sentences
     charades_frames: int = 0  # frames per Charades video at zero-shot eval, 0 = num_frames; paper 16
     # EPIC-MIR fine-tuning (paper Sec. 5, Table 4)
     margin: float = 0.2  # MI-MM margin; paper 0.2
@@ -901,23 +903,36 @@ def hms_to_seconds(stamp: str) -> float:
     return 3600 * int(h) + 60 * int(m) + float(s)
 
 
-def dual_softmax(sim, temp: float):
-    """The release's optional EPIC-MIR re-weighting of a (texts, videos) score matrix (test_epic.py):
+def dual_softmax(sim, temp: float, caption_rows=None):
+    """The release's optional EPIC-MIR re-weighting of a (sentences, videos) score matrix (test_epic.py):
     S1 = softmax(S / temp over videos) * S, then a softmax over texts. Transductive: every score depends on the
-    whole test set."""
-    s1 = F.softmax(sim / temp, dim=1) * sim
-    return F.softmax(s1, dim=0)
+    whole test set.
+
+    caption_rows (C,) long = the sentence index of each test clip's own caption. The release embeds one caption
+    per clip (C rows, a sentence shared by k clips appears k times), takes the softmax over those rows, and only
+    then keeps one column per unique sentence; so a duplicated sentence weighs k times in the denominator. With
+    caption_rows this function does the same; None normalises over the S unique sentences instead (this file's
+    earlier order, `--dual_softmax_over=sentences`), which moves text->video nDCG when captions repeat."""
+    s1 = F.softmax(sim / temp, dim=1) * sim  # (S, V)
+    rows = s1 if caption_rows is None else s1[caption_rows]  # (C, V): the rows the text softmax runs over
+    return torch.exp(s1 - torch.logsumexp(rows, dim=0, keepdim=True))
 
 
 def epic_mir_metrics(sim_vt, relevancy) -> dict:
-    """sim_vt (videos, sentences) scores, relevancy (videos, sentences) in [0, 1] -> mAP (relevancy == 1) and
-    nDCG (graded) for video->text (rows), text->video (the transpose) and their mean, in percent."""
+    """sim_vt (videos, sentences) scores, relevancy (videos, sentences) in [0, 1] -> mAP and nDCG for video->text
+    (rows), text->video (the transpose) and their mean, in percent.
+
+    `mAP_*` is the release's definition (utils/mAP.py, the number papers quote): hits are the items with
+    relevancy == 1, but P@k sums the *graded* relevancies of the top k. `mAP_binary_*` is textbook AP (P@k counts
+    only the hits); it is never higher, a few points lower on EPIC-like relevancies. nDCG is graded (top K_q)."""
     from common.metrics import map_relevancy, ndcg_relevancy
-    out = {"epic_mir/mAP_v2t": map_relevancy(sim_vt, relevancy),
-           "epic_mir/mAP_t2v": map_relevancy(sim_vt.t(), relevancy.t()),
-           "epic_mir/nDCG_v2t": ndcg_relevancy(sim_vt, relevancy),
-           "epic_mir/nDCG_t2v": ndcg_relevancy(sim_vt.t(), relevancy.t())}
-    out["epic_mir/mAP_avg"] = (out["epic_mir/mAP_v2t"] + out["epic_mir/mAP_t2v"]) / 2
+    out = {}
+    for name, precision in (("mAP", "graded"), ("mAP_binary", "binary")):
+        out[f"epic_mir/{name}_v2t"] = map_relevancy(sim_vt, relevancy, precision)
+        out[f"epic_mir/{name}_t2v"] = map_relevancy(sim_vt.t(), relevancy.t(), precision)
+        out[f"epic_mir/{name}_avg"] = (out[f"epic_mir/{name}_v2t"] + out[f"epic_mir/{name}_t2v"]) / 2
+    out["epic_mir/nDCG_v2t"] = ndcg_relevancy(sim_vt, relevancy)
+    out["epic_mir/nDCG_t2v"] = ndcg_relevancy(sim_vt.t(), relevancy.t())
     out["epic_mir/nDCG_avg"] = (out["epic_mir/nDCG_v2t"] + out["epic_mir/nDCG_t2v"]) / 2
     return out
 
@@ -936,13 +951,16 @@ class EpicMIR:
             clips, self.relevancy = clips[:cfg.max_eval_items], self.relevancy[:cfg.max_eval_items]
         windows = [(c["video_id"], hms_to_seconds(c["start_timestamp"]), hms_to_seconds(c["stop_timestamp"]))
                    for c in clips]
+        sentence_index = {text: k for k, text in enumerate(self.sentences)}
+        self.caption_rows = torch.tensor([sentence_index[c["narration"]] for c in clips])  # each clip's caption
         self.bank = ClipBank(ClipReader(root / "videos"), cfg, windows, cfg.num_frames)
 
     def __call__(self, model, tokenizer, cfg, device, ctx) -> dict:
         text = embed_texts(model, tokenizer, self.sentences, cfg, device, ctx)  # (S, E)
         video = self.bank.embed(model, device, cfg.eval_batch_size, ctx)  # (V, E)
         if cfg.dual_softmax:
-            sim_vt = dual_softmax(text @ video.t(), cfg.dual_softmax_temp).t()
+            rows = self.caption_rows if cfg.dual_softmax_over == "clips" else None
+            sim_vt = dual_softmax(text @ video.t(), cfg.dual_softmax_temp, rows).t()
         else:
             sim_vt = (sim_matrix(video, text) + 1) / 2  # the release's (cos + 1) / 2
         keep = torch.tensor(self.bank.ok)  # unreadable clips are left out of the ranking
@@ -1076,6 +1094,7 @@ def main(argv: list[str] | None = None) -> dict:
     assert cfg.hflip in ("off", "release", "mirror"), cfg.hflip
     assert cfg.finetune in ("", "epic_mir"), cfg.finetune
     assert cfg.eval in ("", "egomcq", "epic_mir", "charades", "all"), cfg.eval
+    assert cfg.dual_softmax_over in ("clips", "sentences"), cfg.dual_softmax_over
     dist = setup_distributed(cfg.device)
     device, world = dist.device, dist.world_size
     seed_everything(cfg.seed + dist.rank)

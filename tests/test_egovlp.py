@@ -341,8 +341,11 @@ def test_epic_mir_metrics_both_directions():
     out = egovlp.epic_mir_metrics(sim, rel)
     # V->T: video 0 ranks s0 first (AP 1); video 1 ranks s1 last of 3 (AP 1/3)
     assert out["epic_mir/mAP_v2t"] == pytest.approx(100 * (1 + 1 / 3) / 2)
-    # T->V: s0 (relevant video 0, ranked 1st: AP 1); s1 (relevant video 1, ranked 2nd: AP 1/2); s2 has none
-    assert out["epic_mir/mAP_t2v"] == pytest.approx(100 * (1 + 0.5) / 2)
+    # T->V: s0 (relevant video 0, ranked 1st: AP 1); s1 (relevant video 1, ranked 2nd behind video 0 of
+    # relevancy 0.5: the release's graded P@2 = (0.5 + 1) / 2, binary P@2 = 1/2); s2 has none
+    assert out["epic_mir/mAP_t2v"] == pytest.approx(100 * (1 + 0.75) / 2)
+    assert out["epic_mir/mAP_binary_t2v"] == pytest.approx(100 * (1 + 0.5) / 2)
+    assert out["epic_mir/mAP_binary_v2t"] == pytest.approx(out["epic_mir/mAP_v2t"])  # no graded item above a hit
     # nDCG V->T: video 0, K=2: ranking s0 (1), s1 (0.5) is ideal -> 1; video 1, K=1: top is s0 (rel 0) -> 0
     assert out["epic_mir/nDCG_v2t"] == pytest.approx(50.0)
     # nDCG T->V: s0 K=1 top video 0 (1) -> 1; s1 K=2: order v0 (0.5), v1 (1) vs ideal v1, v0
@@ -359,6 +362,25 @@ def test_dual_softmax_prefers_mutual_best_matches():
     out = egovlp.dual_softmax(sim, 1.0)
     assert sim.argmax(0).tolist() == [0, 0] and out.argmax(0).tolist() == [1, 0]
     assert torch.allclose(out.sum(0), torch.ones(2))  # a softmax over texts, per video
+
+
+def test_dual_softmax_normalises_over_clip_captions_like_the_release():
+    """3 test clips, 2 unique sentences: clips 0 and 2 share sentence 0. The release embeds one caption per clip,
+    takes both softmaxes on that (3, 3) matrix, then keeps the sentences' columns; a naive restatement of those
+    steps must equal dual_softmax with caption_rows, and differ from normalising over the 2 unique sentences."""
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randn(2, 3, generator=g) * 3  # (sentences, videos)
+    caption_rows = torch.tensor([0, 1, 0])  # the sentence of each clip
+    per_clip = sim[caption_rows]  # (clips, videos): what the release scores
+    s1 = torch.softmax(per_clip / 2.0, dim=1) * per_clip
+    s2 = torch.softmax(s1, dim=0)  # over the 3 clip captions, duplicate included
+    first_clip = [0, 1]  # the release's `indexes`: a clip holding each unique sentence
+    expected = s2[first_clip]  # (sentences, videos)
+    got = egovlp.dual_softmax(sim, 2.0, caption_rows)
+    assert torch.allclose(got, expected, atol=1e-6)
+    unique = egovlp.dual_softmax(sim, 2.0)
+    assert torch.allclose(unique.sum(0), torch.ones(3))
+    assert not torch.allclose(unique, expected, atol=1e-3)
 
 
 # --------------------------------------------------------------------------------------------- video reading
