@@ -56,6 +56,12 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
   object models pair caption+tags with video and mean-region with mean-tag. We implement the paper figure's
   pairs by default and offer the release pairs as `--oa_loss=release`.
 - Boxes follow the random crop and flip (the release ignores the crop: up to a patch of misalignment).
+- Augmentation. The release pre-trains with Resize(242) -> RandomCrop(224), ColorJitter(0.5, 0.5, 0.5, 0.1) at
+  p = 0.8 and RandomGrayscale(0.3), and no flip; `--paper` sets exactly these (`crop=resize_random`,
+  `color_jitter`, `jitter_hue`, `jitter_p`, `grayscale_p`, `hflip=False`), `--paper_ft` the fine-tuning values
+  (Resize(238), jitter 0.4, grayscale 0.2). The CPU default keeps only label-preserving augmentation: a
+  RandomResizedCrop(0.6..1), no flip (captions say "to the left / right"), no jitter or grayscale (captions name
+  colours).
 - Detections are read from top-level `.npz` arrays; the release's pickled `info` dict is read only with
   `--allow_pickle` (np.load of a pickle can run arbitrary code).
 - Top-K boxes are chosen by confidence and tags deduplicated in confidence order (the release's np.unique sorts
@@ -150,7 +156,20 @@ class Config:
     curriculum: str = "1to4"  # none | 1to4 = Frozen's curriculum: 1 frame for the first curriculum_frac of steps, then num_frames
     curriculum_frac: float = 0.85  # share of pre-training steps at 1 frame (Frozen: 1-frame to convergence, then ~10% at 4)
     img_size: int = 64  # input resolution (paper 224; the synthetic corpus is 64x64)
-    crop_scale: float = 0.6  # RandomResizedCrop lower area bound in training (upper = 1)
+    # --- training augmentation (one draw per clip, shared by its frames, anchor and boxes; common/video.py)
+    crop: str = "random_resized"  # random_resized = RandomResizedCrop(crop_scale..1) | resize_random = the release's
+    #   Resize(img_size * resize_ratio) -> RandomCrop(img_size)
+    crop_scale: float = 0.6  # RandomResizedCrop lower area bound (upper = 1); crop=random_resized only
+    resize_ratio: float = 242 / 224  # crop=resize_random: short side before the crop / img_size; release 242/224
+    #   pre-training, 238/224 fine-tuning
+    hflip: bool = False  # flip half the training clips, captions kept; release: no flip. Off here because the
+    #   synthetic captions say "moves to the left / right", which a flip would contradict
+    color_jitter: float = 0.0  # ColorJitter brightness = contrast = saturation strength, 0 = off; release 0.5
+    #   pre-training, 0.4 fine-tuning. Off here: the synthetic captions name colours ("the red bag")
+    jitter_hue: float = 0.0  # ColorJitter hue; release 0.1
+    jitter_p: float = 0.8  # probability of the jitter; release 0.8
+    grayscale_p: float = 0.0  # RandomGrayscale probability; release 0.3 pre-training, 0.2 fine-tuning (colour
+    #   names again: off here)
     # --- video encoder (divided space-time ViT)
     patch_size: int = 8  # paper 16
     vid_width: int = 128  # paper 768
@@ -192,13 +211,15 @@ PRESETS = {
     "paper": dict(img_size=224, patch_size=16, vid_width=768, vid_depth=12, vid_heads=12, vocab_size=30522,
                   txt_width=768, txt_depth=6, txt_heads=12, txt_positions=512, max_text_len=64, max_tag_len=32,
                   num_frames=4, batch_size=16, lr=2e-4, weight_decay=0.0, warmup_steps=0, schedule="constant",
-                  grad_clip=0.0, crop_scale=0.5, time_init="zeros", text_pool="cls", max_steps=200_000,
+                  grad_clip=0.0, crop="resize_random", resize_ratio=242 / 224, hflip=False, color_jitter=0.5,
+                  jitter_hue=0.1, jitter_p=0.8, grayscale_p=0.3, time_init="zeros", text_pool="cls", max_steps=200_000,
                   eval_interval=5000, log_interval=100, num_workers=8),
     # CPU fine-tuning of the default pre-trained checkpoint on the MSR-VTT-style train split (object streams dropped)
     "ft_retrieval": dict(finetune="retrieval", init="runs/oa_trans/ckpt.pt", out_dir="runs/oa_trans_ft",
                          max_steps=150, lr=1e-4, warmup_steps=10, eval_interval=75),
     # the paper's fine-tuning recipe (combine with --paper): 4 frames, AdamW 3e-5, batch 64, L(t, v) only
-    "paper_ft": dict(finetune="retrieval", lr=3e-5, batch_size=64, max_steps=15_000, eval_interval=1000),
+    "paper_ft": dict(finetune="retrieval", lr=3e-5, batch_size=64, max_steps=15_000, eval_interval=1000,
+                     resize_ratio=238 / 224, color_jitter=0.4, grayscale_p=0.2),
 }
 
 
@@ -592,13 +613,21 @@ def read_vocab_lines(path):
         return [line.strip() for line in f if line.strip()]
 
 
+def clip_transform(cfg, train):
+    """The clip augmentation of the config (training) or the centre crop (evaluation)."""
+    jitter = (cfg.color_jitter,) * 3 + (cfg.jitter_hue,) if cfg.color_jitter or cfg.jitter_hue else None
+    return VideoTransform(cfg.img_size, train, scale=(cfg.crop_scale, 1.0), flip=cfg.hflip, crop=cfg.crop,
+                          resize_ratio=cfg.resize_ratio, jitter=jitter, jitter_p=cfg.jitter_p,
+                          grayscale_p=cfg.grayscale_p)
+
+
 class WebVidObjects(torch.utils.data.Dataset):
     """WebVid-style clips with their anchor frame and detections.
 
     Item: video (T, 3, S, S), caption str, and with objects: anchor (3, S, S), regions (K, N) bool (the patches of
     each of the top-K boxes), tag_ids list[int] + tag_groups list[list[int]] (see tag_tokens). The T frames and
-    the anchor frame are decoded together and get ONE random crop / flip, which also moves the boxes, so the
-    patch mask lines up with the pixels it masks.
+    the anchor frame are decoded together and get ONE random crop / flip / colour jitter, which also moves the
+    boxes, so the patch mask lines up with the pixels it masks.
     """
 
     def __init__(self, root, split, cfg, tokenizer, objects=True, train=True):
@@ -609,7 +638,7 @@ class WebVidObjects(torch.utils.data.Dataset):
         for line, r in enumerate(self.rows, start=2):  # line 1 is the header
             if not r.get("videoid") or not r.get("page_dir") or r.get("name") is None:
                 raise ValueError(f"{path}, line {line}: malformed WebVid row (needs videoid, page_dir, name): {r}")
-        self.transform = VideoTransform(cfg.img_size, train, scale=(cfg.crop_scale, 1.0))
+        self.transform = clip_transform(cfg, train)
         self.num_frames = cfg.num_frames  # changed by the frame curriculum
         self.object_names = read_vocab_lines(os.path.join(root, "webvid", "objects_vocab.txt"))
 
@@ -708,7 +737,7 @@ class MSRVTTTrain(torch.utils.data.Dataset):
         self.by_video = {}
         for c, v in zip(ann.captions, ann.caption_video):
             self.by_video.setdefault(v, []).append(c)
-        self.transform = VideoTransform(cfg.img_size, True, scale=(cfg.crop_scale, 1.0))
+        self.transform = clip_transform(cfg, True)
         self.num_frames = cfg.num_frames
 
     def __len__(self):

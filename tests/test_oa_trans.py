@@ -36,6 +36,30 @@ def test_paper_parameter_count_on_meta_device():
     assert sum(p.numel() for p in model.text_model.parameters()) == 66_362_880
 
 
+def test_default_augmentation_is_label_preserving_and_paper_is_the_release():
+    """The synthetic captions say "to the left / right" and name colours: the CPU default must not flip, jitter
+    or gray a clip (an asymmetric clip comes out unmirrored for every draw). --paper restores the release's
+    Resize(242) -> RandomCrop(224), ColorJitter(0.5, 0.5, 0.5, 0.1) at p 0.8, RandomGrayscale(0.3), no flip."""
+    cfg = tiny_cfg()
+    t = oa.clip_transform(cfg, True)
+    assert not t.flip and t.jitter is None and t.grayscale_p == 0
+    frames = np.zeros((1, 32, 32, 3), np.uint8)
+    frames[:, :, :16, 0] = 255  # red on the left half
+    rng = random.Random(0)
+    for _ in range(30):
+        video, _ = t(frames, rng=rng)
+        left, right = video[0, 0, :, :8].mean(), video[0, 0, :, -8:].mean()
+        assert left > right  # never mirrored
+    paper = oa.parse_config(oa.Config, ["--paper"], oa.PRESETS)
+    t = oa.clip_transform(paper, True)
+    assert (t.crop, t.flip, t.jitter, t.jitter_p, t.grayscale_p) == ("resize_random", False, (0.5, 0.5, 0.5, 0.1),
+                                                                      0.8, 0.3)
+    assert t.resize_ratio * 224 == pytest.approx(242)
+    ft = oa.parse_config(oa.Config, ["--paper", "--paper_ft"], oa.PRESETS)
+    t = oa.clip_transform(ft, True)
+    assert (t.jitter, t.grayscale_p) == ((0.4, 0.4, 0.4, 0.1), 0.2) and t.resize_ratio * 224 == pytest.approx(238)
+
+
 def test_objects_off_is_the_two_stream_model():
     """objects=on and objects=off build the same parameters, and the same weights give the same V/T embeddings;
     with objects off the loss is exactly L(t, v)."""
