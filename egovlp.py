@@ -138,7 +138,7 @@ class Config:
     finetune: str = ""  # "" = EgoNCE pre-training on EgoClip | "epic_mir" = EPIC-MIR fine-tuning with MI-MM
     eval: str = ""  # "" = train | "egomcq" | "epic_mir" | "charades" | "all": evaluate only, no training
     # video encoder (Frozen-in-Time SpaceTimeTransformer)
-    image_size: int = 64  # input frame side; paper 224
+    img_size: int = 64  # input frame side; paper 224
     patch_size: int = 16  # ViT patch side; paper 16
     num_frames: int = 4  # frames per clip = rows of the temporal embedding; paper 4 (pre-train), 16 (fine-tune)
     vit_width: int = 128  # D; paper 768 (ViT-B)
@@ -177,7 +177,7 @@ class Config:
     weight_decay: float = 0.01  # paper 0 (transformers.AdamW default)
     adam_eps: float = 1e-6  # paper 1e-6
     warmup_steps: int = 50  # linear warm-up; paper 0
-    lr_schedule: str = "cosine"  # "cosine" | "linear" | "constant" after warm-up; paper constant
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant" after warm-up; paper constant
     grad_clip: float = 1.0  # max grad norm, 0 = off; paper off
     # evaluation / logging
     eval_every: int = 0  # steps between evaluations (0 = only at the end); the release evaluates every epoch
@@ -201,10 +201,10 @@ PRESETS = {
     # The CPU default (every field's default); named so that `python egovlp.py --pretrain` reads as intended.
     "pretrain": {},
     # The paper's model and optimisation: ViT-B/16 at 224, DistilBERT-base, 4 frames, AdamW 3e-5 constant.
-    "paper": dict(image_size=224, patch_size=16, num_frames=4, vit_width=768, vit_depth=12, vit_heads=12,
+    "paper": dict(img_size=224, patch_size=16, num_frames=4, vit_width=768, vit_depth=12, vit_heads=12,
                   vocab_size=30522, text_width=768, text_layers=6, text_heads=12, text_ffn=3072,
                   text_positions=512, max_text_len=64, batch_size=16, num_workers=16, max_steps=75_000,
-                  lr=3e-5, weight_decay=0.0, warmup_steps=0, lr_schedule="constant", grad_clip=0.0,
+                  lr=3e-5, weight_decay=0.0, warmup_steps=0, schedule="constant", grad_clip=0.0,
                   time_init="release", text_pool="cls", cache_videos=False, eval_every=7_500, ckpt_every=7_500,
                   eval_batch_size=32, precision="fp32", crop_scale=0.5, hflip="release"),
     # EPIC-MIR fine-tuning at 16 frames (Table 4, last EgoVLP row); combine with --paper.
@@ -300,12 +300,14 @@ class SpaceTimeTransformer(nn.Module):
 
     Token embeddings: patch p of frame f gets pos_embed[1 + p] + temporal_embed[f]; [CLS] gets pos_embed[0]
     only. temporal_embed starts at zero and is sliced to the T frames given (T <= num_frames).
+    Kept in step with oa_trans.py's VideoEncoder (same keys, time_init values and output for the same weights;
+    tests/test_oa_trans.py checks it).
     """
 
-    def __init__(self, image_size: int, patch: int, num_frames: int, dim: int, depth: int, heads: int,
+    def __init__(self, img_size: int, patch: int, num_frames: int, dim: int, depth: int, heads: int,
                  mlp_ratio: float):
         super().__init__()
-        self.num_patches = (image_size // patch) ** 2
+        self.num_patches = (img_size // patch) ** 2
         self.num_frames = num_frames
         self.patch_embed = PatchEmbed(patch, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -421,7 +423,8 @@ class Transformer(nn.Module):
 
 
 class DistilBertModel(nn.Module):
-    """input_ids (B, L), attention_mask (B, L) -> last hidden state (B, L, D)."""
+    """input_ids (B, L), attention_mask (B, L) -> last hidden state (B, L, D). Kept in step with oa_trans.py's
+    TextEncoder (same keys, dropout and output for the same weights; tests/test_oa_trans.py checks it)."""
 
     def __init__(self, vocab: int, dim: int, layers: int, heads: int, hidden: int, positions: int,
                  dropout: float):
@@ -454,7 +457,7 @@ class FrozenInTime(nn.Module):
 
     def __init__(self, cfg: Config, vocab_size: int):
         super().__init__()
-        self.video_model = SpaceTimeTransformer(cfg.image_size, cfg.patch_size, cfg.num_frames, cfg.vit_width,
+        self.video_model = SpaceTimeTransformer(cfg.img_size, cfg.patch_size, cfg.num_frames, cfg.vit_width,
                                                 cfg.vit_depth, cfg.vit_heads, cfg.vit_mlp_ratio)
         self.text_model = DistilBertModel(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads,
                                           cfg.text_ffn, cfg.text_positions, cfg.text_dropout)
@@ -725,7 +728,7 @@ class EgoClipDataset(torch.utils.data.Dataset):
         self.reader = ClipReader(Path(root) / "videos", cfg.chunk_seconds, cfg.cache_videos)
         self.buckets = scene_buckets(rows, cfg.neg_window)
         from common.video import VideoTransform
-        self.transform = VideoTransform(cfg.image_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
+        self.transform = VideoTransform(cfg.img_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
 
     def __len__(self):
         return len(self.rows)
@@ -792,10 +795,10 @@ class ClipBank:
     def __init__(self, reader: ClipReader, cfg: Config, windows: list[tuple], num_frames: int):
         from common.video import VideoTransform
         self.reader, self.windows, self.num_frames = reader, list(windows), num_frames
-        self.transform = VideoTransform(cfg.image_size, train=False)
+        self.transform = VideoTransform(cfg.img_size, train=False)
         self.num_workers, self.videos = cfg.num_workers, None
         self.ok, self.skipped = [True] * len(self.windows), 0  # known once the clips are decoded
-        if len(self.windows) * num_frames * 3 * cfg.image_size ** 2 * 2 <= cfg.eval_cache_gb * 2 ** 30:
+        if len(self.windows) * num_frames * 3 * cfg.img_size ** 2 * 2 <= cfg.eval_cache_gb * 2 ** 30:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # tiny per-clip tensor ops: extra threads only add contention
             self.videos = [self[i] for i in range(len(self))]
@@ -981,7 +984,7 @@ class EpicMIRTrain(torch.utils.data.Dataset):
         self.sentences = [r["narration"] for r in read_csv(root / "EPIC_100_retrieval_train_sentence.csv")]
         self.relevancy = np.load(root / "caption_relevancy_EPIC_100_retrieval_train.npy")
         self.reader = ClipReader(root / "videos")
-        self.transform = VideoTransform(cfg.image_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
+        self.transform = VideoTransform(cfg.img_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
 
     def __len__(self):
         return len(self.clips)
@@ -1194,7 +1197,7 @@ def main(argv: list[str] | None = None) -> dict:
         skipped += batch["skipped"]
         # every tensor of the batch to the device once: clips, EgoNCE tags, MI-MM relevancy
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
+        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         tok = tokenizer(batch["text"], cfg.max_text_len, pad_to_max=False)  # pad to the longest, as the release

@@ -34,7 +34,8 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
 ## What is reproduced
 - The Frozen dual encoder written out here: divided space-time ViT (Frozen's residual, a CLS token that attends
   to every token, zero-initialised temporal attention), the DistilBERT architecture (post-LN, 6 layers in the
-  paper preset), 256-d heads (ReLU -> Linear on the text side), cosine similarity. Paper preset = ViT-B/16 +
+  paper preset, dropout 0.1 in training as the release's Hugging Face model in train mode), 256-d heads (ReLU ->
+  Linear on the text side), cosine similarity. Paper preset = ViT-B/16 +
   DistilBERT = 180,925,184 parameters (tests/test_oa_trans.py counts it on the meta device).
 - Anchor frame, object-guided masking on the patch grid, tag stream with a random distractor, the loss above,
   boxes carried through the same random crop / flip as the frames, top-K = 10 boxes by confidence.
@@ -172,17 +173,21 @@ class Config:
     #   names again: off here)
     # --- video encoder (divided space-time ViT)
     patch_size: int = 8  # paper 16
-    vid_width: int = 128  # paper 768
-    vid_depth: int = 4  # paper 12
-    vid_heads: int = 2  # paper 12 (head dim 64)
-    time_init: str = "live"  # live = TimeAttn qkv 0, out-proj ~ N(0, 0.02) | zeros = Frozen's (qkv 0, out-proj weight 1:
-    #   from scratch its qkv never gets a gradient, see the docstring; --paper keeps it for pre-trained weights)
+    vit_width: int = 128  # paper 768
+    vit_depth: int = 4  # paper 12
+    vit_heads: int = 2  # paper 12 (head dim 64)
+    vit_mlp_ratio: float = 4.0  # MLP hidden = ratio x D; paper 4
+    time_init: str = "live"  # live = TimeAttn qkv 0, out-proj ~ N(0, 0.02) | release = Frozen's (qkv 0, out-proj
+    #   weight 1: from scratch its qkv never gets a gradient, see the docstring; --paper keeps it for pre-trained weights)
     # --- text encoder (DistilBERT architecture)
     vocab_size: int = 0  # 0 = the size of data_root/vocab.txt; paper 30522 (bert-base-uncased)
-    txt_width: int = 128  # paper 768
-    txt_depth: int = 2  # paper 6
-    txt_heads: int = 2  # paper 12
-    txt_positions: int = 64  # paper 512
+    text_width: int = 128  # paper 768
+    text_layers: int = 2  # paper 6
+    text_heads: int = 2  # paper 12
+    text_positions: int = 64  # paper 512
+    text_ffn: int = 512  # FFN hidden; paper 3072
+    text_dropout: float = 0.1  # hidden and attention dropout, active in training as in the release (HF DistilBERT
+    #   in train mode); paper 0.1
     text_pool: str = "mean"  # text feature: mean over the real tokens | cls = the [CLS] output (Frozen / OA-Trans,
     #   --paper); from scratch, [CLS] learns ~2.6x slower (zero-shot t2v R@1 2.8 vs 7.4 after 300 steps)
     max_text_len: int = 32  # caption tokens incl. [CLS]/[SEP] (Frozen pads to the longest in the batch, truncates at 512)
@@ -199,8 +204,8 @@ class Config:
     schedule: str = "cosine"  # cosine | linear | constant (paper: step decay x0.1 at epochs 60, 80 -- effectively constant)
     grad_clip: float = 1.0  # max grad norm, 0 = off (paper: off)
     # --- logging / evaluation
-    log_interval: int = 25  # steps between log lines
-    eval_interval: int = 400  # steps between validation evaluations (and checkpoints)
+    log_every: int = 25  # steps between log lines
+    eval_every: int = 400  # steps between validation evaluations (and checkpoints)
     eval_batch_size: int = 64  # clips per forward in evaluation
 
 
@@ -208,17 +213,17 @@ PRESETS = {
     # CPU pre-training on the synthetic corpus: the defaults above (named so the command reads as what it does)
     "pretrain": {},
     # the paper's model and pre-training recipe (ViT-B/16 + DistilBERT, 224 px, 4 frames, tau 0.05, AdamW 2e-4)
-    "paper": dict(img_size=224, patch_size=16, vid_width=768, vid_depth=12, vid_heads=12, vocab_size=30522,
-                  txt_width=768, txt_depth=6, txt_heads=12, txt_positions=512, max_text_len=64, max_tag_len=32,
-                  num_frames=4, batch_size=16, lr=2e-4, weight_decay=0.0, warmup_steps=0, schedule="constant",
-                  grad_clip=0.0, crop="resize_random", resize_ratio=242 / 224, hflip=False, color_jitter=0.5,
-                  jitter_hue=0.1, jitter_p=0.8, grayscale_p=0.3, time_init="zeros", text_pool="cls", max_steps=200_000,
-                  eval_interval=5000, log_interval=100, num_workers=8),
+    "paper": dict(img_size=224, patch_size=16, vit_width=768, vit_depth=12, vit_heads=12, vocab_size=30522,
+                  text_width=768, text_layers=6, text_heads=12, text_positions=512, text_ffn=3072, text_dropout=0.1,
+                  max_text_len=64, max_tag_len=32, num_frames=4, batch_size=16, lr=2e-4, weight_decay=0.0,
+                  warmup_steps=0, schedule="constant", grad_clip=0.0, crop="resize_random", resize_ratio=242 / 224,
+                  hflip=False, color_jitter=0.5, jitter_hue=0.1, jitter_p=0.8, grayscale_p=0.3, time_init="release",
+                  text_pool="cls", max_steps=200_000, eval_every=5000, log_every=100, num_workers=8),
     # CPU fine-tuning of the default pre-trained checkpoint on the MSR-VTT-style train split (object streams dropped)
     "ft_retrieval": dict(finetune="retrieval", init="runs/oa_trans/ckpt.pt", out_dir="runs/oa_trans_ft",
-                         max_steps=150, lr=1e-4, warmup_steps=10, eval_interval=75),
+                         max_steps=150, lr=1e-4, warmup_steps=10, eval_every=75),
     # the paper's fine-tuning recipe (combine with --paper): 4 frames, AdamW 3e-5, batch 64, L(t, v) only
-    "paper_ft": dict(finetune="retrieval", lr=3e-5, batch_size=64, max_steps=15_000, eval_interval=1000,
+    "paper_ft": dict(finetune="retrieval", lr=3e-5, batch_size=64, max_steps=15_000, eval_every=1000,
                      resize_ratio=238 / 224, color_jitter=0.4, grayscale_p=0.2),
 }
 
@@ -285,12 +290,12 @@ class SpaceTimeBlock(nn.Module):
     is the zero bias), so a freshly built model behaves like an image ViT on each frame.
     """
 
-    def __init__(self, dim, heads, mlp_ratio=4):
+    def __init__(self, dim, heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
         self.attn = DividedAttention(dim, heads)
         self.timeattn = DividedAttention(dim, heads)
-        self.mlp = Mlp(dim, dim * mlp_ratio)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x, T, N):
         t = x + self.timeattn(self.norm3(x), "time", T, N)
@@ -300,9 +305,11 @@ class SpaceTimeBlock(nn.Module):
 
 class VideoEncoder(nn.Module):
     """Divided space-time ViT ("SpaceTimeTransformer"). video (B, T, 3, H, W) -> tokens (B, 1 + T*N, D) after
-    the final LayerNorm; token 0 is CLS. Patch (f, n) gets pos_embed[1 + n] + temporal_embed[f]."""
+    the final LayerNorm; token 0 is CLS. Patch (f, n) gets pos_embed[1 + n] + temporal_embed[f]. Kept in step
+    with egovlp.py's SpaceTimeTransformer: same keys, same time_init values, same output for the same weights
+    (tests/test_oa_trans.py checks it)."""
 
-    def __init__(self, img_size, patch_size, dim, depth, heads, num_frames, time_init="zeros"):
+    def __init__(self, img_size, patch_size, dim, depth, heads, num_frames, time_init="release", mlp_ratio=4.0):
         super().__init__()
         self.grid = img_size // patch_size
         num_patches = self.grid ** 2
@@ -311,7 +318,7 @@ class VideoEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, dim))
         self.temporal_embed = nn.Parameter(torch.zeros(1, num_frames, dim))  # zero init, as in Frozen
-        self.blocks = nn.ModuleList(SpaceTimeBlock(dim, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(SpaceTimeBlock(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self._init_weights(time_init)
 
@@ -326,7 +333,7 @@ class VideoEncoder(nn.Module):
             nn.init.zeros_(blk.timeattn.qkv.weight)
             nn.init.zeros_(blk.timeattn.qkv.bias)
             nn.init.zeros_(blk.timeattn.proj.bias)
-            if time_init == "zeros":  # Frozen's out-proj weight = 1: every channel of the output is the same sum,
+            if time_init == "release":  # Frozen's out-proj weight = 1: every channel of the output is the same sum,
                 nn.init.ones_(blk.timeattn.proj.weight)  # LN1 removes it, so qkv's gradient is 0 (see docstring)
             # "live": the trunc_normal(0.02) out-proj weight set above, so the temporal branch can learn
 
@@ -345,47 +352,53 @@ class VideoEncoder(nn.Module):
 
 
 class TextAttention(nn.Module):
-    """DistilBERT's MultiHeadSelfAttention (q_lin, k_lin, v_lin, out_lin), padding keys masked."""
+    """DistilBERT's MultiHeadSelfAttention (q_lin, k_lin, v_lin, out_lin), padding keys masked, dropout on the
+    attention weights in training."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, dropout=0.0):
         super().__init__()
-        self.heads = heads
+        self.heads, self.dropout = heads, dropout
         self.q_lin, self.k_lin, self.v_lin, self.out_lin = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x, pad_mask):
         q, k, v = (rearrange(f(x), "b l (h d) -> b h l d", h=self.heads) for f in (self.q_lin, self.k_lin, self.v_lin))
         keep = pad_mask[:, None, None, :].bool()  # (B, 1, 1, L): attend to real tokens only
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
         return self.out_lin(rearrange(out, "b h l d -> b l (h d)"))
 
 
 class TextLayer(nn.Module):
-    """DistilBERT TransformerBlock, post-LN: h = LN(x + Attn(x)); h = LN(h + FFN(h))."""
+    """DistilBERT TransformerBlock, post-LN: h = LN(x + Attn(x)); h = LN(h + Dropout(FFN(h)))."""
 
-    def __init__(self, dim, heads, hidden):
+    def __init__(self, dim, heads, hidden, dropout=0.0):
         super().__init__()
-        self.attention = TextAttention(dim, heads)
+        self.attention = TextAttention(dim, heads, dropout)
         self.sa_layer_norm = nn.LayerNorm(dim, eps=1e-12)
         self.ffn = nn.Module()
         self.ffn.lin1, self.ffn.lin2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.ffn.dropout = nn.Dropout(dropout)
         self.output_layer_norm = nn.LayerNorm(dim, eps=1e-12)
 
     def forward(self, x, pad_mask):
         x = self.sa_layer_norm(x + self.attention(x, pad_mask))
-        return self.output_layer_norm(x + self.ffn.lin2(F.gelu(self.ffn.lin1(x))))
+        return self.output_layer_norm(x + self.ffn.dropout(self.ffn.lin2(F.gelu(self.ffn.lin1(x)))))
 
 
 class TextEncoder(nn.Module):
-    """The DistilBERT architecture (keys as in HF's DistilBertModel). ids, mask (B, L) -> hidden (B, L, D)."""
+    """The DistilBERT architecture (keys as in HF's DistilBertModel). ids, mask (B, L) -> hidden (B, L, D).
+    Dropout (embeddings, attention weights, FFN output) is active in training, as in the release, which runs HF's
+    DistilBERT in train mode with dropout 0.1. Kept in step with egovlp.py's DistilBertModel: same keys, same
+    output for the same weights (tests/test_oa_trans.py checks it)."""
 
-    def __init__(self, vocab_size, dim, depth, heads, positions):
+    def __init__(self, vocab_size, dim, depth, heads, positions, hidden=None, dropout=0.0):
         super().__init__()
         self.embeddings = nn.Module()
         self.embeddings.word_embeddings = nn.Embedding(vocab_size, dim)
         self.embeddings.position_embeddings = nn.Embedding(positions, dim)
         self.embeddings.LayerNorm = nn.LayerNorm(dim, eps=1e-12)
+        self.embeddings.dropout = nn.Dropout(dropout)
         self.transformer = nn.Module()
-        self.transformer.layer = nn.ModuleList(TextLayer(dim, heads, 4 * dim) for _ in range(depth))
+        self.transformer.layer = nn.ModuleList(TextLayer(dim, heads, hidden or 4 * dim, dropout) for _ in range(depth))
         for m in self.modules():  # BERT init: N(0, 0.02)
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -395,7 +408,7 @@ class TextEncoder(nn.Module):
     def forward(self, ids, pad_mask):
         pos = torch.arange(ids.shape[1], device=ids.device)
         e = self.embeddings
-        x = e.LayerNorm(e.word_embeddings(ids) + e.position_embeddings(pos))  # (B, L, D)
+        x = e.dropout(e.LayerNorm(e.word_embeddings(ids) + e.position_embeddings(pos)))  # (B, L, D)
         for layer in self.transformer.layer:
             x = layer(x, pad_mask)
         return x
@@ -418,12 +431,13 @@ class OATrans(nn.Module):
     def __init__(self, cfg, vocab_size):
         super().__init__()
         self.cfg = cfg
-        assert cfg.time_init in ("zeros", "live") and cfg.text_pool in ("cls", "mean")
-        self.video_model = VideoEncoder(cfg.img_size, cfg.patch_size, cfg.vid_width, cfg.vid_depth, cfg.vid_heads,
-                                        cfg.num_frames, cfg.time_init)
-        self.text_model = TextEncoder(vocab_size, cfg.txt_width, cfg.txt_depth, cfg.txt_heads, cfg.txt_positions)
-        self.vid_proj = nn.Linear(cfg.vid_width, cfg.embed_dim)  # Vid Proj: Linear, no activation
-        self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(cfg.txt_width, cfg.embed_dim))  # Txt Proj: ReLU -> Linear
+        assert cfg.time_init in ("release", "live") and cfg.text_pool in ("cls", "mean")
+        self.video_model = VideoEncoder(cfg.img_size, cfg.patch_size, cfg.vit_width, cfg.vit_depth, cfg.vit_heads,
+                                        cfg.num_frames, cfg.time_init, cfg.vit_mlp_ratio)
+        self.text_model = TextEncoder(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_positions,
+                                      cfg.text_ffn, cfg.text_dropout)
+        self.vid_proj = nn.Linear(cfg.vit_width, cfg.embed_dim)  # Vid Proj: Linear, no activation
+        self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(cfg.text_width, cfg.embed_dim))  # Txt Proj: ReLU -> Linear
         # the colour of a black pixel after ImageNet normalisation: what a "blanked" patch is painted with
         black = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
         self.register_buffer("black", black.view(1, 3, 1, 1), persistent=False)
@@ -907,7 +921,7 @@ def main(argv=None):
     pbar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
     while True:
         last_step = step == cfg.max_steps
-        if step > start_step and (step % cfg.eval_interval == 0 or last_step):
+        if step > start_step and (step % cfg.eval_every == 0 or last_step):
             val = evaluate_retrieval(raw_model, val_clips, tokenizer, cfg, device)
             log.log({"step": step, **{f"val_{k}": v for k, v in val.items()}})
             print0(f"step {step} | val t2v R@1 {val['retrieval/t2v_R@1']:.1f} R@5 {val['retrieval/t2v_R@5']:.1f} "
@@ -940,10 +954,10 @@ def main(argv=None):
         clips_seen += batch["video"].shape[0] * dist.world_size
         pbar.update(1)
 
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
             dt = time.time() - t0
             rec = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "lr": lr,
-                   "grad_norm": grad_norm.item(), "frames": frames, "ms_per_step": 1000 * dt / cfg.log_interval, "clips_per_s": clips_seen / dt,
+                   "grad_norm": grad_norm.item(), "frames": frames, "ms_per_step": 1000 * dt / cfg.log_every, "clips_per_s": clips_seen / dt,
                    "skipped_videos": skipped}
             log.log(rec)
             pbar.write(f"step {step} | loss {rec['loss']:.3f} ("

@@ -57,7 +57,7 @@ def setup(paper, extra, device):
         return model.to(device), lambda: model(batch, "pretrain")["loss"]
     if paper == "egovlp":
         model = mod.FrozenInTime(cfg, cfg.vocab_size).init_weights(cfg.time_init)
-        B, S = cfg.batch_size * (2 if cfg.negatives == "scene" else 1), cfg.image_size
+        B, S = cfg.batch_size * (2 if cfg.negatives == "scene" else 1), cfg.img_size
     else:
         model = mod.OATrans(cfg, VOCAB)
         B, S = cfg.batch_size, cfg.img_size

@@ -16,7 +16,7 @@ import egovlp
 from egovlp import (Config, FrozenInTime, PRESETS, VarAttention, action_positive_mask, chunk_frame, egonce_loss,
                     inflate_temporal_embed, mcq_accuracy, mi_mm_loss, parse_tags, scene_buckets, sim_matrix)
 
-TINY_MODEL = dict(image_size=32, patch_size=16, vit_width=32, vit_depth=2, vit_heads=2, text_width=32,
+TINY_MODEL = dict(img_size=32, patch_size=16, vit_width=32, vit_depth=2, vit_heads=2, text_width=32,
                   text_layers=1, text_heads=2, text_ffn=64, embed_dim=16)
 
 
@@ -286,7 +286,7 @@ def test_hflip_field_flips_video_and_mirrors_the_narration(tmp_path, hflip):
     verbs = ["take", "move_left_(slide,_drag)", "move_right_(slide,_drag)"]
     rows = [dict(video_uid="v", narration_time=1.0, clip_start=0.5, clip_end=1.5,
                  clip_text="#C C slides the cup to the left", tag_verb=[1], tag_noun=[0])]
-    ds = egovlp.EgoClipDataset(tmp_path, Config(image_size=16, hflip=hflip), rows, verbs, 1)
+    ds = egovlp.EgoClipDataset(tmp_path, Config(img_size=16, hflip=hflip), rows, verbs, 1)
     ds.reader = lambda *args, **kwargs: ramp
     flipped, texts = [], set()
     for _ in range(40):

@@ -18,8 +18,9 @@ from common.video import VideoTransform
 
 
 def tiny_cfg(**kw):
-    base = dict(img_size=32, patch_size=8, vid_width=32, vid_depth=2, vid_heads=2, txt_width=32, txt_depth=1,
-                txt_heads=2, txt_positions=48, embed_dim=16, num_frames=3)
+    base = dict(img_size=32, patch_size=8, vit_width=32, vit_depth=2, vit_heads=2, text_width=32, text_layers=1,
+                text_heads=2, text_positions=48, embed_dim=16, num_frames=3,
+                text_dropout=0.0)  # no dropout: tests compare forward passes in train mode
     base.update(kw)
     return oa.Config(**base)
 
@@ -129,14 +130,57 @@ def test_frozen_time_init_starves_the_temporal_branch_and_live_init_does_not():
     """With Frozen's init (qkv 0, out-proj weight 1) every output channel of TimeAttn is the same sum, LN1 removes
     it and qkv gets no gradient; with time_init=live (out-proj ~ N(0, 0.02)) it does. Both start as a no-op."""
     grads = {}
-    for init in ("zeros", "live"):
+    for init in ("release", "live"):
         torch.manual_seed(0)
         enc = oa.VideoEncoder(32, 8, 32, 2, 2, num_frames=3, time_init=init)
         x = torch.randn(4, 1 + 3 * 16, 32)
         assert torch.count_nonzero(enc.blocks[0].timeattn(x, "time", 3, 16)) == 0
         enc(torch.randn(4, 3, 3, 32, 32))[:, 0].pow(2).sum().backward()
         grads[init] = max(blk.timeattn.qkv.weight.grad.abs().max().item() for blk in enc.blocks)
-    assert grads["zeros"] < 1e-7 and grads["live"] > 1e-5, grads  # measured: ~1e-9 vs ~1e-3
+    assert grads["release"] < 1e-7 and grads["live"] > 1e-5, grads  # measured: ~1e-9 vs ~1e-3
+
+
+def test_encoders_stay_in_step_with_egovlp_copies():
+    """oa_trans.py and egovlp.py each carry a copy of Frozen's space-time ViT and of DistilBERT. The copies must
+    not drift: the same config vocabulary builds both, egovlp's weights load into oa_trans's modules key for key,
+    and the outputs agree -- in eval mode, and in train mode with the same dropout draws (same seed)."""
+    import egovlp
+    shared = dict(img_size=32, patch_size=8, num_frames=3, vit_width=32, vit_depth=2, vit_heads=2, vit_mlp_ratio=2.0,
+                  text_width=32, text_layers=2, text_heads=2, text_ffn=48, text_positions=16, text_dropout=0.1,
+                  time_init="release")
+    ego_cfg, oa_cfg = egovlp.Config(**shared), tiny_cfg(**shared)
+    torch.manual_seed(0)
+    ego = egovlp.FrozenInTime(ego_cfg, 50).init_weights("live")
+    oa_model = oa.OATrans(oa_cfg, 50)
+    for name in ("video_model", "text_model"):
+        ours, theirs = getattr(oa_model, name).state_dict(), getattr(ego, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours), name
+        getattr(oa_model, name).load_state_dict(theirs)
+    video = torch.randn(2, 3, 3, 32, 32)
+    ids = torch.randint(5, 50, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    for train in (False, True):
+        ego.train(train), oa_model.train(train)
+        assert torch.allclose(oa_model.video_model(video)[:, 0], ego.video_model(video), atol=1e-5)
+        torch.manual_seed(1)
+        a = oa_model.text_model(ids, mask)
+        torch.manual_seed(1)
+        b = ego.text_model(ids, mask)
+        assert torch.allclose(a, b, atol=1e-5), train
+    ego.train(), oa_model.train()
+    torch.manual_seed(2)
+    a = oa_model.text_model(ids, mask)
+    assert not torch.allclose(a, oa_model.text_model(ids, mask))  # dropout is active in training
+    for name in ("release", "live"):  # the same time_init values build the same temporal-attention start
+        assert egovlp.Config(time_init=name).time_init == oa.Config(time_init=name).time_init
+        torch.manual_seed(0)
+        e = egovlp.SpaceTimeTransformer(32, 8, 3, 32, 1, 2, 4.0)
+        e.init_weights(name)
+        o = oa.VideoEncoder(32, 8, 32, 1, 2, 3, time_init=name)
+        assert torch.equal(e.blocks[0].timeattn.proj.weight == 1, o.blocks[0].timeattn.proj.weight == 1)
+    shared_fields = {f for f in egovlp.Config.__dataclass_fields__} & {f for f in oa.Config.__dataclass_fields__}
+    assert set(shared) <= shared_fields
+    assert {"eval_every", "log_every", "schedule", "img_size"} <= shared_fields
 
 
 def test_text_pooling_cls_or_mean_over_real_tokens():
@@ -145,7 +189,7 @@ def test_text_pooling_cls_or_mean_over_real_tokens():
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
     for pool in ("cls", "mean"):
         torch.manual_seed(0)
-        model = oa.OATrans(tiny_cfg(text_pool=pool), 50)
+        model = oa.OATrans(tiny_cfg(text_pool=pool), 50).eval()  # eval: no dropout between the two calls
         hidden = model.text_model(ids, mask)
         if pool == "cls":
             expected = hidden[:, 0]
@@ -364,9 +408,9 @@ def test_detection_reader_top_level_arrays_and_pickle_guard(tmp_path):
 
 def test_main_pretrain_resume_finetune(tiny_corpus, tmp_path):
     out = str(tmp_path / "run")
-    common = [f"--data_root={tiny_corpus}", f"--out_dir={out}", "--img_size=32", "--patch_size=8", "--vid_width=32",
-              "--vid_depth=1", "--vid_heads=2", "--txt_width=32", "--txt_depth=1", "--txt_heads=2",
-              "--batch_size=4", "--num_frames=2", "--eval_interval=2", "--log_interval=1", "--num_workers=0",
+    common = [f"--data_root={tiny_corpus}", f"--out_dir={out}", "--img_size=32", "--patch_size=8", "--vit_width=32",
+              "--vit_depth=1", "--vit_heads=2", "--text_width=32", "--text_layers=1", "--text_heads=2",
+              "--batch_size=4", "--num_frames=2", "--eval_every=2", "--log_every=1", "--num_workers=0",
               "--precision=fp32", "--eval_batch_size=8"]
     m = oa.main(common + ["--max_steps=2"])
     assert {"retrieval/t2v_R@1", "retrieval/t2v_R@5", "retrieval/t2v_MdR", "retrieval_small/t2v_R@1"} <= m.keys()
