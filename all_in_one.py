@@ -41,7 +41,8 @@ Shapes legend: B batch, T frames, N patches per frame, L text tokens, D width, V
 What is reproduced, what is not
 -------------------------------
 Reproduced: the single-stream model with the release's joint-pass layout, temporal token rolling (with the
-release's random-subset behaviour), time average and a TSM-style shift as one-field ablations (`temporal=`),
+release's random-subset behaviour), time average, the release's token shift and a TSM channel shift as one-field
+ablations (`temporal=`),
 VTM + MLM + VTC, the four downstream protocols, Ti / S / B sizes (parameter counts checked in the tests).
 Not reproduced: ImageNet initialisation (everything is trained from scratch on the built-in synthetic corpus),
 HowTo100M / WebVid-scale training, WPA (word-patch alignment by optimal transport, weight 0.1, inside the
@@ -144,9 +145,11 @@ class Config:
     drop_path: float = 0.0  # stochastic depth, linear up to this; paper 0.1
     tied_mlm_decoder: bool = False  # tie the MLM decoder to the word embeddings; release False (untied)
     # --- temporal modelling: the paper's idea and its baselines
-    temporal: str = "roll"  # roll (the paper) | mean (time average, the paper's baseline) | shift (TSM channel shift)
+    temporal: str = "roll"  # roll (the paper) | mean (time average, the paper's baseline) | shift (the release's
+    #   token shift, TemporalRoll v=3) | tsm (TSM channel shift, not in the release)
     roll_fraction: float = 0.25  # share of patch tokens rolled, half by +1 frame and half by -1; release 2*24/196
-    roll_tokens: str = "random"  # random (patch slots shuffled per frame, as the release effectively does) | fixed
+    roll_tokens: str = "random"  # random (patch slots shuffled per frame, as the release effectively does; roll and
+    #   shift) | fixed
     roll_unimodal: bool = False  # also roll in the video-only (VTC / retrieval) pass; release False
     # --- pre-training objectives
     vtc_weight: float = 1.0  # video-text contrastive; release: off in pre-training, used for retrieval fine-tuning
@@ -202,7 +205,12 @@ def temporal_roll(v, k):
 
     v: (B, T, 1+N, D), slot 0 is the frame's CLS (never rolled). Circular in time, as `torch.roll` in the
     release: with T=3, frame 0 receives frame 2's band. No parameters, no FLOPs; only memory moves.
+    k is capped at N // 2, so the two bands never overlap (a single patch is not rolled at all).
+    Departure for tiny grids: the release's band is L // 8 of the L = 1+N tokens, which is 0 below 8 tokens, and
+    its `x[:, :, -0:]` then rolls the WHOLE sequence, CLS included, by -1 frame; here the caller's k (at least 1,
+    see AllInOne.temporal_mix) always leaves the CLS in place. At 197 and 17 tokens both roll the same slots.
     """
+    k = min(k, (v.shape[2] - 1) // 2)  # at most N // 2 patches per direction
     if k == 0:
         return v
     cls, p = v[:, :, :1], v[:, :, 1:]                                # (B, T, 1, D), (B, T, N, D)
@@ -213,8 +221,22 @@ def temporal_roll(v, k):
 
 
 def temporal_shift(v, fold_div=8):
-    """TSM-style channel shift (the release's `v=3` branch, a baseline in the paper's comparison): D/8 channels
-    of every patch token come from frame t-1, D/8 from frame t+1, zero-padded at the ends (not circular)."""
+    """Token shift, the release's `TemporalRoll(v=3)` branch (an alternative in the paper's comparison): with
+    f = D // fold_div (a count of *channels*, used as a count of tokens), the first f tokens of every frame,
+    CLS included, come from frame t+1 and the next f tokens from frame t-1; zero-padded at the ends (not
+    circular); all channels move. At D = 768 and 197 tokens that is 96 + 96 of them; when 2f exceeds the
+    sequence the second band is cut at its end. v: (B, T, 1+N, D) -> same shape."""
+    f = v.shape[-1] // fold_div
+    out = v.clone()
+    out[:, :, :2 * f] = 0
+    out[:, :-1, :f] = v[:, 1:, :f]                                   # out[:, t] = v[:, t+1] for tokens 0..f-1
+    out[:, 1:, f:2 * f] = v[:, :-1, f:2 * f]                         # out[:, t] = v[:, t-1] for tokens f..2f-1
+    return out
+
+
+def channel_shift(v, fold_div=8):
+    """TSM-style channel shift (Lin et al. 2019; not in the release): D/8 channels of every patch token come from
+    frame t-1, D/8 from frame t+1, zero-padded at the ends (not circular); the CLS token is left alone."""
     cls, p = v[:, :, :1], v[:, :, 1:]                                # (B, T, 1, D), (B, T, N, D)
     c = p.shape[-1] // fold_div
     out = torch.zeros_like(p)
@@ -376,7 +398,7 @@ class AllInOne(nn.Module):
         x = vt.patch_embed.proj(rearrange(video, "b t c h w -> (b t) c h w"))
         x = rearrange(x, "(b t) d gh gw -> b t (gh gw) d", b=B)     # (B, T, N, D)
         x = x + vt.pos_embed[:, 1:].unsqueeze(1) + vt.temporal_embed[:, :T].unsqueeze(2)
-        if self.cfg.temporal == "roll" and self.cfg.roll_tokens == "random":
+        if self.cfg.temporal in ("roll", "shift") and self.cfg.roll_tokens == "random":
             # The release keeps patches through ViLT's `multinomial(ones(N), N)`: a fresh random order per frame on
             # every pass. Each token keeps its own position embedding, so attention is unaffected, but the fixed
             # rolled slots then hold a random spatial subset of each frame (see temporal_roll).
@@ -394,6 +416,8 @@ class AllInOne(nn.Module):
             return temporal_roll(v, k)
         if self.cfg.temporal == "shift":
             return temporal_shift(v)
+        if self.cfg.temporal == "tsm":
+            return channel_shift(v)
         assert self.cfg.temporal == "mean", self.cfg.temporal
         return v  # time average: frames never meet before the final mean
 

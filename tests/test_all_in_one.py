@@ -48,6 +48,47 @@ def test_roll_matches_naive_loop(T, n, k):
     torch.testing.assert_close(aio.temporal_roll(v, k), naive_roll(v, k), rtol=0, atol=0)
 
 
+def naive_release_token_shift(v, fold_div=8):
+    """The release's TemporalRoll v=3 branch, one token at a time: f = D // fold_div tokens (CLS included) taken
+    from frame t+1, the next f from frame t-1, zeros where that frame does not exist, the rest unchanged."""
+    B, T, S, D = v.shape
+    f = D // fold_div
+    out = torch.empty_like(v)
+    for b in range(B):
+        for t in range(T):
+            for s in range(S):
+                if s < f:
+                    out[b, t, s] = v[b, t + 1, s] if t + 1 < T else 0
+                elif s < 2 * f:
+                    out[b, t, s] = v[b, t - 1, s] if t >= 1 else 0
+                else:
+                    out[b, t, s] = v[b, t, s]
+    return out
+
+
+@pytest.mark.parametrize("T,S,D", [(3, 17, 16), (4, 9, 32), (3, 5, 64), (2, 197, 8)])
+def test_token_shift_matches_the_release_branch(T, S, D):
+    v = torch.randn(2, T, S, D)
+    out = aio.temporal_shift(v)
+    torch.testing.assert_close(out, naive_release_token_shift(v), rtol=0, atol=0)
+    if D // 8 >= 1:  # the CLS (token 0) moves too, unlike in rolling and in the TSM channel shift
+        assert not torch.equal(out[:, :, 0], v[:, :, 0])
+    tsm = aio.channel_shift(v)
+    torch.testing.assert_close(tsm[:, :, 0], v[:, :, 0])  # TSM leaves the CLS alone and moves channels
+    torch.testing.assert_close(tsm[:, 1:, 1:, :D // 8], v[:, :-1, 1:, :D // 8])
+
+
+@pytest.mark.parametrize("S", [2, 3, 5])
+def test_roll_on_tiny_grids_keeps_shape_and_cls(S):
+    """Fewer patch tokens than the release's divisor (L // 8 = 0 below 8 tokens, where the release rolls the
+    whole sequence, CLS included): ours rolls at most N // 2 patches each way and never the CLS."""
+    v = torch.randn(1, 3, S, 4)
+    out = aio.temporal_roll(v, 1)
+    assert out.shape == v.shape
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0])
+    torch.testing.assert_close(out, naive_roll(v, min(1, (S - 1) // 2)), rtol=0, atol=0)
+
+
 def test_roll_is_a_permutation_that_keeps_cls():
     v = torch.randn(2, 3, 17, 4)
     out = aio.temporal_roll(v, 2)
@@ -81,7 +122,8 @@ def test_roll_moves_information_across_frames_and_mean_does_not():
     assert frames_changed_by("mean") == [0]                   # time average: frames never meet before the mean
     assert frames_changed_by("roll") == [0, 1, 2]             # rolling: frame 0's tokens reach frames 1 and 2
     assert frames_changed_by("roll", roll_tokens="random") == [0, 1, 2]
-    assert frames_changed_by("shift") == [0, 1, 2]            # TSM-style channel shift
+    assert frames_changed_by("shift") == [0, 1, 2]            # the release's token shift
+    assert frames_changed_by("tsm") == [0, 1, 2]              # TSM-style channel shift
     assert frames_changed_by("mean", t_changed=2) == [2]
 
 
