@@ -82,6 +82,26 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
   and, from scratch, the temporal branch never trains (a test checks it). "live" keeps qkv = 0 (still a no-op
   at step 0) but draws the out-proj weight from N(0, 0.02). `--paper` keeps Frozen's init for pre-trained weights.
 
+## CPU default vs paper (`--paper`; `--paper --paper_ft` for fine-tuning)
+| field | CPU default | paper / release | why the default differs |
+|---|---|---|---|
+| `img_size` / `patch_size` | 64 / 8 | 224 / 16 | the synthetic corpus is 64x64; 8-px patches keep a 8x8 grid for the boxes |
+| `vit_width` / `vit_depth` / `vit_heads` | 128 / 4 / 2 | 768 / 12 / 12 (ViT-B/16) | minutes on 2 CPU cores |
+| `text_width` / `text_layers` / `text_heads` / `text_ffn` | 128 / 2 / 2 / 512 | 768 / 6 / 12 / 3072 | small model |
+| `text_positions` / `max_text_len` / `max_tag_len` | 64 / 32 / 24 | 512 / 64 / 32 | synthetic captions are short |
+| `vocab_size` | 0 (vocab.txt) | 30522 | synthetic vocabulary |
+| `time_init` | live | release | from scratch the release's init starves the temporal branch |
+| `text_pool` | mean | cls | [CLS] learns ~2.6x slower from scratch |
+| `crop` | random_resized (0.6..1) | resize_random (Resize 242 -> RandomCrop 224) | a stronger crop helped here |
+| `color_jitter` / `jitter_hue` / `grayscale_p` | 0 / 0 / 0 | 0.5 / 0.1 / 0.3 (fine-tuning 0.4 / 0.1 / 0.2) | captions name colours |
+| `batch_size` / `num_workers` | 32 / 1 | 16 per GPU x 8 / 8 | one CPU process |
+| `max_steps` | 800 | 200k | minutes, not days |
+| `lr` / `warmup_steps` / `schedule` | 1e-3 / 50 / cosine | 2e-4 / 0 / constant | from scratch, short schedule |
+| `weight_decay` / `grad_clip` | 0.01 / 1 | 0 / off | stabilises the from-scratch run |
+| `eval_every` / `log_every` | 400 / 25 | 5000 / 100 | cadence of a short run |
+| `precision` | bf16 | fp32 (not set by `--paper`) | faster on CPU; similarities and losses stay fp32 |
+| `curriculum_frac` | 0.85 | Frozen: 1 frame to convergence, then 4 (kept by `--paper`) | a shortened curriculum |
+
 ## Shapes legend
     B batch, T frames, N patches per frame (= (size / patch)^2), L text tokens, D width, E = 256 embedding dim,
     K boxes per anchor (top_k), G tag groups (distinct tags)

@@ -330,3 +330,49 @@ def test_malformed_annotation_rows_name_file_and_line(tmp_path):
         "videoid,contentUrl,duration,page_dir,name\n1,u,PT00H00M02S,1_50,a red ball\n2,u,PT00H00M02S\n")
     with pytest.raises(ValueError, match=r"results_train\.csv, line 3"):
         aio.read_webvid(tmp_path, "train")
+
+
+# --- presets and the CPU-default vs paper table -----------------------------------------------------------------
+
+def test_paper_preset_restores_the_release_recipe():
+    cfg = aio.parse_config(aio.Config, ["--paper", "--B"], aio.PRESETS)
+    assert (cfg.width, cfg.depth, cfg.heads) == (768, 12, 12)
+    assert cfg.joint_fraction == 1.0 and cfg.vtc_weight == 0.0 and cfg.vtc_pool == "cls"
+    assert cfg.vtm_weight == 1.0 and cfg.mlm_weight == 1.0
+    assert cfg.batch_size * cfg.grad_accum * 8 == 4096  # the release's effective batch on 8 GPUs
+    assert (cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule) == (1e-4, 2500, 200_000, "linear")
+    assert (cfg.dropout, cfg.drop_path) == (0.1, 0.1)
+    assert (cfg.probe_lr, cfg.probe_epochs) == (3e-4, 50)
+    # the order of the presets does not matter: sizes set only the model
+    assert aio.parse_config(aio.Config, ["--B", "--paper"], aio.PRESETS) == cfg
+
+
+def test_action_probe_uses_the_probe_lr_field(monkeypatch):
+    """The probe's learning rate is a field (it was a hard-coded 1e-3)."""
+    cfg = tiny_cfg(probe_lr=3e-4, probe_epochs=1)
+    model = aio.AllInOne(cfg)
+    g = torch.Generator().manual_seed(0)
+    fake = {s: (torch.randn(8, cfg.width, generator=g), torch.arange(8) % 2, 0) for s in ("train", "val", "test")}
+    monkeypatch.setattr(aio, "probe_features", lambda model, cfg, tok, split, device: fake[split])
+    seen = []
+    real_adamw = torch.optim.AdamW
+
+    def spy(params, lr, **kw):
+        seen.append(lr)
+        return real_adamw(params, lr=lr, **kw)
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    aio.action_probe(model, cfg, None, torch.device("cpu"), 2)
+    assert seen == [3e-4]
+
+
+def test_docstring_table_lists_every_field_the_paper_preset_changes():
+    """The module docstring's "CPU default vs paper" table names (in backticks, first column) every field whose
+    CPU default differs from the paper preset, so a reader sees each departure in one place."""
+    import dataclasses
+    import re
+    from common.config import parse_config
+    default, paper = aio.Config(), parse_config(aio.Config, ["--paper", "--B"], aio.PRESETS)
+    changed = {f.name for f in dataclasses.fields(default) if getattr(default, f.name) != getattr(paper, f.name)}
+    rows = [line.split("|")[1] for line in aio.__doc__.splitlines() if line.startswith("| `")]
+    listed = {name for cell in rows for name in re.findall(r"`(\w+)`", cell)}
+    assert changed - {"device", "out_dir", "data_root"} <= listed, sorted(changed - listed)

@@ -524,3 +524,16 @@ def test_malformed_webvid_row_names_file_and_line(tiny_corpus, tmp_path):
     tok = Tokenizer(os.path.join(tiny_corpus, "vocab.txt"))
     with pytest.raises(ValueError, match=r"results_train\.csv, line 3"):
         oa.WebVidObjects(str(root), "train", tiny_cfg(), tok)
+
+
+def test_docstring_table_lists_every_field_the_paper_preset_changes():
+    """The module docstring's "CPU default vs paper" table names (in backticks, first column) every field whose
+    CPU default differs from the paper preset, so a reader sees each departure in one place."""
+    import dataclasses
+    import re
+    from common.config import parse_config
+    default, paper = oa.Config(), parse_config(oa.Config, ["--paper"], oa.PRESETS)
+    changed = {f.name for f in dataclasses.fields(default) if getattr(default, f.name) != getattr(paper, f.name)}
+    rows = [line.split("|")[1] for line in oa.__doc__.splitlines() if line.startswith("| `")]
+    listed = {name for cell in rows for name in re.findall(r"`(\w+)`", cell)}
+    assert changed - {"device", "out_dir", "data_root"} <= listed, sorted(changed - listed)
