@@ -31,7 +31,8 @@ Pre-training objectives (summed; each has a real weight here)
          L = CE(S, diag) + CE(S^T, diag)   (the release sums the two directions; negatives across ranks here).
 
 Downstream (`--finetune=<task>` trains, `--eval=<task>` evaluates a checkpoint on test):
-    retrieval  text->video by cosine of the unimodal embeddings (zero-shot, or fine-tuned with VTC)
+    retrieval  text->video by cosine of the unimodal embeddings (zero-shot, or fine-tuned with VTC); one caption
+               per test video by default (`retrieval_captions`), `retrieval_views=3` for the release's 3-view average
     qa         open-ended QA as classification over the train answers (answers outside it count as wrong)
     mc         multiple choice: zero-shot by the VTM match logit of each option, or fine-tuned MLP D->256->1
     action     probe on frozen joint features with the fixed prompt "a person is doing [MASK]" (MLP, as released)
@@ -195,6 +196,8 @@ class Config:
     log_every: int = 25  # steps between log lines
     eval_batch_size: int = 64  # clips per evaluation batch
     max_eval_items: int = 0  # cap on items per evaluation split (0 = all); for quick runs only
+    retrieval_captions: str = "first"  # text queries per test video: first (one per video, as MSR-VTT 1k-A) | all
+    retrieval_views: int = 1  # frame samplings whose similarities are averaged; 1 = bin midpoints; release 3 random
     probe: str = "mlp"  # action probe head: mlp (release: pooler + 2-layer MLP) | linear
     probe_epochs: int = 200  # epochs of the action probe over cached frozen features; release 50 (K400)
     probe_lr: float = 1e-3  # AdamW lr of the action probe (head, and pooler for probe=mlp); release 3e-4 (K400),
@@ -625,19 +628,21 @@ def mc_scores(model, batch, head=None):
 _CLIP_CACHE = {}  # path -> every decoded frame, uint8 (F, H, W, 3); per process (the training worker, or main)
 
 
-def decode_clip(path, cfg, train, rng=None):
-    """Sample T frames (random per bin in training, bin midpoints otherwise) -> (T, 3, S, S) float.
+def decode_clip(path, cfg, train, rng=None, sample=None):
+    """Sample T frames (random per bin in training, bin midpoints otherwise; `sample` = "rand" | "uniform" overrides
+    it, e.g. for random evaluation views) -> (T, 3, S, S) float.
 
     With cache_clips, a clip is decoded once in full and later epochs sample from memory (decoding dominates the
     step time of a tiny model on 64x64 clips). No flip: it would turn "moves left" into "moves right". The crop
     scale stands in for the release's resize-to-1.2x-then-random-crop."""
+    sample = sample or ("rand" if train else "uniform")
     if cfg.cache_clips:
         if path not in _CLIP_CACHE:
             _CLIP_CACHE[path] = read_frames(path, range(video_meta(path).num_frames))
         frames = _CLIP_CACHE[path]
-        frames = frames[sample_frame_indices(len(frames), cfg.num_frames, "rand" if train else "uniform", rng=rng)]
+        frames = frames[sample_frame_indices(len(frames), cfg.num_frames, sample, rng=rng)]
     else:
-        frames, _ = load_clip(path, cfg.num_frames, "rand" if train else "uniform", rng=rng)
+        frames, _ = load_clip(path, cfg.num_frames, sample, rng=rng)
     video, _ = VideoTransform(cfg.img_size, train, scale=(0.7, 1.0), flip=False)(frames, rng=rng)
     return video
 
@@ -685,10 +690,12 @@ def read_jsonl(path):
 
 class ClipTextDataset(torch.utils.data.Dataset):
     """(video path, text or texts, extra) items -> dict(video, text, index, ...). A text list means "draw one at
-    random" (MSR-VTT training). Unreadable videos return None; the collate function drops and counts them."""
+    random" (MSR-VTT training). Unreadable videos return None; the collate function drops and counts them.
+    view = k (evaluation only): frames drawn at random in each bin with a generator seeded by (seed, k, item), centre
+    crop -- the k-th of the release's retrieval views; None = bin midpoints."""
 
-    def __init__(self, items, cfg, train):
-        self.items, self.cfg, self.train = items, cfg, train
+    def __init__(self, items, cfg, train, view=None):
+        self.items, self.cfg, self.train, self.view = items, cfg, train, view
 
     def __len__(self):
         return len(self.items)
@@ -696,7 +703,11 @@ class ClipTextDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         item = self.items[i]
         try:
-            video = decode_clip(item["path"], self.cfg, self.train)
+            if self.view is None:
+                video = decode_clip(item["path"], self.cfg, self.train)
+            else:
+                rng = random.Random(f"{self.cfg.seed}/{self.view}/{i}")
+                video = decode_clip(item["path"], self.cfg, False, rng=rng, sample="rand")
         except VideoReadError:
             return None
         text = item.get("text", "")
@@ -744,6 +755,7 @@ class Collate:
         if not kept:
             return batch
         batch["video"] = torch.stack([it["video"] for it in kept])       # (B, T, 3, H, W)
+        batch["index"] = torch.tensor([it["index"] for it in kept])       # dataset rows of the kept clips
         if "options" in kept[0]:                                          # multiple choice
             O = len(kept[0]["options"])
             tok = self.tok([o for it in kept for o in it["options"]], self.cfg.max_text_len, pad_to_max=False)
@@ -823,15 +835,41 @@ def run_eval_batches(model, loader, device, precision, fn):
     return {k: torch.cat(v) for k, v in outs.items()}, skipped
 
 
+@torch.no_grad()
 def evaluate_retrieval(model, cfg, tok, split, device):
-    """Text->video and video->text retrieval, one caption per clip (the first), cosine similarity in fp32."""
-    ds = ClipTextDataset(build_task_items(cfg, "retrieval", split), cfg, train=False)
-    out, skipped = run_eval_batches(model, make_loader(ds, Collate(tok, cfg, "eval"), cfg, None, False), device,
-                                    cfg.precision, lambda b: dict(t=model.text_embedding(b["text_ids"], b["text_mask"]),
-                                                                  v=model.video_embedding(b["video"])))
-    sim = out["t"].float() @ out["v"].float().t()                    # (texts, videos), fp32
-    m = retrieval_metrics(sim, torch.arange(sim.shape[0]))
-    return {k: v for k, v in m.items()}, skipped, sim.shape[0]
+    """Text->video and video->text retrieval by cosine similarity in fp32, under the protocol of two fields:
+
+    retrieval_captions  "first": one query per video, its first caption (MSR-VTT 1k-A scores one caption per video;
+                        the same protocol as oa_trans.py's default) | "all": every caption of every video, several
+                        queries sharing a video (v2t counts the best-ranked one).
+    retrieval_views     V = 1: frames at the bin midpoints. V > 1: V random samplings (centre crop), similarities
+                        averaged over the views, as the release (3 views). The average of t . v_k over k is
+                        t . mean_k(v_k), so the views' unit-norm video embeddings are averaged.
+    Clips that cannot be read are left out with their captions. -> (metrics, skipped, number of videos)."""
+    assert cfg.retrieval_captions in ("first", "all") and cfg.retrieval_views >= 1, (cfg.retrieval_captions,
+                                                                                     cfg.retrieval_views)
+    items = build_task_items(cfg, "retrieval", split)
+    views, kept = [], None
+    for view in range(cfg.retrieval_views):
+        ds = ClipTextDataset(items, cfg, train=False, view=view if cfg.retrieval_views > 1 else None)
+        out, skipped = run_eval_batches(model, make_loader(ds, Collate(tok, cfg, "eval"), cfg, None, False), device,
+                                        cfg.precision, lambda b: dict(v=model.video_embedding(b["video"]),
+                                                                      i=b["index"]))
+        views.append(out["v"].float())                                    # (V', P), V' readable videos
+        kept = out["i"].long().tolist()
+    video = torch.stack(views).mean(0)                                    # (V', P)
+    captions, caption_video = [], []
+    for col, row in enumerate(kept):
+        texts = items[row]["text"] if cfg.retrieval_captions == "all" else items[row]["text"][:1]
+        captions += texts
+        caption_video += [col] * len(texts)
+    text = []
+    for s in range(0, len(captions), cfg.eval_batch_size):
+        t = tok(captions[s:s + cfg.eval_batch_size], cfg.max_text_len, pad_to_max=False)
+        with autocast(device, cfg.precision):
+            text.append(model.text_embedding(t["input_ids"].to(device), t["attention_mask"].to(device)).float().cpu())
+    sim = torch.cat(text) @ video.t()                                     # (captions, videos), fp32
+    return retrieval_metrics(sim, torch.tensor(caption_video)), skipped, sim.shape[1]
 
 
 def evaluate_mc(model, cfg, tok, split, device, zero_shot):

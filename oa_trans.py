@@ -42,6 +42,8 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
 - The release's variant `--oa_loss=release`: L(t, v) + L(caption+tags, v) + L(mean-region, mean-tag).
 - Frozen's frame curriculum (`--curriculum=1to4`: 1 frame, then 4 with the temporal embedding grown by zeros).
 - MSR-VTT-style retrieval, text->video and video->text R@1/5/10, MdR, MnR, zero-shot and `--finetune=retrieval`,
+  one caption per test video by default as MSR-VTT 1k-A (`retrieval_captions=first | all`, shared with
+  all_in_one.py; `retrieval_views=3` averages three random frame samplings, as the All-in-one release),
   plus retrieval restricted to the test captions that name a small object (`retrieval_small/*`).
 
 ## What is not
@@ -227,6 +229,8 @@ class Config:
     log_every: int = 25  # steps between log lines
     eval_every: int = 400  # steps between validation evaluations (and checkpoints)
     eval_batch_size: int = 64  # clips per forward in evaluation
+    retrieval_captions: str = "first"  # text queries per test video: first (one per video, as MSR-VTT 1k-A) | all
+    retrieval_views: int = 1  # frame samplings whose similarities are averaged; 1 = bin midpoints (Frozen / OA-Trans)
 
 
 PRESETS = {
@@ -791,7 +795,9 @@ class MSRVTTTrain(torch.utils.data.Dataset):
 # evaluation: MSR-VTT-style text <-> video retrieval, object streams dropped
 
 class EvalClips:
-    """Decoded eval clips (uniform frames, centre crop), cached as uint8 after the first read."""
+    """Decoded eval clips (centre crop), cached as uint8 after the first read: view None = bin-midpoint frames;
+    view k = frames drawn at random in each bin with a generator seeded by (seed, k, video), the k-th of the
+    All-in-one release's retrieval views."""
 
     def __init__(self, ann, cfg):
         self.ann, self.cfg = ann, cfg
@@ -799,41 +805,64 @@ class EvalClips:
         self.cache = {}
         self.unreadable = 0
 
-    def frames(self, i):
-        if i not in self.cache:
+    def frames(self, i, view=None):
+        if (i, view) not in self.cache:
             try:
-                self.cache[i], _ = load_clip(self.ann.paths[i], self.cfg.num_frames, "uniform")
+                mode, rng = ("uniform", None) if view is None else ("rand", random.Random(f"{self.cfg.seed}/{view}/{i}"))
+                self.cache[i, view], _ = load_clip(self.ann.paths[i], self.cfg.num_frames, mode, rng=rng)
             except VideoReadError:
-                self.cache[i] = None
-                self.unreadable += 1
-        return self.cache[i]
+                self.cache[i, view] = None
+                self.unreadable += view is None or view == 0  # count each video once
+        return self.cache[i, view]
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, clips, tokenizer, cfg, device):
-    """Embed every split video and caption; retrieval metrics over all captions and over the small-object ones.
-    Unreadable videos get a zero embedding (they rank last) and are counted in `unreadable`."""
-    model.eval()
-    ann = clips.ann
+def embed_videos(model, clips, cfg, device, view=None):
+    """(videos, E) embeddings of one view of every split video; unreadable videos get zeros (they rank last)."""
     vids = []
-    for s in range(0, len(ann.videos), cfg.eval_batch_size):
+    for s in range(0, len(clips.ann.videos), cfg.eval_batch_size):
         batch, ok = [], []
-        for i in range(s, min(s + cfg.eval_batch_size, len(ann.videos))):
-            fr = clips.frames(i)
+        for i in range(s, min(s + cfg.eval_batch_size, len(clips.ann.videos))):
+            fr = clips.frames(i, view)
             ok.append(fr is not None)
             batch.append(clips.transform(fr)[0] if fr is not None else torch.zeros(cfg.num_frames, 3, cfg.img_size, cfg.img_size))
         with autocast(device, cfg.precision):
             v = model.encode_video(torch.stack(batch).to(device)).float()
         vids.append(v * torch.tensor(ok, device=device, dtype=v.dtype)[:, None])
+    return torch.cat(vids)
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, clips, tokenizer, cfg, device):
+    """Embed every split video and the query captions; retrieval metrics over them and over the small-object ones.
+
+    The protocol is set by two fields, shared with all_in_one.py:
+    retrieval_captions  "first": one query per video, its first caption (MSR-VTT 1k-A scores one caption per video)
+                        | "all": every caption (this file's earlier protocol; v2t counts the best-ranked one).
+    retrieval_views     1: bin-midpoint frames. V > 1: V random frame samplings, cosine similarities averaged over
+                        the views (the All-in-one release's 3 views; Frozen / OA-Trans evaluate one).
+    Unreadable videos get a zero embedding (they rank last) and are counted in `unreadable`."""
+    assert cfg.retrieval_captions in ("first", "all") and cfg.retrieval_views >= 1, (cfg.retrieval_captions,
+                                                                                     cfg.retrieval_views)
+    model.eval()
+    ann = clips.ann
+    views = [None] if cfg.retrieval_views == 1 else range(cfg.retrieval_views)
+    vids = [embed_videos(model, clips, cfg, device, view) for view in views]  # each (videos, E)
+    first = {}  # video -> its first caption
+    for c, v in enumerate(ann.caption_video):
+        first.setdefault(v, c)
+    queries = list(range(len(ann.captions))) if cfg.retrieval_captions == "all" else sorted(first.values())
     texts = []
-    for s in range(0, len(ann.captions), cfg.eval_batch_size):
-        enc = tokenizer(ann.captions[s:s + cfg.eval_batch_size], cfg.max_text_len, pad_to_max=False)
+    for s in range(0, len(queries), cfg.eval_batch_size):
+        enc = tokenizer([ann.captions[c] for c in queries[s:s + cfg.eval_batch_size]], cfg.max_text_len,
+                        pad_to_max=False)
         with autocast(device, cfg.precision):
             texts.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float())
-    sim = cosine_sim(torch.cat(texts), torch.cat(vids)).cpu()  # (captions, videos)
-    t2v = torch.tensor(ann.caption_video)
+    text = torch.cat(texts)
+    sim = torch.stack([cosine_sim(text, v) for v in vids]).mean(0).cpu()  # (queries, videos), mean over views
+    t2v = torch.tensor([ann.caption_video[c] for c in queries])
     metrics = {f"retrieval/{k}": v for k, v in retrieval_metrics(sim, t2v).items()}
-    small = torch.tensor(ann.small)
+    small = torch.tensor([ann.small[c] for c in queries])
     if small.any():
         metrics.update({f"retrieval_small/{k}": v for k, v in retrieval_metrics(sim[small], t2v[small]).items()
                         if k.startswith("t2v")})

@@ -376,3 +376,37 @@ def test_docstring_table_lists_every_field_the_paper_preset_changes():
     rows = [line.split("|")[1] for line in aio.__doc__.splitlines() if line.startswith("| `")]
     listed = {name for cell in rows for name in re.findall(r"`(\w+)`", cell)}
     assert changed - {"device", "out_dir", "data_root"} <= listed, sorted(changed - listed)
+
+
+@pytest.mark.parametrize("captions,views", [("first", 1), ("all", 1), ("first", 2)])
+def test_retrieval_protocol_matches_a_naive_reference(tiny_corpus, captions, views):
+    """Same protocol fields as oa_trans.py: retrieval_captions=first (default: one caption per video, MSR-VTT 1k-A
+    style) | all; retrieval_views=V averages the similarities of V random frame samplings (the release: 3)."""
+    from common.metrics import retrieval_metrics
+    assert aio.Config().retrieval_captions == "first" and aio.Config().retrieval_views == 1
+    cfg = tiny_cfg(data_root=str(tiny_corpus), num_frames=2, precision="fp32", eval_batch_size=7,
+                   retrieval_captions=captions, retrieval_views=views, roll_tokens="fixed")
+    tok = Tokenizer(str(tiny_corpus / "vocab.txt"))
+    cfg.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    model = aio.AllInOne(cfg).eval()
+    got, skipped, n = aio.evaluate_retrieval(model, cfg, tok, "test", torch.device("cpu"))
+    items = aio.build_task_items(cfg, "retrieval", "test")
+    assert skipped == 0 and n == len(items)
+    with torch.no_grad():
+        sims = []
+        for view in ([None] if views == 1 else range(views)):
+            vids = []
+            for i, it in enumerate(items):
+                rng = None if view is None else random.Random(f"{cfg.seed}/{view}/{i}")
+                video = aio.decode_clip(it["path"], cfg, False, rng=rng, sample="uniform" if view is None else "rand")
+                vids.append(model.video_embedding(video[None])[0])
+            queries = [(t, i) for i, it in enumerate(items) for t in (it["text"] if captions == "all" else it["text"][:1])]
+            texts = []
+            for t, _ in queries:
+                enc = tok([t], cfg.max_text_len, pad_to_max=False)
+                texts.append(model.text_embedding(enc["input_ids"], enc["attention_mask"])[0])
+            sims.append(torch.stack(texts) @ torch.stack(vids).t())
+    expected = retrieval_metrics(torch.stack(sims).mean(0), torch.tensor([i for _, i in queries]))
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v, abs=1e-6), k

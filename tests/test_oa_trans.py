@@ -537,3 +537,43 @@ def test_docstring_table_lists_every_field_the_paper_preset_changes():
     rows = [line.split("|")[1] for line in oa.__doc__.splitlines() if line.startswith("| `")]
     listed = {name for cell in rows for name in re.findall(r"`(\w+)`", cell)}
     assert changed - {"device", "out_dir", "data_root"} <= listed, sorted(changed - listed)
+
+
+@pytest.mark.parametrize("captions,views", [("first", 1), ("all", 1), ("first", 2)])
+def test_retrieval_protocol_matches_a_naive_reference(tiny_corpus, captions, views):
+    """retrieval_captions=first scores one caption per video (MSR-VTT 1k-A style, the default of both oa_trans.py
+    and all_in_one.py), =all every caption; retrieval_views=V averages the similarity matrices of V random frame
+    samplings (the All-in-one release's multi-view evaluation). Checked against a per-video loop."""
+    from common.metrics import retrieval_metrics
+    from common.text import Tokenizer
+    from common.video import load_clip
+    assert oa.Config().retrieval_captions == "first" and oa.Config().retrieval_views == 1
+    cfg = tiny_cfg(num_frames=2, precision="fp32", eval_batch_size=7, retrieval_captions=captions,
+                   retrieval_views=views)
+    tok = Tokenizer(str(tiny_corpus / "vocab.txt"))
+    torch.manual_seed(0)
+    model = oa.OATrans(cfg, tok.vocab_size)
+    ann = oa.MSRVTT(str(tiny_corpus), "test")
+    got = oa.evaluate_retrieval(model, oa.EvalClips(ann, cfg), tok, cfg, torch.device("cpu"))
+
+    model.eval()
+    by_video = {}
+    for text, v in zip(ann.captions, ann.caption_video):
+        by_video.setdefault(v, []).append(text)
+    queries = [(t, v) for v in sorted(by_video) for t in (by_video[v] if captions == "all" else by_video[v][:1])]
+    with torch.no_grad():
+        sims = []
+        for view in ([None] if views == 1 else range(views)):
+            vids = []
+            for i, path in enumerate(ann.paths):
+                rng = None if view is None else random.Random(f"{cfg.seed}/{view}/{i}")
+                frames, _ = load_clip(path, cfg.num_frames, "uniform" if view is None else "rand", rng=rng)
+                vids.append(F.normalize(model.encode_video(VideoTransform(32, False)(frames)[0][None]), dim=-1)[0])
+            texts = []
+            for t, _ in queries:
+                enc = tok([t], cfg.max_text_len, pad_to_max=False)
+                texts.append(F.normalize(model.encode_text(enc["input_ids"], enc["attention_mask"]), dim=-1)[0])
+            sims.append(torch.stack(texts) @ torch.stack(vids).t())
+    expected = retrieval_metrics(torch.stack(sims).mean(0), torch.tensor([v for _, v in queries]))
+    for k, v in expected.items():
+        assert got[f"retrieval/{k}"] == pytest.approx(v, abs=1e-6), k
