@@ -363,11 +363,12 @@ class VideoEncoder(nn.Module):
 
     def forward(self, video):
         B, T = video.shape[:2]
-        assert T <= self.temporal_embed.shape[1], f"{T} frames > the {self.temporal_embed.shape[1]} temporal rows"
         x = self.patch_embed.proj(rearrange(video, "b t c h w -> (b t) c h w"))  # (B*T, D, h, w)
         x = rearrange(x, "(b t) d h w -> b t (h w) d", b=B)  # (B, T, N, D)
         N = x.shape[2]
-        x = x + self.pos_embed[:, None, 1:] + self.temporal_embed[:, :T, None]  # space + time position
+        tem = self.temporal_embed[:, :T]  # (1, min(T, rows), D); frames past the table get zeros (as egovlp.py)
+        tem = torch.cat([tem, tem.new_zeros(1, T - tem.shape[1], tem.shape[2])], 1)
+        x = x + self.pos_embed[:, None, 1:] + tem[:, :, None]  # space + time position
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
         x = torch.cat([cls, rearrange(x, "b t n d -> b (t n) d")], dim=1)  # (B, 1 + T*N, D)
         for blk in self.blocks:

@@ -466,6 +466,33 @@ def test_streamed_eval_bank_embeds_like_the_cached_one(tiny_corpus, num_workers)
     assert a[2].abs().sum() == 0 and a[3].abs().sum() > 0
 
 
+def test_sixteen_frames_through_a_four_frame_model_is_the_zero_inflated_model():
+    """Charades-Ego zero-shot at 16 frames from a 4-frame model (the paper's setting): frames 5-16 get a zero
+    temporal embedding, which is exactly a 16-row model whose rows 5-16 are zero (the release builds 16 rows and
+    trains on 4, so rows 5-16 never move from their zero init)."""
+    torch.manual_seed(0)
+    four = FrozenInTime(Config(**TINY_MODEL, num_frames=4), 50).init_weights().eval()
+    torch.nn.init.normal_(four.video_model.temporal_embed)  # trained rows are not zero
+    sixteen = FrozenInTime(Config(**TINY_MODEL, num_frames=16), 50).eval()
+    state = four.state_dict()
+    te = state["video_model.temporal_embed"]  # (1, 4, D)
+    state["video_model.temporal_embed"] = torch.cat([te, torch.zeros(1, 12, te.shape[2])], 1)  # by hand
+    sixteen.load_state_dict(state)
+    video = torch.randn(2, 16, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(four.encode_video(video), sixteen.encode_video(video), atol=1e-5)
+        assert not torch.allclose(four.encode_video(video), four.encode_video(video[:, :4]), atol=1e-3)
+    from common.config import parse_config
+    assert parse_config(Config, ["--paper"], egovlp.PRESETS).charades_frames == 16
+
+
+def test_charades_zero_shot_at_16_frames_runs(tiny_corpus, tmp_path):
+    metrics = egovlp.main([f"--data_root={tiny_corpus}", f"--out_dir={tmp_path}", "--eval=charades",
+                           "--charades_frames=16", "--num_frames=4", "--eval_batch_size=8", "--max_eval_items=6",
+                           "--num_workers=0"] + [f"--{k}={v}" for k, v in TINY_MODEL.items()])
+    assert 0 <= metrics["charades/mAP"] <= 100 and metrics["charades/skipped_videos"] == 0
+
+
 # --------------------------------------------------------------------------------------------- end to end
 def test_main_pretrain_then_resume_then_finetune_and_eval(tiny_corpus, tmp_path):
     common = [f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / 'pt'}", "--batch_size=4", "--num_workers=0",

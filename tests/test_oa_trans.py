@@ -71,7 +71,7 @@ def test_objects_off_is_the_two_stream_model():
     s_on, s_off = on.state_dict(), off.state_dict()
     assert s_on.keys() == s_off.keys()
     assert all(torch.equal(s_on[k], s_off[k]) for k in s_on)
-    video = torch.randn(2, 3, 3, 32, 32)
+    video = torch.randn(2, 5, 3, 32, 32)  # 5 frames through 3 temporal rows: both give frames 4-5 zeros
     ids = torch.randint(5, 50, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
     e_on, e_off = on(video, (ids, mask)), off(video, (ids, mask))
@@ -156,7 +156,7 @@ def test_encoders_stay_in_step_with_egovlp_copies():
         ours, theirs = getattr(oa_model, name).state_dict(), getattr(ego, name).state_dict()
         assert ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours), name
         getattr(oa_model, name).load_state_dict(theirs)
-    video = torch.randn(2, 3, 3, 32, 32)
+    video = torch.randn(2, 5, 3, 32, 32)  # 5 frames through 3 temporal rows: both give frames 4-5 zeros
     ids = torch.randint(5, 50, (2, 7))
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
     for train in (False, True):
