@@ -545,7 +545,11 @@ def vtc_loss(text_emb, video_emb, temperature):
     """Symmetric InfoNCE on L2-normalised embeddings (B, P); matching pairs on the diagonal.
 
     S = t v^T / tau;  L = CE(S, diag) + CE(S^T, diag)  (the release sums both directions, it does not average).
+    Different numbers of texts and videos raise: there is no diagonal of pairs.
     """
+    if text_emb.shape[0] != video_emb.shape[0]:
+        raise ValueError(f"vtc_loss needs as many texts as videos (pairs on the diagonal), got {text_emb.shape[0]} "
+                         f"texts and {video_emb.shape[0]} videos")
     sim = text_emb.float() @ video_emb.float().t() / temperature      # (B, B), fp32
     labels = torch.arange(sim.shape[0], device=sim.device)
     return F.cross_entropy(sim, labels) + F.cross_entropy(sim.t(), labels)

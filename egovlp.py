@@ -569,7 +569,11 @@ def egonce_loss(sim, pos_mask, temperature: float):
             -mean_j log( sum_{i: P_ij} exp(S_ij/tau) / sum_i exp(S_ij/tau) )      video -> text
     computed as logsumexp(positives) - logsumexp(all); the two directions are summed, as in the release.
     With pos_mask = I this is exactly InfoNCE (Frozen's NormSoftmaxLoss).
+    A non-square sim (texts != videos) raises a ValueError: its masked rows would otherwise give a huge loss.
     """
+    if sim.shape[0] != sim.shape[1] or pos_mask.shape != sim.shape:
+        raise ValueError(f"egonce_loss needs a square similarity and mask (pairs on the diagonal), got sim "
+                         f"{tuple(sim.shape)} and pos_mask {tuple(pos_mask.shape)}")
     logits = sim.float() / temperature  # (M, M)
     neg_inf = torch.finfo(logits.dtype).min
     t2v = torch.logsumexp(logits.masked_fill(~pos_mask, neg_inf), 1) - torch.logsumexp(logits, 1)
@@ -582,7 +586,10 @@ def mi_mm_loss(sim, margin):
     matched pairs on the diagonal; margin a float or a (M,) tensor (adaptive MI-MM: 0.4 x relevancy of pair i).
 
         L = mean over i != j of  relu(m_i - (S_ii - S_ij)) and relu(m_i - (S_ii - S_ji))
+    A non-square sim raises a ValueError, as in egonce_loss.
     """
+    if sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"mi_mm_loss needs a square similarity (pairs on the diagonal), got {tuple(sim.shape)}")
     sim = sim.float()
     M = sim.shape[0]
     m = torch.as_tensor(margin, dtype=sim.dtype, device=sim.device).expand(M)[:, None]  # (M, 1)

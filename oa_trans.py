@@ -587,7 +587,10 @@ def cosine_sim(a, b):
 
 def nce_loss(sim, temperature):
     """Frozen's NormSoftmax on a square similarity matrix whose diagonal holds the positive pairs:
-    L = -mean_i log softmax_j(S/tau)[i, i] - mean_j log softmax_i(S/tau)[j, j]  (the sum of both directions)."""
+    L = -mean_i log softmax_j(S/tau)[i, i] - mean_j log softmax_i(S/tau)[j, j]  (the sum of both directions).
+    A non-square S (captions != videos) raises: the release's diag() would silently average min(N, M) terms."""
+    if sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"nce_loss needs a square similarity with the pairs on the diagonal, got {tuple(sim.shape)}")
     logits = sim / temperature
     labels = torch.arange(sim.shape[0], device=sim.device)
     return F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)

@@ -410,3 +410,8 @@ def test_retrieval_protocol_matches_a_naive_reference(tiny_corpus, captions, vie
     expected = retrieval_metrics(torch.stack(sims).mean(0), torch.tensor([i for _, i in queries]))
     for k, v in expected.items():
         assert got[k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_vtc_loss_rejects_unequal_texts_and_videos():
+    with pytest.raises(ValueError, match="as many texts as videos"):
+        aio.vtc_loss(F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1), 0.05)

@@ -542,3 +542,14 @@ def test_docstring_table_lists_every_field_the_paper_preset_changes():
     rows = [line.split("|")[1] for line in egovlp.__doc__.splitlines() if line.startswith("| `")]
     listed = {name for cell in rows for name in re.findall(r"`(\w+)`", cell)}
     assert changed - {"device", "out_dir", "data_root"} <= listed, sorted(changed - listed)
+
+
+def test_losses_reject_non_square_similarity():
+    """A ragged batch (texts != videos) is an error with a clear message, not a silent 1e37 loss."""
+    sim = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="square"):
+        egonce_loss(sim, torch.eye(3, 4, dtype=torch.bool), 0.05)
+    with pytest.raises(ValueError, match="square"):
+        egonce_loss(torch.randn(3, 3), torch.eye(3, 4, dtype=torch.bool), 0.05)
+    with pytest.raises(ValueError, match="square"):
+        egovlp.mi_mm_loss(sim, 0.2)

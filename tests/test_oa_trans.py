@@ -577,3 +577,8 @@ def test_retrieval_protocol_matches_a_naive_reference(tiny_corpus, captions, vie
     expected = retrieval_metrics(torch.stack(sims).mean(0), torch.tensor([v for _, v in queries]))
     for k, v in expected.items():
         assert got[f"retrieval/{k}"] == pytest.approx(v, abs=1e-6), k
+
+
+def test_nce_loss_rejects_non_square_similarity():
+    with pytest.raises(ValueError, match="square"):
+        oa.nce_loss(torch.randn(3, 4), 0.05)
