@@ -635,11 +635,6 @@ def read_egoclip(path) -> list[dict]:
     return rows
 
 
-def count_lines(path) -> int:
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
-
-
 def scene_buckets(rows: list[dict], window: float) -> dict[tuple, list[int]]:
     """Scene-aware negative pools: the release's segment_id = video_uid + floor(narration_time / window)."""
     buckets: dict[tuple, list[int]] = {}

@@ -167,7 +167,8 @@ class Config:
     objects: str = "on"  # on = OA-Trans (4 streams) | off = plain Frozen (L(t, v) only, no detections read)
     oa_loss: str = "paper"  # paper = L(t,v)+L(tags,v)+L(t,regions) | release = L(t,v)+L(caption+tags,v)+L(mean region,mean tag)
     top_k: int = 10  # boxes kept per anchor frame, by detector confidence (release default 10 = BUTD's min boxes)
-    distractor: bool = True  # add one random class name to the tags, excluded from pooling (the figure's "[Random Object]")
+    distractor: bool = True  # add one random class name to the tags, excluded from pooling (the figure's "[Random Object]");
+    #   paper loss only: oa_loss=release has none (the release's distractor helper is never enabled), and says so
     region_mask: str = "blank"  # blank = paint non-object patches black before encoding (paper figure) | none = keep them
     w_main: float = 1.0  # weight of L(t, v) (paper/release: 1)
     w_tags: float = 1.0  # weight of the tag term: L(tags, v) or, with oa_loss=release, L(caption+tags, v) (1)
@@ -964,6 +965,8 @@ def main(argv=None):
         dataset = WebVidObjects(cfg.data_root, "train", cfg, tokenizer, objects=objects)
     terms = LOSS_TERMS[cfg.oa_loss]
     weights = dict(w_main=cfg.w_main, w_tags=cfg.w_tags, w_regions=cfg.w_regions)
+    if objects and cfg.distractor and cfg.oa_loss == "release":
+        print0("note: --distractor has no effect with --oa_loss=release (the release's tag text has no distractor)")
     print0(f"{'fine-tuning' if finetuning else 'pre-training'}: {len(dataset)} clips, objects={'on' if objects else 'off'}, "
            f"loss terms {[t[1] + '-' + t[2] for t in terms] if objects else ['text-video']}, "
            f"contrastive batch = {dist.world_size} x {cfg.batch_size} = {dist.world_size * cfg.batch_size}")

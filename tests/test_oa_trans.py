@@ -582,3 +582,12 @@ def test_retrieval_protocol_matches_a_naive_reference(tiny_corpus, captions, vie
 def test_nce_loss_rejects_non_square_similarity():
     with pytest.raises(ValueError, match="square"):
         oa.nce_loss(torch.randn(3, 4), 0.05)
+
+
+def test_release_loss_says_the_distractor_does_not_apply(tiny_corpus, tmp_path, capsys):
+    """--distractor only shapes the paper loss's tag text; under --oa_loss=release the run says it is ignored."""
+    oa.main([f"--data_root={tiny_corpus}", f"--out_dir={tmp_path}", "--img_size=32", "--patch_size=8",
+             "--vit_width=32", "--vit_depth=1", "--vit_heads=2", "--text_width=32", "--text_layers=1", "--text_heads=2",
+             "--batch_size=4", "--num_frames=2", "--curriculum=none", "--num_workers=0", "--precision=fp32",
+             "--eval_batch_size=8", "--max_steps=1", "--oa_loss=release", "--distractor=true"])
+    assert "--distractor has no effect with --oa_loss=release" in capsys.readouterr().out
