@@ -89,7 +89,7 @@ CPU default vs paper (`--paper --B` = the release's pre-training recipe at the p
 | `vtc_weight` | 1 | 0 (VTC off in pre-training) | zero-shot retrieval needs trained unimodal embeddings (departure 1) |
 | `joint_fraction` | 0.125 | 1.0 | a joint row costs T copies; 0.125 was faster and better here (departure 1) |
 | `vtc_pool` | mean | cls | [CLS] sat on a plateau from scratch (departure 9) |
-| `batch_size` / `grad_accum` | 64 / 1 | 16 / 32 per GPU (4096 on 8 GPUs) | one CPU process; accumulation adds no negatives |
+| `batch_size` / `grad_accum` | 64 / 1 | 16 / 32 per GPU (4096 on 8 GPUs) | one CPU process; no extra negatives |
 | `lr` / `warmup_steps` / `max_steps` | 1e-3 / 30 / 1000 | 1e-4 / 2500 / 200k | from scratch, short schedule |
 | `probe_lr` / `probe_epochs` | 1e-3 / 200 | 3e-4 (K400) or 1e-4 (HMDB51) / 50 | a tiny probe on a few hundred clips |
 | `cache_clips` / `num_workers` | True / 1 | False / 8 | small corpus in RAM; 2 cores |

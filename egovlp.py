@@ -980,6 +980,9 @@ class EpicMIR:
         windows = [(c["video_id"], hms_to_seconds(c["start_timestamp"]), hms_to_seconds(c["stop_timestamp"]))
                    for c in clips]
         sentence_index = {text: k for k, text in enumerate(self.sentences)}
+        missing = [c["narration"] for c in clips if c["narration"] not in sentence_index]
+        if missing:
+            raise ValueError(f"{root}: {len(missing)} test narrations are not in the sentence CSV, e.g. {missing[0]!r}")
         self.caption_rows = torch.tensor([sentence_index[c["narration"]] for c in clips])  # each clip's caption
         self.bank = ClipBank(ClipReader(root / "videos"), cfg, windows, cfg.num_frames)
 

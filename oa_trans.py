@@ -87,7 +87,7 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
 ## CPU default vs paper (`--paper`; `--paper --paper_ft` for fine-tuning)
 | field | CPU default | paper / release | why the default differs |
 |---|---|---|---|
-| `img_size` / `patch_size` | 64 / 8 | 224 / 16 | the synthetic corpus is 64x64; 8-px patches keep a 8x8 grid for the boxes |
+| `img_size` / `patch_size` | 64 / 8 | 224 / 16 | the corpus is 64x64; 8-px patches keep an 8x8 grid for the boxes |
 | `vit_width` / `vit_depth` / `vit_heads` | 128 / 4 / 2 | 768 / 12 / 12 (ViT-B/16) | minutes on 2 CPU cores |
 | `text_width` / `text_layers` / `text_heads` / `text_ffn` | 128 / 2 / 2 / 512 | 768 / 6 / 12 / 3072 | small model |
 | `text_positions` / `max_text_len` / `max_tag_len` | 64 / 32 / 24 | 512 / 64 / 32 | synthetic captions are short |
@@ -95,7 +95,7 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
 | `time_init` | live | release | from scratch the release's init starves the temporal branch |
 | `text_pool` | mean | cls | [CLS] learns ~2.6x slower from scratch |
 | `crop` | random_resized (0.6..1) | resize_random (Resize 242 -> RandomCrop 224) | a stronger crop helped here |
-| `color_jitter` / `jitter_hue` / `grayscale_p` | 0 / 0 / 0 | 0.5 / 0.1 / 0.3 (fine-tuning 0.4 / 0.1 / 0.2) | captions name colours |
+| `color_jitter` / `jitter_hue` / `grayscale_p` | 0 / 0 / 0 | 0.5 / 0.1 / 0.3 (fine-tune 0.4 / 0.1 / 0.2) | captions name colours |
 | `batch_size` / `num_workers` | 32 / 1 | 16 per GPU x 8 / 8 | one CPU process |
 | `max_steps` | 800 | 200k | minutes, not days |
 | `lr` / `warmup_steps` / `schedule` | 1e-3 / 50 / cosine | 2e-4 / 0 / constant | from scratch, short schedule |
@@ -167,8 +167,8 @@ class Config:
     objects: str = "on"  # on = OA-Trans (4 streams) | off = plain Frozen (L(t, v) only, no detections read)
     oa_loss: str = "paper"  # paper = L(t,v)+L(tags,v)+L(t,regions) | release = L(t,v)+L(caption+tags,v)+L(mean region,mean tag)
     top_k: int = 10  # boxes kept per anchor frame, by detector confidence (release default 10 = BUTD's min boxes)
-    distractor: bool = True  # add one random class name to the tags, excluded from pooling (the figure's "[Random Object]");
-    #   paper loss only: oa_loss=release has none (the release's distractor helper is never enabled), and says so
+    distractor: bool = True  # add one random class name to the tags, excluded from pooling (the figure's
+    #   "[Random Object]"); paper loss only: oa_loss=release has none (the release never enables its helper), and says so
     region_mask: str = "blank"  # blank = paint non-object patches black before encoding (paper figure) | none = keep them
     w_main: float = 1.0  # weight of L(t, v) (paper/release: 1)
     w_tags: float = 1.0  # weight of the tag term: L(tags, v) or, with oa_loss=release, L(caption+tags, v) (1)
@@ -201,7 +201,8 @@ class Config:
     vit_heads: int = 2  # paper 12 (head dim 64)
     vit_mlp_ratio: float = 4.0  # MLP hidden = ratio x D; paper 4
     time_init: str = "live"  # live = TimeAttn qkv 0, out-proj ~ N(0, 0.02) | release = Frozen's (qkv 0, out-proj
-    #   weight 1: from scratch its qkv never gets a gradient, see the docstring; --paper keeps it for pre-trained weights)
+    #   weight 1: from scratch its qkv never gets a gradient, see the docstring; --paper keeps it for pre-trained
+    #   weights)
     # --- text encoder (DistilBERT architecture)
     vocab_size: int = 0  # 0 = the size of data_root/vocab.txt; paper 30522 (bert-base-uncased)
     text_width: int = 128  # paper 768
@@ -813,7 +814,8 @@ class EvalClips:
     def frames(self, i, view=None):
         if (i, view) not in self.cache:
             try:
-                mode, rng = ("uniform", None) if view is None else ("rand", random.Random(f"{self.cfg.seed}/{view}/{i}"))
+                rng = None if view is None else random.Random(f"{self.cfg.seed}/{view}/{i}")
+                mode = "uniform" if view is None else "rand"
                 self.cache[i, view], _ = load_clip(self.ann.paths[i], self.cfg.num_frames, mode, rng=rng)
             except VideoReadError:
                 self.cache[i, view] = None

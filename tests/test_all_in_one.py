@@ -401,7 +401,8 @@ def test_retrieval_protocol_matches_a_naive_reference(tiny_corpus, captions, vie
                 rng = None if view is None else random.Random(f"{cfg.seed}/{view}/{i}")
                 video = aio.decode_clip(it["path"], cfg, False, rng=rng, sample="uniform" if view is None else "rand")
                 vids.append(model.video_embedding(video[None])[0])
-            queries = [(t, i) for i, it in enumerate(items) for t in (it["text"] if captions == "all" else it["text"][:1])]
+            queries = [(t, i) for i, it in enumerate(items)
+                       for t in (it["text"] if captions == "all" else it["text"][:1])]
             texts = []
             for t, _ in queries:
                 enc = tok([t], cfg.max_text_len, pad_to_max=False)
