@@ -31,7 +31,8 @@ Pre-training objectives (summed; each has a real weight here)
          L = CE(S, diag) + CE(S^T, diag)   (the release sums the two directions; negatives across ranks here).
 
 Downstream (`--finetune=<task>` trains, `--eval=<task>` evaluates a checkpoint on test):
-    retrieval  text->video by cosine of the unimodal embeddings (zero-shot, or fine-tuned with VTC)
+    retrieval  text->video by cosine of the unimodal embeddings (zero-shot, or fine-tuned with VTC); one caption
+               per test video by default (`retrieval_captions`), `retrieval_views=3` for the release's 3-view average
     qa         open-ended QA as classification over the train answers (answers outside it count as wrong)
     mc         multiple choice: zero-shot by the VTM match logit of each option, or fine-tuned MLP D->256->1
     action     probe on frozen joint features with the fixed prompt "a person is doing [MASK]" (MLP, as released)
@@ -41,7 +42,8 @@ Shapes legend: B batch, T frames, N patches per frame, L text tokens, D width, V
 What is reproduced, what is not
 -------------------------------
 Reproduced: the single-stream model with the release's joint-pass layout, temporal token rolling (with the
-release's random-subset behaviour), time average and a TSM-style shift as one-field ablations (`temporal=`),
+release's random-subset behaviour), time average, the release's token shift and a TSM channel shift as one-field
+ablations (`temporal=`),
 VTM + MLM + VTC, the four downstream protocols, Ti / S / B sizes (parameter counts checked in the tests).
 Not reproduced: the ImageNet start of the CPU default (it trains from scratch on the built-in synthetic corpus;
 `--init_video=<timm .pth>` loads the paper's DeiT / ViT weights, `--init=<release .ckpt>` the released models),
@@ -76,6 +78,25 @@ Departures from the release, and why
    plateau (val R@1 8.5% at step 300 of a 400-step run) where mean pooling had reached 20.0% (same run
    otherwise). `vtc_pool="cls"` restores the release. The joint pass still uses the text [CLS], as released.
 
+CPU default vs paper (`--paper --B` = the release's pre-training recipe at the paper's size)
+------------------------------------------------------------------------------------------
+| field | CPU default | paper / release | why the default differs |
+|---|---|---|---|
+| `width` / `depth` / `heads` | 128 / 4 / 2 | 768 / 12 / 12 (B; Ti 192/3, S 384/6) | minutes on 2 CPU cores |
+| `img_size` / `max_text_len` | 64 / 32 | 224 / 40 | the synthetic corpus is 64x64, its captions short |
+| `vocab_size` | 0 (the corpus's vocab.txt) | 30522 (bert-base-uncased) | synthetic vocabulary |
+| `proj_dim` | 256 | 512 | smaller model |
+| `dropout` / `drop_path` | 0 / 0 | 0.1 / 0.1 | 1000 steps from scratch underfit; regularising slows them |
+| `vtc_weight` | 1 | 0 (VTC off in pre-training) | zero-shot retrieval needs trained unimodal embeddings (departure 1) |
+| `joint_fraction` | 0.125 | 1.0 | a joint row costs T copies; 0.125 was faster and better here (departure 1) |
+| `vtc_pool` | mean | cls | [CLS] sat on a plateau from scratch (departure 9) |
+| `batch_size` / `grad_accum` | 64 / 1 | 16 / 32 per GPU (4096 on 8 GPUs) | one CPU process; no extra negatives |
+| `lr` / `warmup_steps` / `max_steps` | 1e-3 / 30 / 1000 | 1e-4 / 2500 / 200k | from scratch, short schedule |
+| `probe_lr` / `probe_epochs` | 1e-3 / 200 | 3e-4 (K400) or 1e-4 (HMDB51) / 50 | a tiny probe on a few hundred clips |
+| `cache_clips` / `num_workers` | True / 1 | False / 8 | small corpus in RAM; 2 cores |
+| `eval_every` / `ckpt_every` / `log_every` | 100 / 100 / 25 | 5000 / 5000 / 100 | cadence of a short run |
+| `precision` | bf16 autocast | fp16 AMP (not set by `--paper`) | bf16 needs no loss scaling; CPU autocast is bf16 |
+
 Commands
 --------
     python all_in_one.py --pretrain                       # CPU default: pre-train on data/synth + zero-shot eval
@@ -83,10 +104,10 @@ Commands
     python all_in_one.py --finetune=qa --init=runs/all_in_one/ckpt.pt --out_dir=runs/all_in_one_qa
     python all_in_one.py --eval=retrieval --init=runs/all_in_one/ckpt.pt
     python all_in_one.py --pretrain --temporal=mean       # the paper's ablation: time average instead of rolling
-    python all_in_one.py --B --device=cuda --data_root=/data --batch_size=16           # one GPU, paper size
-    torchrun --standalone --nproc_per_node=8 all_in_one.py --B --data_root=/data --batch_size=16 \
-        --init_video=/w/jx_vit_base_p16_224-80ecf9dd.pth --vocab_file=/w/bert-base-uncased/vocab.txt
-    python all_in_one.py --B --eval=mc --init=pretrained/all-in-one-base.ckpt --vocab_file=/w/vocab.txt --data_root=/data
+    python all_in_one.py --paper --B --device=cuda --data_root=/data                    # one GPU, paper recipe
+    torchrun --standalone --nproc_per_node=8 all_in_one.py --paper --B --data_root=/data \
+        --init_video=/w/jx_vit_base_p16_224-80ecf9dd.pth --vocab_file=/w/bert-base-uncased/vocab.txt  # paper init
+    python all_in_one.py --B --eval=mc --init=/w/all-in-one-base.ckpt --vocab_file=/w/vocab.txt --data_root=/data
 """
 
 import contextlib
@@ -153,9 +174,11 @@ class Config:
     drop_path: float = 0.0  # stochastic depth, linear up to this; paper 0.1
     tied_mlm_decoder: bool = False  # tie the MLM decoder to the word embeddings; release False (untied)
     # --- temporal modelling: the paper's idea and its baselines
-    temporal: str = "roll"  # roll (the paper) | mean (time average, the paper's baseline) | shift (TSM channel shift)
+    temporal: str = "roll"  # roll (the paper) | mean (time average, the paper's baseline) | shift (the release's
+    #   token shift, TemporalRoll v=3) | tsm (TSM channel shift, not in the release)
     roll_fraction: float = 0.25  # share of patch tokens rolled, half by +1 frame and half by -1; release 2*24/196
-    roll_tokens: str = "random"  # random (patch slots shuffled per frame, as the release effectively does) | fixed
+    roll_tokens: str = "random"  # random (patch slots shuffled per frame, as the release effectively does; roll and
+    #   shift) | fixed
     roll_unimodal: bool = False  # also roll in the video-only (VTC / retrieval) pass; release False
     # --- pre-training objectives
     vtc_weight: float = 1.0  # video-text contrastive; release: off in pre-training, used for retrieval fine-tuning
@@ -182,8 +205,12 @@ class Config:
     log_every: int = 25  # steps between log lines
     eval_batch_size: int = 64  # clips per evaluation batch
     max_eval_items: int = 0  # cap on items per evaluation split (0 = all); for quick runs only
+    retrieval_captions: str = "first"  # text queries per test video: first (one per video, as MSR-VTT 1k-A) | all
+    retrieval_views: int = 1  # frame samplings whose similarities are averaged; 1 = bin midpoints; release 3 random
     probe: str = "mlp"  # action probe head: mlp (release: pooler + 2-layer MLP) | linear
-    probe_epochs: int = 200  # epochs of the action probe over cached frozen features
+    probe_epochs: int = 200  # epochs of the action probe over cached frozen features; release 50 (K400)
+    probe_lr: float = 1e-3  # AdamW lr of the action probe (head, and pooler for probe=mlp); release 3e-4 (K400),
+    #   1e-4 (HMDB51)
     probe_features: str = "joint"  # joint (release: prompt's joint [CLS]) | video (video-only pass) | frames (per frame)
 
 
@@ -201,6 +228,13 @@ PRESETS = {
               dropout=0.1, drop_path=0.1, lr=1e-4, warmup_steps=2500, max_steps=200_000),
     "B": dict(width=768, depth=12, heads=12, img_size=224, max_text_len=40, vocab_size=30522, proj_dim=512,
               dropout=0.1, drop_path=0.1, lr=1e-4, warmup_steps=2500, max_steps=200_000),
+    # the release's pre-training recipe (combine with a size: `--paper --B`): VTM + MLM on the whole batch, VTC off,
+    # [CLS] features, 16 clips per GPU accumulated 32x (= 4096 on 8 GPUs; the release: 16 x 8 GPUs x 4 nodes x 8),
+    # AdamW 1e-4, warm-up 2500, linear decay over 200k steps, dropout and drop-path 0.1. Sizes set only the model.
+    "paper": dict(joint_fraction=1.0, vtc_weight=0.0, vtm_weight=1.0, mlm_weight=1.0, vtc_pool="cls",
+                  batch_size=16, grad_accum=32, lr=1e-4, warmup_steps=2500, max_steps=200_000, schedule="linear",
+                  dropout=0.1, drop_path=0.1, cache_clips=False, num_workers=8, eval_every=5000, ckpt_every=5000,
+                  log_every=100, probe_lr=3e-4, probe_epochs=50),
 }
 
 
@@ -212,7 +246,12 @@ def temporal_roll(v, k):
 
     v: (B, T, 1+N, D), slot 0 is the frame's CLS (never rolled). Circular in time, as `torch.roll` in the
     release: with T=3, frame 0 receives frame 2's band. No parameters, no FLOPs; only memory moves.
+    k is capped at N // 2, so the two bands never overlap (a single patch is not rolled at all).
+    Departure for tiny grids: the release's band is L // 8 of the L = 1+N tokens, which is 0 below 8 tokens, and
+    its `x[:, :, -0:]` then rolls the WHOLE sequence, CLS included, by -1 frame; here the caller's k (at least 1,
+    see AllInOne.temporal_mix) always leaves the CLS in place. At 197 and 17 tokens both roll the same slots.
     """
+    k = min(k, (v.shape[2] - 1) // 2)  # at most N // 2 patches per direction
     if k == 0:
         return v
     cls, p = v[:, :, :1], v[:, :, 1:]                                # (B, T, 1, D), (B, T, N, D)
@@ -223,8 +262,22 @@ def temporal_roll(v, k):
 
 
 def temporal_shift(v, fold_div=8):
-    """TSM-style channel shift (the release's `v=3` branch, a baseline in the paper's comparison): D/8 channels
-    of every patch token come from frame t-1, D/8 from frame t+1, zero-padded at the ends (not circular)."""
+    """Token shift, the release's `TemporalRoll(v=3)` branch (an alternative in the paper's comparison): with
+    f = D // fold_div (a count of *channels*, used as a count of tokens), the first f tokens of every frame,
+    CLS included, come from frame t+1 and the next f tokens from frame t-1; zero-padded at the ends (not
+    circular); all channels move. At D = 768 and 197 tokens that is 96 + 96 of them; when 2f exceeds the
+    sequence the second band is cut at its end. v: (B, T, 1+N, D) -> same shape."""
+    f = v.shape[-1] // fold_div
+    out = v.clone()
+    out[:, :, :2 * f] = 0
+    out[:, :-1, :f] = v[:, 1:, :f]                                   # out[:, t] = v[:, t+1] for tokens 0..f-1
+    out[:, 1:, f:2 * f] = v[:, :-1, f:2 * f]                         # out[:, t] = v[:, t-1] for tokens f..2f-1
+    return out
+
+
+def channel_shift(v, fold_div=8):
+    """TSM-style channel shift (Lin et al. 2019; not in the release): D/8 channels of every patch token come from
+    frame t-1, D/8 from frame t+1, zero-padded at the ends (not circular); the CLS token is left alone."""
     cls, p = v[:, :, :1], v[:, :, 1:]                                # (B, T, 1, D), (B, T, N, D)
     c = p.shape[-1] // fold_div
     out = torch.zeros_like(p)
@@ -386,7 +439,7 @@ class AllInOne(nn.Module):
         x = vt.patch_embed.proj(rearrange(video, "b t c h w -> (b t) c h w"))
         x = rearrange(x, "(b t) d gh gw -> b t (gh gw) d", b=B)     # (B, T, N, D)
         x = x + vt.pos_embed[:, 1:].unsqueeze(1) + vt.temporal_embed[:, :T].unsqueeze(2)
-        if self.cfg.temporal == "roll" and self.cfg.roll_tokens == "random":
+        if self.cfg.temporal in ("roll", "shift") and self.cfg.roll_tokens == "random":
             # The release keeps patches through ViLT's `multinomial(ones(N), N)`: a fresh random order per frame on
             # every pass. Each token keeps its own position embedding, so attention is unaffected, but the fixed
             # rolled slots then hold a random spatial subset of each frame (see temporal_roll).
@@ -404,6 +457,8 @@ class AllInOne(nn.Module):
             return temporal_roll(v, k)
         if self.cfg.temporal == "shift":
             return temporal_shift(v)
+        if self.cfg.temporal == "tsm":
+            return channel_shift(v)
         assert self.cfg.temporal == "mean", self.cfg.temporal
         return v  # time average: frames never meet before the final mean
 
@@ -500,7 +555,11 @@ def vtc_loss(text_emb, video_emb, temperature):
     """Symmetric InfoNCE on L2-normalised embeddings (B, P); matching pairs on the diagonal.
 
     S = t v^T / tau;  L = CE(S, diag) + CE(S^T, diag)  (the release sums both directions, it does not average).
+    Different numbers of texts and videos raise: there is no diagonal of pairs.
     """
+    if text_emb.shape[0] != video_emb.shape[0]:
+        raise ValueError(f"vtc_loss needs as many texts as videos (pairs on the diagonal), got {text_emb.shape[0]} "
+                         f"texts and {video_emb.shape[0]} videos")
     sim = text_emb.float() @ video_emb.float().t() / temperature      # (B, B), fp32
     labels = torch.arange(sim.shape[0], device=sim.device)
     return F.cross_entropy(sim, labels) + F.cross_entropy(sim.t(), labels)
@@ -583,19 +642,21 @@ def mc_scores(model, batch, head=None):
 _CLIP_CACHE = {}  # path -> every decoded frame, uint8 (F, H, W, 3); per process (the training worker, or main)
 
 
-def decode_clip(path, cfg, train, rng=None):
-    """Sample T frames (random per bin in training, bin midpoints otherwise) -> (T, 3, S, S) float.
+def decode_clip(path, cfg, train, rng=None, sample=None):
+    """Sample T frames (random per bin in training, bin midpoints otherwise; `sample` = "rand" | "uniform" overrides
+    it, e.g. for random evaluation views) -> (T, 3, S, S) float.
 
     With cache_clips, a clip is decoded once in full and later epochs sample from memory (decoding dominates the
     step time of a tiny model on 64x64 clips). No flip: it would turn "moves left" into "moves right". The crop
     scale stands in for the release's resize-to-1.2x-then-random-crop."""
+    sample = sample or ("rand" if train else "uniform")
     if cfg.cache_clips:
         if path not in _CLIP_CACHE:
             _CLIP_CACHE[path] = read_frames(path, range(video_meta(path).num_frames))
         frames = _CLIP_CACHE[path]
-        frames = frames[sample_frame_indices(len(frames), cfg.num_frames, "rand" if train else "uniform", rng=rng)]
+        frames = frames[sample_frame_indices(len(frames), cfg.num_frames, sample, rng=rng)]
     else:
-        frames, _ = load_clip(path, cfg.num_frames, "rand" if train else "uniform", rng=rng)
+        frames, _ = load_clip(path, cfg.num_frames, sample, rng=rng)
     video, _ = VideoTransform(cfg.img_size, train, scale=(0.7, 1.0), flip=False)(frames, rng=rng)
     return video
 
@@ -643,10 +704,12 @@ def read_jsonl(path):
 
 class ClipTextDataset(torch.utils.data.Dataset):
     """(video path, text or texts, extra) items -> dict(video, text, index, ...). A text list means "draw one at
-    random" (MSR-VTT training). Unreadable videos return None; the collate function drops and counts them."""
+    random" (MSR-VTT training). Unreadable videos return None; the collate function drops and counts them.
+    view = k (evaluation only): frames drawn at random in each bin with a generator seeded by (seed, k, item), centre
+    crop -- the k-th of the release's retrieval views; None = bin midpoints."""
 
-    def __init__(self, items, cfg, train):
-        self.items, self.cfg, self.train = items, cfg, train
+    def __init__(self, items, cfg, train, view=None):
+        self.items, self.cfg, self.train, self.view = items, cfg, train, view
 
     def __len__(self):
         return len(self.items)
@@ -654,7 +717,11 @@ class ClipTextDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         item = self.items[i]
         try:
-            video = decode_clip(item["path"], self.cfg, self.train)
+            if self.view is None:
+                video = decode_clip(item["path"], self.cfg, self.train)
+            else:
+                rng = random.Random(f"{self.cfg.seed}/{self.view}/{i}")
+                video = decode_clip(item["path"], self.cfg, False, rng=rng, sample="rand")
         except VideoReadError:
             return None
         text = item.get("text", "")
@@ -702,6 +769,7 @@ class Collate:
         if not kept:
             return batch
         batch["video"] = torch.stack([it["video"] for it in kept])       # (B, T, 3, H, W)
+        batch["index"] = torch.tensor([it["index"] for it in kept])       # dataset rows of the kept clips
         if "options" in kept[0]:                                          # multiple choice
             O = len(kept[0]["options"])
             tok = self.tok([o for it in kept for o in it["options"]], self.cfg.max_text_len, pad_to_max=False)
@@ -781,15 +849,41 @@ def run_eval_batches(model, loader, device, precision, fn):
     return {k: torch.cat(v) for k, v in outs.items()}, skipped
 
 
+@torch.no_grad()
 def evaluate_retrieval(model, cfg, tok, split, device):
-    """Text->video and video->text retrieval, one caption per clip (the first), cosine similarity in fp32."""
-    ds = ClipTextDataset(build_task_items(cfg, "retrieval", split), cfg, train=False)
-    out, skipped = run_eval_batches(model, make_loader(ds, Collate(tok, cfg, "eval"), cfg, None, False), device,
-                                    cfg.precision, lambda b: dict(t=model.text_embedding(b["text_ids"], b["text_mask"]),
-                                                                  v=model.video_embedding(b["video"])))
-    sim = out["t"].float() @ out["v"].float().t()                    # (texts, videos), fp32
-    m = retrieval_metrics(sim, torch.arange(sim.shape[0]))
-    return {k: v for k, v in m.items()}, skipped, sim.shape[0]
+    """Text->video and video->text retrieval by cosine similarity in fp32, under the protocol of two fields:
+
+    retrieval_captions  "first": one query per video, its first caption (MSR-VTT 1k-A scores one caption per video;
+                        the same protocol as oa_trans.py's default) | "all": every caption of every video, several
+                        queries sharing a video (v2t counts the best-ranked one).
+    retrieval_views     V = 1: frames at the bin midpoints. V > 1: V random samplings (centre crop), similarities
+                        averaged over the views, as the release (3 views). The average of t . v_k over k is
+                        t . mean_k(v_k), so the views' unit-norm video embeddings are averaged.
+    Clips that cannot be read are left out with their captions. -> (metrics, skipped, number of videos)."""
+    assert cfg.retrieval_captions in ("first", "all") and cfg.retrieval_views >= 1, (cfg.retrieval_captions,
+                                                                                     cfg.retrieval_views)
+    items = build_task_items(cfg, "retrieval", split)
+    views, kept = [], None
+    for view in range(cfg.retrieval_views):
+        ds = ClipTextDataset(items, cfg, train=False, view=view if cfg.retrieval_views > 1 else None)
+        out, skipped = run_eval_batches(model, make_loader(ds, Collate(tok, cfg, "eval"), cfg, None, False), device,
+                                        cfg.precision, lambda b: dict(v=model.video_embedding(b["video"]),
+                                                                      i=b["index"]))
+        views.append(out["v"].float())                                    # (V', P), V' readable videos
+        kept = out["i"].long().tolist()
+    video = torch.stack(views).mean(0)                                    # (V', P)
+    captions, caption_video = [], []
+    for col, row in enumerate(kept):
+        texts = items[row]["text"] if cfg.retrieval_captions == "all" else items[row]["text"][:1]
+        captions += texts
+        caption_video += [col] * len(texts)
+    text = []
+    for s in range(0, len(captions), cfg.eval_batch_size):
+        t = tok(captions[s:s + cfg.eval_batch_size], cfg.max_text_len, pad_to_max=False)
+        with autocast(device, cfg.precision):
+            text.append(model.text_embedding(t["input_ids"].to(device), t["attention_mask"].to(device)).float().cpu())
+    sim = torch.cat(text) @ video.t()                                     # (captions, videos), fp32
+    return retrieval_metrics(sim, torch.tensor(caption_video)), skipped, sim.shape[1]
 
 
 def evaluate_mc(model, cfg, tok, split, device, zero_shot):
@@ -884,7 +978,7 @@ def action_probe(model, cfg, tok, device, num_classes):
     head = model.add_task_head("action", num_classes, in_dim).float().cpu()
     params = list(head.parameters()) + (list(pooler.parameters()) if cfg.probe == "mlp" else [])
     pooler.requires_grad_(cfg.probe == "mlp")
-    opt = torch.optim.AdamW(params, lr=1e-3, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.probe_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     predict = lambda x: head(torch.tanh(pooler(x)).flatten(1))          # the pooler acts on each frame's D
     x, y, _ = feats["train"]
     best, best_state = -1.0, None

@@ -95,6 +95,26 @@ Departures from the release (and why)
 - EgoMCQ accuracies are labelled by type id (1 = inter, 2 = intra); the release prints them swapped.
 - MI-MM's adaptive margin is wired in (`--adaptive_margin`); the release defines it but never passes relevancy.
 
+CPU default vs paper (`--paper`)
+--------------------------------
+| field | CPU default | paper / release | why the default differs |
+|---|---|---|---|
+| `img_size` | 64 | 224 | the synthetic corpus is 64x64 |
+| `vit_width` / `vit_depth` / `vit_heads` | 128 / 3 / 2 | 768 / 12 / 12 (ViT-B/16) | minutes on 2 CPU cores |
+| `text_width` / `text_layers` / `text_heads` / `text_ffn` | 128 / 2 / 2 / 512 | 768 / 6 / 12 / 3072 | small model |
+| `text_positions` / `max_text_len` / `vocab_size` | 64 / 32 / 0 (vocab.txt) | 512 / 64 / 30522 | synthetic text |
+| `time_init` | live | release | from scratch the release's init starves the temporal branch |
+| `text_pool` | mean | cls | from scratch [CLS] kept every narration at one point |
+| `batch_size` / `num_workers` | 32 / 1 | 16 per GPU x 32 GPUs / 16 | one CPU process |
+| `max_steps` | 1200 | 75k (~10 epochs at 512) | minutes, not days |
+| `lr` / `warmup_steps` / `schedule` | 3e-4 / 50 / cosine | 3e-5 / 0 / constant | from scratch, no weights to protect |
+| `weight_decay` / `grad_clip` | 0.01 / 1 | 0 / off | stabilises the from-scratch run |
+| `hflip` | off | release (flip, narration kept) | "left" / "right" are 2 of the 8 synthetic verbs |
+| `precision` | bf16 | fp32 | ~1.4x faster steps on this CPU |
+| `cache_videos` | True | False | a small corpus fits in RAM |
+| `eval_every` / `ckpt_every` / `eval_batch_size` | 0 (end) / 200 / 64 | 7500 / 7500 / 32 | cadence of a short run |
+| `charades_frames` | 0 (= num_frames, 4) | 16 (frames 5-16 get a zero temporal embedding, as the release) | speed |
+
 Commands
 --------
   python egovlp.py --pretrain                                   # CPU default: pre-train on data/synth, evaluate
@@ -146,7 +166,7 @@ class Config:
     finetune: str = ""  # "" = EgoNCE pre-training on EgoClip | "epic_mir" = EPIC-MIR fine-tuning with MI-MM
     eval: str = ""  # "" = train | "egomcq" | "epic_mir" | "charades" | "all": evaluate only, no training
     # video encoder (Frozen-in-Time SpaceTimeTransformer)
-    image_size: int = 64  # input frame side; paper 224
+    img_size: int = 64  # input frame side; paper 224
     patch_size: int = 16  # ViT patch side; paper 16
     num_frames: int = 4  # frames per clip = rows of the temporal embedding; paper 4 (pre-train), 16 (fine-tune)
     vit_width: int = 128  # D; paper 768 (ViT-B)
@@ -185,7 +205,7 @@ class Config:
     weight_decay: float = 0.01  # paper 0 (transformers.AdamW default)
     adam_eps: float = 1e-6  # paper 1e-6
     warmup_steps: int = 50  # linear warm-up; paper 0
-    lr_schedule: str = "cosine"  # "cosine" | "linear" | "constant" after warm-up; paper constant
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant" after warm-up; paper constant
     grad_clip: float = 1.0  # max grad norm, 0 = off; paper off
     # evaluation / logging
     eval_every: int = 0  # steps between evaluations (0 = only at the end); the release evaluates every epoch
@@ -196,7 +216,10 @@ class Config:
     eval_cache_gb: float = 2.0  # keep an eval set's decoded clips in RAM up to this size, else decode per evaluation
     dual_softmax: bool = False  # EPIC-MIR: re-weight similarities by dual-softmax (release test_epic.py default)
     dual_softmax_temp: float = 500.0  # release: softmax(S / 500) over videos, times S, softmax over texts
-    charades_frames: int = 0  # frames per Charades video at zero-shot eval, 0 = num_frames; paper 16
+    dual_softmax_over: str = "clips"  # texts the 2nd softmax runs over: "clips" = one caption per test clip,
+    #   duplicates included (release) | "sentences" = the unique sentences
+    charades_frames: int = 0  # frames per Charades video at zero-shot eval, 0 = num_frames; paper 16 (from the
+    #   4-frame model: frames past its temporal embedding's rows get zeros, as in the release)
     # EPIC-MIR fine-tuning (paper Sec. 5, Table 4)
     margin: float = 0.2  # MI-MM margin; paper 0.2
     adaptive_margin: bool = False  # margin 0.4 x relevancy of the sampled caption (EgoVLP+ entry)
@@ -209,12 +232,12 @@ PRESETS = {
     # The paper's model and optimisation: ViT-B/16 at 224, DistilBERT-base, 4 frames, AdamW 3e-5 constant. The
     # paper starts from ImageNet-21k ViT-B/16 (timm's jx_vit_base_p16_224) and distilbert-base-uncased: pass
     # them as --init_video / --init_text with --vocab_file=<bert-base-uncased vocab.txt> (nothing is downloaded).
-    "paper": dict(image_size=224, patch_size=16, num_frames=4, vit_width=768, vit_depth=12, vit_heads=12,
+    "paper": dict(img_size=224, patch_size=16, num_frames=4, vit_width=768, vit_depth=12, vit_heads=12,
                   vocab_size=30522, text_width=768, text_layers=6, text_heads=12, text_ffn=3072,
                   text_positions=512, max_text_len=64, batch_size=16, num_workers=16, max_steps=75_000,
-                  lr=3e-5, weight_decay=0.0, warmup_steps=0, lr_schedule="constant", grad_clip=0.0,
+                  lr=3e-5, weight_decay=0.0, warmup_steps=0, schedule="constant", grad_clip=0.0,
                   time_init="release", text_pool="cls", cache_videos=False, eval_every=7_500, ckpt_every=7_500,
-                  eval_batch_size=32, precision="fp32", crop_scale=0.5, hflip="release"),
+                  eval_batch_size=32, precision="fp32", crop_scale=0.5, hflip="release", charades_frames=16),
     # EPIC-MIR fine-tuning at 16 frames (Table 4, last EgoVLP row); combine with --paper.
     "paper_epic": dict(finetune="epic_mir", num_frames=16, batch_size=4, max_steps=15_000, lr=3e-5,
                        eval_every=1_000, ckpt_every=1_000, charades_frames=16),
@@ -307,13 +330,17 @@ class SpaceTimeTransformer(nn.Module):
     """video (B, T, 3, S, S) -> [CLS] feature (B, D).
 
     Token embeddings: patch p of frame f gets pos_embed[1 + p] + temporal_embed[f]; [CLS] gets pos_embed[0]
-    only. temporal_embed starts at zero and is sliced to the T frames given (T <= num_frames).
+    only. temporal_embed starts at zero and is sliced to the T frames given; frames beyond its rows get a zero
+    temporal embedding. That is the release's 16-frame evaluation of a 4-frame model: it builds 16 rows, trains
+    on 4 frames (rows 5-16 never get a gradient and stay zero) and feeds 16 at test time (Charades-Ego).
+    Kept in step with oa_trans.py's VideoEncoder (same keys, time_init values and output for the same weights;
+    tests/test_oa_trans.py checks it).
     """
 
-    def __init__(self, image_size: int, patch: int, num_frames: int, dim: int, depth: int, heads: int,
+    def __init__(self, img_size: int, patch: int, num_frames: int, dim: int, depth: int, heads: int,
                  mlp_ratio: float):
         super().__init__()
-        self.num_patches = (image_size // patch) ** 2
+        self.num_patches = (img_size // patch) ** 2
         self.num_frames = num_frames
         self.patch_embed = PatchEmbed(patch, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -349,12 +376,12 @@ class SpaceTimeTransformer(nn.Module):
 
     def forward(self, video):
         B, T = video.shape[:2]
-        assert T <= self.num_frames, f"{T} frames > temporal embedding rows {self.num_frames}"
         x = self.patch_embed(rearrange(video, "b t c h w -> (b t) c h w"))  # (B*T, N, D)
         x = rearrange(x, "(b t) n d -> b (t n) d", b=B)  # frame-major tokens
         N = x.shape[1] // T
         pos = self.pos_embed[:, 1:].repeat(1, T, 1)  # (1, T*N, D)
-        tem = self.temporal_embed[:, :T].repeat_interleave(N, dim=1)  # (1, T*N, D)
+        tem = self.temporal_embed[:, :T]  # (1, min(T, rows), D); zero rows for frames past the table
+        tem = torch.cat([tem, tem.new_zeros(1, T - tem.shape[1], tem.shape[2])], 1).repeat_interleave(N, dim=1)
         cls = self.cls_token + self.pos_embed[:, :1]  # (1, 1, D)
         x = torch.cat([cls.expand(B, -1, -1), x + pos + tem], dim=1)  # (B, 1 + T*N, D)
         for blk in self.blocks:
@@ -429,7 +456,8 @@ class Transformer(nn.Module):
 
 
 class DistilBertModel(nn.Module):
-    """input_ids (B, L), attention_mask (B, L) -> last hidden state (B, L, D)."""
+    """input_ids (B, L), attention_mask (B, L) -> last hidden state (B, L, D). Kept in step with oa_trans.py's
+    TextEncoder (same keys, dropout and output for the same weights; tests/test_oa_trans.py checks it)."""
 
     def __init__(self, vocab: int, dim: int, layers: int, heads: int, hidden: int, positions: int,
                  dropout: float):
@@ -462,7 +490,7 @@ class FrozenInTime(nn.Module):
 
     def __init__(self, cfg: Config, vocab_size: int):
         super().__init__()
-        self.video_model = SpaceTimeTransformer(cfg.image_size, cfg.patch_size, cfg.num_frames, cfg.vit_width,
+        self.video_model = SpaceTimeTransformer(cfg.img_size, cfg.patch_size, cfg.num_frames, cfg.vit_width,
                                                 cfg.vit_depth, cfg.vit_heads, cfg.vit_mlp_ratio)
         self.text_model = DistilBertModel(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads,
                                           cfg.text_ffn, cfg.text_positions, cfg.text_dropout)
@@ -549,7 +577,11 @@ def egonce_loss(sim, pos_mask, temperature: float):
             -mean_j log( sum_{i: P_ij} exp(S_ij/tau) / sum_i exp(S_ij/tau) )      video -> text
     computed as logsumexp(positives) - logsumexp(all); the two directions are summed, as in the release.
     With pos_mask = I this is exactly InfoNCE (Frozen's NormSoftmaxLoss).
+    A non-square sim (texts != videos) raises a ValueError: its masked rows would otherwise give a huge loss.
     """
+    if sim.shape[0] != sim.shape[1] or pos_mask.shape != sim.shape:
+        raise ValueError(f"egonce_loss needs a square similarity and mask (pairs on the diagonal), got sim "
+                         f"{tuple(sim.shape)} and pos_mask {tuple(pos_mask.shape)}")
     logits = sim.float() / temperature  # (M, M)
     neg_inf = torch.finfo(logits.dtype).min
     t2v = torch.logsumexp(logits.masked_fill(~pos_mask, neg_inf), 1) - torch.logsumexp(logits, 1)
@@ -562,7 +594,10 @@ def mi_mm_loss(sim, margin):
     matched pairs on the diagonal; margin a float or a (M,) tensor (adaptive MI-MM: 0.4 x relevancy of pair i).
 
         L = mean over i != j of  relu(m_i - (S_ii - S_ij)) and relu(m_i - (S_ii - S_ji))
+    A non-square sim raises a ValueError, as in egonce_loss.
     """
+    if sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"mi_mm_loss needs a square similarity (pairs on the diagonal), got {tuple(sim.shape)}")
     sim = sim.float()
     M = sim.shape[0]
     m = torch.as_tensor(margin, dtype=sim.dtype, device=sim.device).expand(M)[:, None]  # (M, 1)
@@ -606,11 +641,6 @@ def read_egoclip(path) -> list[dict]:
             except (KeyError, TypeError, ValueError, SyntaxError) as e:
                 raise ValueError(f"{path}, line {line}: malformed EgoClip row ({type(e).__name__}: {e})") from None
     return rows
-
-
-def count_lines(path) -> int:
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
 
 
 def scene_buckets(rows: list[dict], window: float) -> dict[tuple, list[int]]:
@@ -731,7 +761,7 @@ class EgoClipDataset(torch.utils.data.Dataset):
         self.reader = ClipReader(Path(root) / "videos", cfg.chunk_seconds, cfg.cache_videos)
         self.buckets = scene_buckets(rows, cfg.neg_window)
         from common.video import VideoTransform
-        self.transform = VideoTransform(cfg.image_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
+        self.transform = VideoTransform(cfg.img_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
 
     def __len__(self):
         return len(self.rows)
@@ -798,10 +828,10 @@ class ClipBank:
     def __init__(self, reader: ClipReader, cfg: Config, windows: list[tuple], num_frames: int):
         from common.video import VideoTransform
         self.reader, self.windows, self.num_frames = reader, list(windows), num_frames
-        self.transform = VideoTransform(cfg.image_size, train=False)
+        self.transform = VideoTransform(cfg.img_size, train=False)
         self.num_workers, self.videos = cfg.num_workers, None
         self.ok, self.skipped = [True] * len(self.windows), 0  # known once the clips are decoded
-        if len(self.windows) * num_frames * 3 * cfg.image_size ** 2 * 2 <= cfg.eval_cache_gb * 2 ** 30:
+        if len(self.windows) * num_frames * 3 * cfg.img_size ** 2 * 2 <= cfg.eval_cache_gb * 2 ** 30:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # tiny per-clip tensor ops: extra threads only add contention
             self.videos = [self[i] for i in range(len(self))]
@@ -909,23 +939,36 @@ def hms_to_seconds(stamp: str) -> float:
     return 3600 * int(h) + 60 * int(m) + float(s)
 
 
-def dual_softmax(sim, temp: float):
-    """The release's optional EPIC-MIR re-weighting of a (texts, videos) score matrix (test_epic.py):
+def dual_softmax(sim, temp: float, caption_rows=None):
+    """The release's optional EPIC-MIR re-weighting of a (sentences, videos) score matrix (test_epic.py):
     S1 = softmax(S / temp over videos) * S, then a softmax over texts. Transductive: every score depends on the
-    whole test set."""
-    s1 = F.softmax(sim / temp, dim=1) * sim
-    return F.softmax(s1, dim=0)
+    whole test set.
+
+    caption_rows (C,) long = the sentence index of each test clip's own caption. The release embeds one caption
+    per clip (C rows, a sentence shared by k clips appears k times), takes the softmax over those rows, and only
+    then keeps one column per unique sentence; so a duplicated sentence weighs k times in the denominator. With
+    caption_rows this function does the same; None normalises over the S unique sentences instead (this file's
+    earlier order, `--dual_softmax_over=sentences`), which moves text->video nDCG when captions repeat."""
+    s1 = F.softmax(sim / temp, dim=1) * sim  # (S, V)
+    rows = s1 if caption_rows is None else s1[caption_rows]  # (C, V): the rows the text softmax runs over
+    return torch.exp(s1 - torch.logsumexp(rows, dim=0, keepdim=True))
 
 
 def epic_mir_metrics(sim_vt, relevancy) -> dict:
-    """sim_vt (videos, sentences) scores, relevancy (videos, sentences) in [0, 1] -> mAP (relevancy == 1) and
-    nDCG (graded) for video->text (rows), text->video (the transpose) and their mean, in percent."""
+    """sim_vt (videos, sentences) scores, relevancy (videos, sentences) in [0, 1] -> mAP and nDCG for video->text
+    (rows), text->video (the transpose) and their mean, in percent.
+
+    `mAP_*` is the release's definition (utils/mAP.py, the number papers quote): hits are the items with
+    relevancy == 1, but P@k sums the *graded* relevancies of the top k. `mAP_binary_*` is textbook AP (P@k counts
+    only the hits); it is never higher, a few points lower on EPIC-like relevancies. nDCG is graded (top K_q)."""
     from common.metrics import map_relevancy, ndcg_relevancy
-    out = {"epic_mir/mAP_v2t": map_relevancy(sim_vt, relevancy),
-           "epic_mir/mAP_t2v": map_relevancy(sim_vt.t(), relevancy.t()),
-           "epic_mir/nDCG_v2t": ndcg_relevancy(sim_vt, relevancy),
-           "epic_mir/nDCG_t2v": ndcg_relevancy(sim_vt.t(), relevancy.t())}
-    out["epic_mir/mAP_avg"] = (out["epic_mir/mAP_v2t"] + out["epic_mir/mAP_t2v"]) / 2
+    out = {}
+    for name, precision in (("mAP", "graded"), ("mAP_binary", "binary")):
+        out[f"epic_mir/{name}_v2t"] = map_relevancy(sim_vt, relevancy, precision)
+        out[f"epic_mir/{name}_t2v"] = map_relevancy(sim_vt.t(), relevancy.t(), precision)
+        out[f"epic_mir/{name}_avg"] = (out[f"epic_mir/{name}_v2t"] + out[f"epic_mir/{name}_t2v"]) / 2
+    out["epic_mir/nDCG_v2t"] = ndcg_relevancy(sim_vt, relevancy)
+    out["epic_mir/nDCG_t2v"] = ndcg_relevancy(sim_vt.t(), relevancy.t())
     out["epic_mir/nDCG_avg"] = (out["epic_mir/nDCG_v2t"] + out["epic_mir/nDCG_t2v"]) / 2
     return out
 
@@ -944,13 +987,19 @@ class EpicMIR:
             clips, self.relevancy = clips[:cfg.max_eval_items], self.relevancy[:cfg.max_eval_items]
         windows = [(c["video_id"], hms_to_seconds(c["start_timestamp"]), hms_to_seconds(c["stop_timestamp"]))
                    for c in clips]
+        sentence_index = {text: k for k, text in enumerate(self.sentences)}
+        missing = [c["narration"] for c in clips if c["narration"] not in sentence_index]
+        if missing:
+            raise ValueError(f"{root}: {len(missing)} test narrations are not in the sentence CSV, e.g. {missing[0]!r}")
+        self.caption_rows = torch.tensor([sentence_index[c["narration"]] for c in clips])  # each clip's caption
         self.bank = ClipBank(ClipReader(root / "videos"), cfg, windows, cfg.num_frames)
 
     def __call__(self, model, tokenizer, cfg, device, ctx) -> dict:
         text = embed_texts(model, tokenizer, self.sentences, cfg, device, ctx)  # (S, E)
         video = self.bank.embed(model, device, cfg.eval_batch_size, ctx)  # (V, E)
         if cfg.dual_softmax:
-            sim_vt = dual_softmax(text @ video.t(), cfg.dual_softmax_temp).t()
+            rows = self.caption_rows if cfg.dual_softmax_over == "clips" else None
+            sim_vt = dual_softmax(text @ video.t(), cfg.dual_softmax_temp, rows).t()
         else:
             sim_vt = (sim_matrix(video, text) + 1) / 2  # the release's (cos + 1) / 2
         keep = torch.tensor(self.bank.ok)  # unreadable clips are left out of the ranking
@@ -971,7 +1020,7 @@ class EpicMIRTrain(torch.utils.data.Dataset):
         self.sentences = [r["narration"] for r in read_csv(root / "EPIC_100_retrieval_train_sentence.csv")]
         self.relevancy = np.load(root / "caption_relevancy_EPIC_100_retrieval_train.npy")
         self.reader = ClipReader(root / "videos")
-        self.transform = VideoTransform(cfg.image_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
+        self.transform = VideoTransform(cfg.img_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
 
     def __len__(self):
         return len(self.clips)
@@ -1085,6 +1134,7 @@ def main(argv: list[str] | None = None) -> dict:
     assert cfg.hflip in ("off", "release", "mirror"), cfg.hflip
     assert cfg.finetune in ("", "epic_mir"), cfg.finetune
     assert cfg.eval in ("", "egomcq", "epic_mir", "charades", "all"), cfg.eval
+    assert cfg.dual_softmax_over in ("clips", "sentences"), cfg.dual_softmax_over
     dist = setup_distributed(cfg.device)
     device, world = dist.device, dist.world_size
     seed_everything(cfg.seed + dist.rank)
@@ -1191,7 +1241,7 @@ def main(argv: list[str] | None = None) -> dict:
         # every tensor of the batch to the device once: clips, EgoNCE tags, MI-MM relevancy
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         wait += time.time() - t_wait
-        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
+        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         tok = tokenizer(batch["text"], cfg.max_text_len, pad_to_max=False)  # pad to the longest, as the release

@@ -34,13 +34,16 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
 ## What is reproduced
 - The Frozen dual encoder written out here: divided space-time ViT (Frozen's residual, a CLS token that attends
   to every token, zero-initialised temporal attention), the DistilBERT architecture (post-LN, 6 layers in the
-  paper preset), 256-d heads (ReLU -> Linear on the text side), cosine similarity. Paper preset = ViT-B/16 +
+  paper preset, dropout 0.1 in training as the release's Hugging Face model in train mode), 256-d heads (ReLU ->
+  Linear on the text side), cosine similarity. Paper preset = ViT-B/16 +
   DistilBERT = 180,925,184 parameters (tests/test_oa_trans.py counts it on the meta device).
 - Anchor frame, object-guided masking on the patch grid, tag stream with a random distractor, the loss above,
   boxes carried through the same random crop / flip as the frames, top-K = 10 boxes by confidence.
 - The release's variant `--oa_loss=release`: L(t, v) + L(caption+tags, v) + L(mean-region, mean-tag).
 - Frozen's frame curriculum (`--curriculum=1to4`: 1 frame, then 4 with the temporal embedding grown by zeros).
 - MSR-VTT-style retrieval, text->video and video->text R@1/5/10, MdR, MnR, zero-shot and `--finetune=retrieval`,
+  one caption per test video by default as MSR-VTT 1k-A (`retrieval_captions=first | all`, shared with
+  all_in_one.py; `retrieval_views=3` averages three random frame samplings, as the All-in-one release),
   plus retrieval restricted to the test captions that name a small object (`retrieval_small/*`).
 
 ## What is not
@@ -57,6 +60,12 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
   object models pair caption+tags with video and mean-region with mean-tag. We implement the paper figure's
   pairs by default and offer the release pairs as `--oa_loss=release`.
 - Boxes follow the random crop and flip (the release ignores the crop: up to a patch of misalignment).
+- Augmentation. The release pre-trains with Resize(242) -> RandomCrop(224), ColorJitter(0.5, 0.5, 0.5, 0.1) at
+  p = 0.8 and RandomGrayscale(0.3), and no flip; `--paper` sets exactly these (`crop=resize_random`,
+  `color_jitter`, `jitter_hue`, `jitter_p`, `grayscale_p`, `hflip=False`), `--paper_ft` the fine-tuning values
+  (Resize(238), jitter 0.4, grayscale 0.2). The CPU default keeps only label-preserving augmentation: a
+  RandomResizedCrop(0.6..1), no flip (captions say "to the left / right"), no jitter or grayscale (captions name
+  colours).
 - Detections are read from top-level `.npz` arrays; the release's pickled `info` dict is read only with
   `--allow_pickle` (np.load of a pickle can run arbitrary code).
 - Top-K boxes are chosen by confidence and tags deduplicated in confidence order (the release's np.unique sorts
@@ -75,6 +84,26 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
   output channel of TimeAttn the same number; LN1 removes such a per-token constant, so qkv's gradient is 0
   and, from scratch, the temporal branch never trains (a test checks it). "live" keeps qkv = 0 (still a no-op
   at step 0) but draws the out-proj weight from N(0, 0.02). `--paper` keeps Frozen's init for pre-trained weights.
+
+## CPU default vs paper (`--paper`; `--paper --paper_ft` for fine-tuning)
+| field | CPU default | paper / release | why the default differs |
+|---|---|---|---|
+| `img_size` / `patch_size` | 64 / 8 | 224 / 16 | the corpus is 64x64; 8-px patches keep an 8x8 grid for the boxes |
+| `vit_width` / `vit_depth` / `vit_heads` | 128 / 4 / 2 | 768 / 12 / 12 (ViT-B/16) | minutes on 2 CPU cores |
+| `text_width` / `text_layers` / `text_heads` / `text_ffn` | 128 / 2 / 2 / 512 | 768 / 6 / 12 / 3072 | small model |
+| `text_positions` / `max_text_len` / `max_tag_len` | 64 / 32 / 24 | 512 / 64 / 32 | synthetic captions are short |
+| `vocab_size` | 0 (vocab.txt) | 30522 | synthetic vocabulary |
+| `time_init` | live | release | from scratch the release's init starves the temporal branch |
+| `text_pool` | mean | cls | [CLS] learns ~2.6x slower from scratch |
+| `crop` | random_resized (0.6..1) | resize_random (Resize 242 -> RandomCrop 224) | a stronger crop helped here |
+| `color_jitter` / `jitter_hue` / `grayscale_p` | 0 / 0 / 0 | 0.5 / 0.1 / 0.3 (fine-tune 0.4 / 0.1 / 0.2) | captions name colours |
+| `batch_size` / `num_workers` | 32 / 1 | 16 per GPU x 8 / 8 | one CPU process |
+| `max_steps` | 800 | 200k | minutes, not days |
+| `lr` / `warmup_steps` / `schedule` | 1e-3 / 50 / cosine | 2e-4 / 0 / constant | from scratch, short schedule |
+| `weight_decay` / `grad_clip` | 0.01 / 1 | 0 / off | stabilises the from-scratch run |
+| `eval_every` / `log_every` | 400 / 25 | 5000 / 100 | cadence of a short run |
+| `precision` | bf16 | fp32 (not set by `--paper`) | faster on CPU; similarities and losses stay fp32 |
+| `curriculum_frac` | 0.85 | Frozen: 1 frame to convergence, then 4 (kept by `--paper`) | a shortened curriculum |
 
 ## Shapes legend
     B batch, T frames, N patches per frame (= (size / patch)^2), L text tokens, D width, E = 256 embedding dim,
@@ -146,7 +175,8 @@ class Config:
     objects: str = "on"  # on = OA-Trans (4 streams) | off = plain Frozen (L(t, v) only, no detections read)
     oa_loss: str = "paper"  # paper = L(t,v)+L(tags,v)+L(t,regions) | release = L(t,v)+L(caption+tags,v)+L(mean region,mean tag)
     top_k: int = 10  # boxes kept per anchor frame, by detector confidence (release default 10 = BUTD's min boxes)
-    distractor: bool = True  # add one random class name to the tags, excluded from pooling (the figure's "[Random Object]")
+    distractor: bool = True  # add one random class name to the tags, excluded from pooling (the figure's
+    #   "[Random Object]"); paper loss only: oa_loss=release has none (the release never enables its helper), and says so
     region_mask: str = "blank"  # blank = paint non-object patches black before encoding (paper figure) | none = keep them
     w_main: float = 1.0  # weight of L(t, v) (paper/release: 1)
     w_tags: float = 1.0  # weight of the tag term: L(tags, v) or, with oa_loss=release, L(caption+tags, v) (1)
@@ -158,20 +188,38 @@ class Config:
     curriculum: str = "1to4"  # none | 1to4 = Frozen's curriculum: 1 frame for the first curriculum_frac of steps, then num_frames
     curriculum_frac: float = 0.85  # share of pre-training steps at 1 frame (Frozen: 1-frame to convergence, then ~10% at 4)
     img_size: int = 64  # input resolution (paper 224; the synthetic corpus is 64x64)
-    crop_scale: float = 0.6  # RandomResizedCrop lower area bound in training (upper = 1)
+    # --- training augmentation (one draw per clip, shared by its frames, anchor and boxes; common/video.py)
+    crop: str = "random_resized"  # random_resized = RandomResizedCrop(crop_scale..1) | resize_random = the release's
+    #   Resize(img_size * resize_ratio) -> RandomCrop(img_size)
+    crop_scale: float = 0.6  # RandomResizedCrop lower area bound (upper = 1); crop=random_resized only
+    resize_ratio: float = 242 / 224  # crop=resize_random: short side before the crop / img_size; release 242/224
+    #   pre-training, 238/224 fine-tuning
+    hflip: bool = False  # flip half the training clips, captions kept; release: no flip. Off here because the
+    #   synthetic captions say "moves to the left / right", which a flip would contradict
+    color_jitter: float = 0.0  # ColorJitter brightness = contrast = saturation strength, 0 = off; release 0.5
+    #   pre-training, 0.4 fine-tuning. Off here: the synthetic captions name colours ("the red bag")
+    jitter_hue: float = 0.0  # ColorJitter hue; release 0.1
+    jitter_p: float = 0.8  # probability of the jitter; release 0.8
+    grayscale_p: float = 0.0  # RandomGrayscale probability; release 0.3 pre-training, 0.2 fine-tuning (colour
+    #   names again: off here)
     # --- video encoder (divided space-time ViT)
     patch_size: int = 8  # paper 16
-    vid_width: int = 128  # paper 768
-    vid_depth: int = 4  # paper 12
-    vid_heads: int = 2  # paper 12 (head dim 64)
-    time_init: str = "live"  # live = TimeAttn qkv 0, out-proj ~ N(0, 0.02) | zeros = Frozen's (qkv 0, out-proj weight 1:
-    #   from scratch its qkv never gets a gradient, see the docstring; --paper keeps it for pre-trained weights)
+    vit_width: int = 128  # paper 768
+    vit_depth: int = 4  # paper 12
+    vit_heads: int = 2  # paper 12 (head dim 64)
+    vit_mlp_ratio: float = 4.0  # MLP hidden = ratio x D; paper 4
+    time_init: str = "live"  # live = TimeAttn qkv 0, out-proj ~ N(0, 0.02) | release = Frozen's (qkv 0, out-proj
+    #   weight 1: from scratch its qkv never gets a gradient, see the docstring; --paper keeps it for pre-trained
+    #   weights)
     # --- text encoder (DistilBERT architecture)
     vocab_size: int = 0  # 0 = the size of data_root/vocab.txt; paper 30522 (bert-base-uncased)
-    txt_width: int = 128  # paper 768
-    txt_depth: int = 2  # paper 6
-    txt_heads: int = 2  # paper 12
-    txt_positions: int = 64  # paper 512
+    text_width: int = 128  # paper 768
+    text_layers: int = 2  # paper 6
+    text_heads: int = 2  # paper 12
+    text_positions: int = 64  # paper 512
+    text_ffn: int = 512  # FFN hidden; paper 3072
+    text_dropout: float = 0.1  # hidden and attention dropout, active in training as in the release (HF DistilBERT
+    #   in train mode); paper 0.1
     text_pool: str = "mean"  # text feature: mean over the real tokens | cls = the [CLS] output (Frozen / OA-Trans,
     #   --paper); from scratch, [CLS] learns ~2.6x slower (zero-shot t2v R@1 2.8 vs 7.4 after 300 steps)
     max_text_len: int = 32  # caption tokens incl. [CLS]/[SEP] (Frozen pads to the longest in the batch, truncates at 512)
@@ -188,9 +236,11 @@ class Config:
     schedule: str = "cosine"  # cosine | linear | constant (paper: step decay x0.1 at epochs 60, 80 -- effectively constant)
     grad_clip: float = 1.0  # max grad norm, 0 = off (paper: off)
     # --- logging / evaluation
-    log_interval: int = 25  # steps between log lines
-    eval_interval: int = 400  # steps between validation evaluations (and checkpoints)
+    log_every: int = 25  # steps between log lines
+    eval_every: int = 400  # steps between validation evaluations (and checkpoints)
     eval_batch_size: int = 64  # clips per forward in evaluation
+    retrieval_captions: str = "first"  # text queries per test video: first (one per video, as MSR-VTT 1k-A) | all
+    retrieval_views: int = 1  # frame samplings whose similarities are averaged; 1 = bin midpoints (Frozen / OA-Trans)
 
 
 PRESETS = {
@@ -199,16 +249,18 @@ PRESETS = {
     # the paper's model and pre-training recipe (ViT-B/16 + DistilBERT, 224 px, 4 frames, tau 0.05, AdamW 2e-4);
     # the paper starts from ImageNet-21k ViT-B/16 (timm's jx_vit_base_p16_224) and distilbert-base-uncased: pass
     # them as --init_video / --init_text (with --vocab_file = its vocab.txt); nothing is downloaded here
-    "paper": dict(img_size=224, patch_size=16, vid_width=768, vid_depth=12, vid_heads=12, vocab_size=30522,
-                  txt_width=768, txt_depth=6, txt_heads=12, txt_positions=512, max_text_len=64, max_tag_len=32,
-                  num_frames=4, batch_size=16, lr=2e-4, weight_decay=0.0, warmup_steps=0, schedule="constant",
-                  grad_clip=0.0, crop_scale=0.5, time_init="zeros", text_pool="cls", max_steps=200_000,
-                  eval_interval=5000, log_interval=100, num_workers=8),
+    "paper": dict(img_size=224, patch_size=16, vit_width=768, vit_depth=12, vit_heads=12, vocab_size=30522,
+                  text_width=768, text_layers=6, text_heads=12, text_positions=512, text_ffn=3072, text_dropout=0.1,
+                  max_text_len=64, max_tag_len=32, num_frames=4, batch_size=16, lr=2e-4, weight_decay=0.0,
+                  warmup_steps=0, schedule="constant", grad_clip=0.0, crop="resize_random", resize_ratio=242 / 224,
+                  hflip=False, color_jitter=0.5, jitter_hue=0.1, jitter_p=0.8, grayscale_p=0.3, time_init="release",
+                  text_pool="cls", max_steps=200_000, eval_every=5000, log_every=100, num_workers=8),
     # CPU fine-tuning of the default pre-trained checkpoint on the MSR-VTT-style train split (object streams dropped)
     "ft_retrieval": dict(finetune="retrieval", init="runs/oa_trans/ckpt.pt", out_dir="runs/oa_trans_ft",
-                         max_steps=150, lr=1e-4, warmup_steps=10, eval_interval=75),
+                         max_steps=150, lr=1e-4, warmup_steps=10, eval_every=75),
     # the paper's fine-tuning recipe (combine with --paper): 4 frames, AdamW 3e-5, batch 64, L(t, v) only
-    "paper_ft": dict(finetune="retrieval", lr=3e-5, batch_size=64, max_steps=15_000, eval_interval=1000),
+    "paper_ft": dict(finetune="retrieval", lr=3e-5, batch_size=64, max_steps=15_000, eval_every=1000,
+                     resize_ratio=238 / 224, color_jitter=0.4, grayscale_p=0.2),
 }
 
 
@@ -274,12 +326,12 @@ class SpaceTimeBlock(nn.Module):
     is the zero bias), so a freshly built model behaves like an image ViT on each frame.
     """
 
-    def __init__(self, dim, heads, mlp_ratio=4):
+    def __init__(self, dim, heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
         self.attn = DividedAttention(dim, heads)
         self.timeattn = DividedAttention(dim, heads)
-        self.mlp = Mlp(dim, dim * mlp_ratio)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x, T, N):
         t = x + self.timeattn(self.norm3(x), "time", T, N)
@@ -289,9 +341,11 @@ class SpaceTimeBlock(nn.Module):
 
 class VideoEncoder(nn.Module):
     """Divided space-time ViT ("SpaceTimeTransformer"). video (B, T, 3, H, W) -> tokens (B, 1 + T*N, D) after
-    the final LayerNorm; token 0 is CLS. Patch (f, n) gets pos_embed[1 + n] + temporal_embed[f]."""
+    the final LayerNorm; token 0 is CLS. Patch (f, n) gets pos_embed[1 + n] + temporal_embed[f]. Kept in step
+    with egovlp.py's SpaceTimeTransformer: same keys, same time_init values, same output for the same weights
+    (tests/test_oa_trans.py checks it)."""
 
-    def __init__(self, img_size, patch_size, dim, depth, heads, num_frames, time_init="zeros"):
+    def __init__(self, img_size, patch_size, dim, depth, heads, num_frames, time_init="release", mlp_ratio=4.0):
         super().__init__()
         self.grid = img_size // patch_size
         num_patches = self.grid ** 2
@@ -300,7 +354,7 @@ class VideoEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, dim))
         self.temporal_embed = nn.Parameter(torch.zeros(1, num_frames, dim))  # zero init, as in Frozen
-        self.blocks = nn.ModuleList(SpaceTimeBlock(dim, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(SpaceTimeBlock(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self._init_weights(time_init)
 
@@ -315,17 +369,18 @@ class VideoEncoder(nn.Module):
             nn.init.zeros_(blk.timeattn.qkv.weight)
             nn.init.zeros_(blk.timeattn.qkv.bias)
             nn.init.zeros_(blk.timeattn.proj.bias)
-            if time_init == "zeros":  # Frozen's out-proj weight = 1: every channel of the output is the same sum,
+            if time_init == "release":  # Frozen's out-proj weight = 1: every channel of the output is the same sum,
                 nn.init.ones_(blk.timeattn.proj.weight)  # LN1 removes it, so qkv's gradient is 0 (see docstring)
             # "live": the trunc_normal(0.02) out-proj weight set above, so the temporal branch can learn
 
     def forward(self, video):
         B, T = video.shape[:2]
-        assert T <= self.temporal_embed.shape[1], f"{T} frames > the {self.temporal_embed.shape[1]} temporal rows"
         x = self.patch_embed.proj(rearrange(video, "b t c h w -> (b t) c h w"))  # (B*T, D, h, w)
         x = rearrange(x, "(b t) d h w -> b t (h w) d", b=B)  # (B, T, N, D)
         N = x.shape[2]
-        x = x + self.pos_embed[:, None, 1:] + self.temporal_embed[:, :T, None]  # space + time position
+        tem = self.temporal_embed[:, :T]  # (1, min(T, rows), D); frames past the table get zeros (as egovlp.py)
+        tem = torch.cat([tem, tem.new_zeros(1, T - tem.shape[1], tem.shape[2])], 1)
+        x = x + self.pos_embed[:, None, 1:] + tem[:, :, None]  # space + time position
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
         x = torch.cat([cls, rearrange(x, "b t n d -> b (t n) d")], dim=1)  # (B, 1 + T*N, D)
         for blk in self.blocks:
@@ -334,47 +389,53 @@ class VideoEncoder(nn.Module):
 
 
 class TextAttention(nn.Module):
-    """DistilBERT's MultiHeadSelfAttention (q_lin, k_lin, v_lin, out_lin), padding keys masked."""
+    """DistilBERT's MultiHeadSelfAttention (q_lin, k_lin, v_lin, out_lin), padding keys masked, dropout on the
+    attention weights in training."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, dropout=0.0):
         super().__init__()
-        self.heads = heads
+        self.heads, self.dropout = heads, dropout
         self.q_lin, self.k_lin, self.v_lin, self.out_lin = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x, pad_mask):
         q, k, v = (rearrange(f(x), "b l (h d) -> b h l d", h=self.heads) for f in (self.q_lin, self.k_lin, self.v_lin))
         keep = pad_mask[:, None, None, :].bool()  # (B, 1, 1, L): attend to real tokens only
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
         return self.out_lin(rearrange(out, "b h l d -> b l (h d)"))
 
 
 class TextLayer(nn.Module):
-    """DistilBERT TransformerBlock, post-LN: h = LN(x + Attn(x)); h = LN(h + FFN(h))."""
+    """DistilBERT TransformerBlock, post-LN: h = LN(x + Attn(x)); h = LN(h + Dropout(FFN(h)))."""
 
-    def __init__(self, dim, heads, hidden):
+    def __init__(self, dim, heads, hidden, dropout=0.0):
         super().__init__()
-        self.attention = TextAttention(dim, heads)
+        self.attention = TextAttention(dim, heads, dropout)
         self.sa_layer_norm = nn.LayerNorm(dim, eps=1e-12)
         self.ffn = nn.Module()
         self.ffn.lin1, self.ffn.lin2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.ffn.dropout = nn.Dropout(dropout)
         self.output_layer_norm = nn.LayerNorm(dim, eps=1e-12)
 
     def forward(self, x, pad_mask):
         x = self.sa_layer_norm(x + self.attention(x, pad_mask))
-        return self.output_layer_norm(x + self.ffn.lin2(F.gelu(self.ffn.lin1(x))))
+        return self.output_layer_norm(x + self.ffn.dropout(self.ffn.lin2(F.gelu(self.ffn.lin1(x)))))
 
 
 class TextEncoder(nn.Module):
-    """The DistilBERT architecture (keys as in HF's DistilBertModel). ids, mask (B, L) -> hidden (B, L, D)."""
+    """The DistilBERT architecture (keys as in HF's DistilBertModel). ids, mask (B, L) -> hidden (B, L, D).
+    Dropout (embeddings, attention weights, FFN output) is active in training, as in the release, which runs HF's
+    DistilBERT in train mode with dropout 0.1. Kept in step with egovlp.py's DistilBertModel: same keys, same
+    output for the same weights (tests/test_oa_trans.py checks it)."""
 
-    def __init__(self, vocab_size, dim, depth, heads, positions):
+    def __init__(self, vocab_size, dim, depth, heads, positions, hidden=None, dropout=0.0):
         super().__init__()
         self.embeddings = nn.Module()
         self.embeddings.word_embeddings = nn.Embedding(vocab_size, dim)
         self.embeddings.position_embeddings = nn.Embedding(positions, dim)
         self.embeddings.LayerNorm = nn.LayerNorm(dim, eps=1e-12)
+        self.embeddings.dropout = nn.Dropout(dropout)
         self.transformer = nn.Module()
-        self.transformer.layer = nn.ModuleList(TextLayer(dim, heads, 4 * dim) for _ in range(depth))
+        self.transformer.layer = nn.ModuleList(TextLayer(dim, heads, hidden or 4 * dim, dropout) for _ in range(depth))
         for m in self.modules():  # BERT init: N(0, 0.02)
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -384,7 +445,7 @@ class TextEncoder(nn.Module):
     def forward(self, ids, pad_mask):
         pos = torch.arange(ids.shape[1], device=ids.device)
         e = self.embeddings
-        x = e.LayerNorm(e.word_embeddings(ids) + e.position_embeddings(pos))  # (B, L, D)
+        x = e.dropout(e.LayerNorm(e.word_embeddings(ids) + e.position_embeddings(pos)))  # (B, L, D)
         for layer in self.transformer.layer:
             x = layer(x, pad_mask)
         return x
@@ -407,12 +468,13 @@ class OATrans(nn.Module):
     def __init__(self, cfg, vocab_size):
         super().__init__()
         self.cfg = cfg
-        assert cfg.time_init in ("zeros", "live") and cfg.text_pool in ("cls", "mean")
-        self.video_model = VideoEncoder(cfg.img_size, cfg.patch_size, cfg.vid_width, cfg.vid_depth, cfg.vid_heads,
-                                        cfg.num_frames, cfg.time_init)
-        self.text_model = TextEncoder(vocab_size, cfg.txt_width, cfg.txt_depth, cfg.txt_heads, cfg.txt_positions)
-        self.vid_proj = nn.Linear(cfg.vid_width, cfg.embed_dim)  # Vid Proj: Linear, no activation
-        self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(cfg.txt_width, cfg.embed_dim))  # Txt Proj: ReLU -> Linear
+        assert cfg.time_init in ("release", "live") and cfg.text_pool in ("cls", "mean")
+        self.video_model = VideoEncoder(cfg.img_size, cfg.patch_size, cfg.vit_width, cfg.vit_depth, cfg.vit_heads,
+                                        cfg.num_frames, cfg.time_init, cfg.vit_mlp_ratio)
+        self.text_model = TextEncoder(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_positions,
+                                      cfg.text_ffn, cfg.text_dropout)
+        self.vid_proj = nn.Linear(cfg.vit_width, cfg.embed_dim)  # Vid Proj: Linear, no activation
+        self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(cfg.text_width, cfg.embed_dim))  # Txt Proj: ReLU -> Linear
         # the colour of a black pixel after ImageNet normalisation: what a "blanked" patch is painted with
         black = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
         self.register_buffer("black", black.view(1, 3, 1, 1), persistent=False)
@@ -539,7 +601,10 @@ def cosine_sim(a, b):
 
 def nce_loss(sim, temperature):
     """Frozen's NormSoftmax on a square similarity matrix whose diagonal holds the positive pairs:
-    L = -mean_i log softmax_j(S/tau)[i, i] - mean_j log softmax_i(S/tau)[j, j]  (the sum of both directions)."""
+    L = -mean_i log softmax_j(S/tau)[i, i] - mean_j log softmax_i(S/tau)[j, j]  (the sum of both directions).
+    A non-square S (captions != videos) raises: the release's diag() would silently average min(N, M) terms."""
+    if sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"nce_loss needs a square similarity with the pairs on the diagonal, got {tuple(sim.shape)}")
     logits = sim / temperature
     labels = torch.arange(sim.shape[0], device=sim.device)
     return F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)
@@ -604,13 +669,21 @@ def read_vocab_lines(path):
         return [line.strip() for line in f if line.strip()]
 
 
+def clip_transform(cfg, train):
+    """The clip augmentation of the config (training) or the centre crop (evaluation)."""
+    jitter = (cfg.color_jitter,) * 3 + (cfg.jitter_hue,) if cfg.color_jitter or cfg.jitter_hue else None
+    return VideoTransform(cfg.img_size, train, scale=(cfg.crop_scale, 1.0), flip=cfg.hflip, crop=cfg.crop,
+                          resize_ratio=cfg.resize_ratio, jitter=jitter, jitter_p=cfg.jitter_p,
+                          grayscale_p=cfg.grayscale_p)
+
+
 class WebVidObjects(torch.utils.data.Dataset):
     """WebVid-style clips with their anchor frame and detections.
 
     Item: video (T, 3, S, S), caption str, and with objects: anchor (3, S, S), regions (K, N) bool (the patches of
     each of the top-K boxes), tag_ids list[int] + tag_groups list[list[int]] (see tag_tokens). The T frames and
-    the anchor frame are decoded together and get ONE random crop / flip, which also moves the boxes, so the
-    patch mask lines up with the pixels it masks.
+    the anchor frame are decoded together and get ONE random crop / flip / colour jitter, which also moves the
+    boxes, so the patch mask lines up with the pixels it masks.
     """
 
     def __init__(self, root, split, cfg, tokenizer, objects=True, train=True):
@@ -621,7 +694,7 @@ class WebVidObjects(torch.utils.data.Dataset):
         for line, r in enumerate(self.rows, start=2):  # line 1 is the header
             if not r.get("videoid") or not r.get("page_dir") or r.get("name") is None:
                 raise ValueError(f"{path}, line {line}: malformed WebVid row (needs videoid, page_dir, name): {r}")
-        self.transform = VideoTransform(cfg.img_size, train, scale=(cfg.crop_scale, 1.0))
+        self.transform = clip_transform(cfg, train)
         self.num_frames = cfg.num_frames  # changed by the frame curriculum
         self.object_names = read_vocab_lines(os.path.join(root, "webvid", "objects_vocab.txt"))
         self.cache = {}  # video path -> every decoded frame, uint8 (F, H, W, 3), when cfg.cache_videos
@@ -746,7 +819,7 @@ class MSRVTTTrain(torch.utils.data.Dataset):
         self.by_video = {}
         for c, v in zip(ann.captions, ann.caption_video):
             self.by_video.setdefault(v, []).append(c)
-        self.transform = VideoTransform(cfg.img_size, True, scale=(cfg.crop_scale, 1.0))
+        self.transform = clip_transform(cfg, True)
         self.num_frames = cfg.num_frames
 
     def __len__(self):
@@ -766,7 +839,9 @@ class MSRVTTTrain(torch.utils.data.Dataset):
 # evaluation: MSR-VTT-style text <-> video retrieval, object streams dropped
 
 class EvalClips:
-    """Decoded eval clips (uniform frames, centre crop), cached as uint8 after the first read."""
+    """Decoded eval clips (centre crop), cached as uint8 after the first read: view None = bin-midpoint frames;
+    view k = frames drawn at random in each bin with a generator seeded by (seed, k, video), the k-th of the
+    All-in-one release's retrieval views."""
 
     def __init__(self, ann, cfg):
         self.ann, self.cfg = ann, cfg
@@ -774,41 +849,65 @@ class EvalClips:
         self.cache = {}
         self.unreadable = 0
 
-    def frames(self, i):
-        if i not in self.cache:
+    def frames(self, i, view=None):
+        if (i, view) not in self.cache:
             try:
-                self.cache[i], _ = load_clip(self.ann.paths[i], self.cfg.num_frames, "uniform")
+                rng = None if view is None else random.Random(f"{self.cfg.seed}/{view}/{i}")
+                mode = "uniform" if view is None else "rand"
+                self.cache[i, view], _ = load_clip(self.ann.paths[i], self.cfg.num_frames, mode, rng=rng)
             except VideoReadError:
-                self.cache[i] = None
-                self.unreadable += 1
-        return self.cache[i]
+                self.cache[i, view] = None
+                self.unreadable += view is None or view == 0  # count each video once
+        return self.cache[i, view]
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, clips, tokenizer, cfg, device):
-    """Embed every split video and caption; retrieval metrics over all captions and over the small-object ones.
-    Unreadable videos get a zero embedding (they rank last) and are counted in `unreadable`."""
-    model.eval()
-    ann = clips.ann
+def embed_videos(model, clips, cfg, device, view=None):
+    """(videos, E) embeddings of one view of every split video; unreadable videos get zeros (they rank last)."""
     vids = []
-    for s in range(0, len(ann.videos), cfg.eval_batch_size):
+    for s in range(0, len(clips.ann.videos), cfg.eval_batch_size):
         batch, ok = [], []
-        for i in range(s, min(s + cfg.eval_batch_size, len(ann.videos))):
-            fr = clips.frames(i)
+        for i in range(s, min(s + cfg.eval_batch_size, len(clips.ann.videos))):
+            fr = clips.frames(i, view)
             ok.append(fr is not None)
             batch.append(clips.transform(fr)[0] if fr is not None else torch.zeros(cfg.num_frames, 3, cfg.img_size, cfg.img_size))
         with autocast(device, cfg.precision):
             v = model.encode_video(torch.stack(batch).to(device)).float()
         vids.append(v * torch.tensor(ok, device=device, dtype=v.dtype)[:, None])
+    return torch.cat(vids)
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, clips, tokenizer, cfg, device):
+    """Embed every split video and the query captions; retrieval metrics over them and over the small-object ones.
+
+    The protocol is set by two fields, shared with all_in_one.py:
+    retrieval_captions  "first": one query per video, its first caption (MSR-VTT 1k-A scores one caption per video)
+                        | "all": every caption (this file's earlier protocol; v2t counts the best-ranked one).
+    retrieval_views     1: bin-midpoint frames. V > 1: V random frame samplings, cosine similarities averaged over
+                        the views (the All-in-one release's 3 views; Frozen / OA-Trans evaluate one).
+    Unreadable videos get a zero embedding (they rank last) and are counted in `unreadable`."""
+    assert cfg.retrieval_captions in ("first", "all") and cfg.retrieval_views >= 1, (cfg.retrieval_captions,
+                                                                                     cfg.retrieval_views)
+    model.eval()
+    ann = clips.ann
+    views = [None] if cfg.retrieval_views == 1 else range(cfg.retrieval_views)
+    vids = [embed_videos(model, clips, cfg, device, view) for view in views]  # each (videos, E)
+    first = {}  # video -> its first caption
+    for c, v in enumerate(ann.caption_video):
+        first.setdefault(v, c)
+    queries = list(range(len(ann.captions))) if cfg.retrieval_captions == "all" else sorted(first.values())
     texts = []
-    for s in range(0, len(ann.captions), cfg.eval_batch_size):
-        enc = tokenizer(ann.captions[s:s + cfg.eval_batch_size], cfg.max_text_len, pad_to_max=False)
+    for s in range(0, len(queries), cfg.eval_batch_size):
+        enc = tokenizer([ann.captions[c] for c in queries[s:s + cfg.eval_batch_size]], cfg.max_text_len,
+                        pad_to_max=False)
         with autocast(device, cfg.precision):
             texts.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float())
-    sim = cosine_sim(torch.cat(texts), torch.cat(vids)).cpu()  # (captions, videos)
-    t2v = torch.tensor(ann.caption_video)
+    text = torch.cat(texts)
+    sim = torch.stack([cosine_sim(text, v) for v in vids]).mean(0).cpu()  # (queries, videos), mean over views
+    t2v = torch.tensor([ann.caption_video[c] for c in queries])
     metrics = {f"retrieval/{k}": v for k, v in retrieval_metrics(sim, t2v).items()}
-    small = torch.tensor(ann.small)
+    small = torch.tensor([ann.small[c] for c in queries])
     if small.any():
         metrics.update({f"retrieval_small/{k}": v for k, v in retrieval_metrics(sim[small], t2v[small]).items()
                         if k.startswith("t2v")})
@@ -876,7 +975,7 @@ def main(argv=None):
     for path, key_map in ((cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)):
         if path:  # ours: {"model": ...}; a release: {"state_dict": ...}; timm / HF: the tensors themselves
             print0(load_into(model, read_state_dict(path), **key_map, source=path))
-    if cfg.vid_width == 768 and not (cfg.init or cfg.init_video or cfg.init_text):
+    if cfg.vit_width == 768 and not (cfg.init or cfg.init_video or cfg.init_text):
         print0(f"note: paper-size model from random weights; {PAPER_INIT}")
     model = model.to(device)
     print0(f"parameters: {count_parameters(model):,} (the object streams share them)")
@@ -914,6 +1013,8 @@ def main(argv=None):
             print0(f"decoded {len(dataset.cache)} training videos into RAM in {time.time() - t:.0f} s ({bad} unreadable)")
     terms = LOSS_TERMS[cfg.oa_loss]
     weights = dict(w_main=cfg.w_main, w_tags=cfg.w_tags, w_regions=cfg.w_regions)
+    if objects and cfg.distractor and cfg.oa_loss == "release":
+        print0("note: --distractor has no effect with --oa_loss=release (the release's tag text has no distractor)")
     print0(f"{'fine-tuning' if finetuning else 'pre-training'}: {len(dataset)} clips, objects={'on' if objects else 'off'}, "
            f"loss terms {[t[1] + '-' + t[2] for t in terms] if objects else ['text-video']}, "
            f"contrastive batch = {dist.world_size} x {cfg.batch_size} = {dist.world_size * cfg.batch_size}")
@@ -925,7 +1026,7 @@ def main(argv=None):
     pbar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
     while True:
         last_step = step == cfg.max_steps
-        if step > start_step and (step % cfg.eval_interval == 0 or last_step):
+        if step > start_step and (step % cfg.eval_every == 0 or last_step):
             val = evaluate_retrieval(raw_model, val_clips, tokenizer, cfg, device)
             log.log({"step": step, **{f"val_{k}": v for k, v in val.items()}})
             print0(f"step {step} | val t2v R@1 {val['retrieval/t2v_R@1']:.1f} R@5 {val['retrieval/t2v_R@5']:.1f} "
@@ -960,10 +1061,10 @@ def main(argv=None):
         clips_seen += batch["video"].shape[0] * dist.world_size
         pbar.update(1)
 
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
             dt = time.time() - t0
             rec = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "lr": lr,
-                   "grad_norm": grad_norm.item(), "frames": frames, "ms_per_step": 1000 * dt / cfg.log_interval, "clips_per_s": clips_seen / dt,
+                   "grad_norm": grad_norm.item(), "frames": frames, "ms_per_step": 1000 * dt / cfg.log_every, "clips_per_s": clips_seen / dt,
                    "data_wait_pct": 100 * wait / dt, "skipped_videos": skipped}
             log.log(rec)
             pbar.write(f"step {step} | loss {rec['loss']:.3f} ("

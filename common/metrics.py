@@ -97,28 +97,42 @@ def _sort_desc_pessimistic(scores: torch.Tensor, tie_key: torch.Tensor) -> torch
     return by_key.gather(1, by_score)
 
 
-def _average_precision_rows(scores: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
-    """(R, I) scores and bool relevance -> (R,) AP = sum_k P@k * rel_k / #relevant; NaN for rows without any."""
-    order = _sort_desc_pessimistic(scores, relevant.double())
+def _average_precision_rows(scores: torch.Tensor, relevant: torch.Tensor,
+                            gain: torch.Tensor | None = None) -> torch.Tensor:
+    """(R, I) scores and bool relevance -> (R,) AP = sum_k P@k * rel_k / #relevant; NaN for rows without any.
+
+    P@k = (sum of `gain` over ranks 1..k) / k, with gain = the relevance itself (binary hits) unless given;
+    EPIC-MIR's release passes the graded relevancy there (see map_relevancy)."""
+    gain = relevant.double() if gain is None else gain
+    order = _sort_desc_pessimistic(scores, gain + relevant.double())  # ties: relevant, then higher gain, last
     rel = relevant.gather(1, order).double()                                  # (R, I) relevance in rank order
-    precision_at_k = rel.cumsum(dim=1) / torch.arange(1, rel.shape[1] + 1, dtype=torch.float64)
+    precision_at_k = gain.gather(1, order).cumsum(dim=1) / torch.arange(1, rel.shape[1] + 1, dtype=torch.float64)
     n_rel = rel.sum(dim=1)
     return (precision_at_k * rel).sum(dim=1) / n_rel  # 0/0 = NaN where n_rel == 0
 
 
-def map_relevancy(sim, relevancy, chunk: int = 1024) -> float:
+def map_relevancy(sim, relevancy, precision: str = "graded", chunk: int = 1024) -> float:
     """EPIC-KITCHENS-100 multi-instance retrieval mAP (percent).
 
     Args:
         sim: (Q, I) scores; each row is one query (videos for V->T, texts for T->V: pass the transpose).
         relevancy: (Q, I) graded relevance in [0, 1]; an item is relevant iff its relevancy == 1 exactly.
-    Per row: rank items by descending score, AP = sum_k P@k * rel_k / #relevant; mAP = mean over the rows that
-    have at least one relevant item (rows without any are skipped: their AP is 0/0; EPIC's test set has none).
-    Raises ValueError if no row has a relevant item. Rows are processed `chunk` at a time to bound memory.
+        precision: what P@k counts in its numerator.
+            "graded" (the release's `utils/mAP.py`, the number the papers quote): the *sum of the graded
+                relevancies* of the top k items, so a half-relevant item (0.5) above a relevant one counts as half
+                a hit: P@k = sum_{r<=k} relevancy(r) / k.
+            "binary" (textbook AP): the number of items with relevancy == 1 in the top k. Never above "graded";
+                on EPIC-like relevancies it comes out a few points lower (2-4.5 in the comparison of issue 12).
+    Per row: rank items by descending score, AP = sum_{k: relevancy(k) == 1} P@k / #relevant; mAP = mean over the
+    rows that have at least one relevant item (rows without any are skipped: their AP is 0/0; EPIC's test set has
+    none; the release would return NaN). Raises ValueError if no row has a relevant item. Rows are processed
+    `chunk` at a time to bound memory.
     """
+    assert precision in ("graded", "binary"), precision
     sim, relevancy = _f64(sim), _f64(relevancy)
     assert sim.shape == relevancy.shape, f"sim {tuple(sim.shape)} vs relevancy {tuple(relevancy.shape)}"
-    aps = torch.cat([_average_precision_rows(sim[i:i + chunk], relevancy[i:i + chunk] == 1)
+    aps = torch.cat([_average_precision_rows(sim[i:i + chunk], relevancy[i:i + chunk] == 1,
+                                             relevancy[i:i + chunk] if precision == "graded" else None)
                      for i in range(0, sim.shape[0], chunk)])
     aps = aps[~torch.isnan(aps)]
     if len(aps) == 0:

@@ -9,7 +9,7 @@ Three steps turn a file into a model input:
    (indices may repeat), a zero-length window yields n copies of one frame, a window past the end is clamped.
 2. `read_frames` decodes only the frames it needs: it seeks to the keyframe before the first wanted frame when
    that frame is far from the start (long egocentric videos), and stops after the last one.
-3. `VideoTransform` applies one random-resized crop and one flip to every frame of a clip (and, with the same
+3. `VideoTransform` applies one random crop, flip and colour jitter to every frame of a clip (and, with the same
    geometry, to detector boxes), then normalises.
 
 A missing, empty or undecodable file raises `VideoReadError`, whose message names the path. Datasets catch it,
@@ -219,25 +219,97 @@ def transform_boxes(boxes, crop, size, flip):
     return boxes
 
 
+def resize_crop_params(height, width, size, resize_to, rng=None):
+    """(top, left, h, w) in source pixels of the release's Resize(resize_to) -> RandomCrop(size): resizing the short
+    side to resize_to and cutting a random size x size square is the same as cutting a random square of side
+    min(height, width) * size / resize_to from the source and resizing it to size (up to interpolation)."""
+    rng = rng or random
+    side = max(1, min(height, width, int(round(min(height, width) * size / resize_to))))
+    return rng.randint(0, height - side), rng.randint(0, width - side), side, side
+
+
+def _gray(x):
+    """(n, 3, h, w) RGB in [0, 1] -> (n, 1, h, w) luma, ITU-R 601 weights (torchvision's rgb_to_grayscale)."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _shift_hue(x, shift):
+    """Rotate the hue of (n, 3, h, w) RGB in [0, 1] by `shift` turns (torchvision's adjust_hue, via HSV)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(maxc == r, ((g - b) / safe) % 6, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
+    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
+    h = (h + shift) % 1.0
+    k = (torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6  # HSV -> RGB
+    return maxc.unsqueeze(1) * (1 - s.unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1)))
+
+
+def color_jitter(x, brightness, contrast, saturation, hue, order):
+    """torchvision's ColorJitter with drawn factors, on (n, 3, h, w) RGB in [0, 1]; the same factors for every
+    frame of the clip. `order` is the permutation of the four ops (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
+    for op in order:
+        if op == 0:
+            x = (x * brightness).clamp(0, 1)
+        elif op == 1:  # blend with the mean luma of each frame
+            x = (contrast * x + (1 - contrast) * _gray(x).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
+        elif op == 2:  # blend with the frame's own grayscale
+            x = (saturation * x + (1 - saturation) * _gray(x)).clamp(0, 1)
+        elif hue != 0:
+            x = _shift_hue(x, hue)
+    return x
+
+
 class VideoTransform:
-    """Clip augmentation: train = RandomResizedCrop(scale) + horizontal flip, eval = short-side resize + centre
-    crop; then ImageNet normalisation. The same crop and flip apply to every frame and to the boxes.
+    """Clip augmentation, then ImageNet normalisation; one draw per clip, applied to every frame (and the boxes).
+
+    train:
+      crop      "random_resized": RandomResizedCrop(scale) (Frozen, EgoVLP, All-in-one)
+                "resize_random":  Resize(short side = size * resize_ratio) -> RandomCrop(size) (OA-Trans release:
+                                  Resize(242) -> RandomCrop(224), resize_ratio = 242 / 224)
+      flip      horizontal flip with probability 0.5 (off wherever captions say "left" / "right")
+      jitter    (brightness, contrast, saturation, hue) of torchvision's ColorJitter, applied with probability
+                jitter_p, ops in a random order (OA-Trans release: (0.5, 0.5, 0.5, 0.1) at p = 0.8); None = off
+      grayscale_p  RandomGrayscale probability (OA-Trans release 0.3)
+    eval: short-side resize + centre crop, nothing random.
 
     Call with frames uint8 (n, H, W, 3) [and boxes (K, 4) in source pixels] -> (video (n, 3, size, size), boxes).
     """
 
-    def __init__(self, size, train, scale=(0.5, 1.0), flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, size, train, scale=(0.5, 1.0), flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 crop="random_resized", resize_ratio=242 / 224, jitter=None, jitter_p=0.8, grayscale_p=0.0):
+        assert crop in ("random_resized", "resize_random"), crop
         self.size, self.train, self.scale, self.flip = size, train, scale, flip
+        self.crop, self.resize_ratio = crop, resize_ratio
+        self.jitter, self.jitter_p, self.grayscale_p = jitter, jitter_p, grayscale_p
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
 
     def params(self, height, width, rng=None):
         """The crop (top, left, h, w) and flip used for one clip."""
         rng = rng or random
-        if self.train:
-            return random_resized_crop_params(height, width, self.scale, rng=rng), self.flip and rng.random() < 0.5
-        side = min(height, width)
-        return ((height - side) // 2, (width - side) // 2, side, side), False
+        if not self.train:
+            side = min(height, width)
+            return ((height - side) // 2, (width - side) // 2, side, side), False
+        if self.crop == "random_resized":
+            crop = random_resized_crop_params(height, width, self.scale, rng=rng)
+        else:
+            crop = resize_crop_params(height, width, self.size, self.size * self.resize_ratio, rng=rng)
+        return crop, self.flip and rng.random() < 0.5
+
+    def color_params(self, rng=None):
+        """None (no jitter) or the drawn (brightness, contrast, saturation, hue, order); and whether to gray."""
+        rng = rng or random
+        jitter = None
+        if self.train and self.jitter is not None and rng.random() < self.jitter_p:
+            b, c, s, h = self.jitter
+            order = list(range(4))
+            rng.shuffle(order)
+            jitter = (rng.uniform(max(0, 1 - b), 1 + b), rng.uniform(max(0, 1 - c), 1 + c),
+                      rng.uniform(max(0, 1 - s), 1 + s), rng.uniform(-h, h), order)
+        return jitter, self.train and self.grayscale_p > 0 and rng.random() < self.grayscale_p
 
     def __call__(self, frames, boxes=None, rng=None):
         n, height, width, _ = frames.shape
@@ -249,6 +321,11 @@ class VideoTransform:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         if flip:
             x = x.flip(-1)
+        jitter, gray = self.color_params(rng)
+        if jitter is not None:
+            x = color_jitter(x, *jitter)
+        if gray:
+            x = _gray(x).expand(-1, 3, -1, -1)
         x = (x - self.mean) / self.std
         if boxes is not None:
             boxes = transform_boxes(boxes, crop, self.size, flip)

@@ -54,7 +54,6 @@ CONFIGS = {  # paper -> {row name: flags}; paper rows take --batch_size from --p
     "oa_trans": {"default T=1": ["--pretrain", "--num_frames=1"], "default T=4": ["--pretrain"],
                  "paper": ["--paper"]},
 }
-LOG_FLAG = {"all_in_one": "--log_every", "egovlp": "--log_every", "oa_trans": "--log_interval"}
 
 
 def infonce(t, v, temperature=0.05):
@@ -87,7 +86,7 @@ def setup(paper, flags, device):
     if paper == "egovlp":
         model = mod.FrozenInTime(cfg, cfg.vocab_size).init_weights(cfg.time_init).to(device)
         B = B * (2 if cfg.negatives == "scene" else 1)
-        video = torch.randn(B, cfg.num_frames, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
+        video = torch.randn(B, cfg.num_frames, 3, cfg.img_size, cfg.img_size, generator=g).to(device)
         text = ids(B)
         return model, lambda: infonce(*model(text, ones(B), video)), B, cfg
     model = mod.OATrans(cfg, VOCAB).to(device)
@@ -158,7 +157,7 @@ def data_wait(paper, precision, steps):
     with tempfile.TemporaryDirectory() as out:
         log = Path(out) / "log.jsonl"
         cmd = [sys.executable, f"{paper}.py", "--pretrain", f"--precision={precision}", f"--out_dir={out}",
-               f"{LOG_FLAG[paper]}=25"]
+               "--log_every=25"]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         try:

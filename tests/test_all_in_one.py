@@ -48,6 +48,47 @@ def test_roll_matches_naive_loop(T, n, k):
     torch.testing.assert_close(aio.temporal_roll(v, k), naive_roll(v, k), rtol=0, atol=0)
 
 
+def naive_release_token_shift(v, fold_div=8):
+    """The release's TemporalRoll v=3 branch, one token at a time: f = D // fold_div tokens (CLS included) taken
+    from frame t+1, the next f from frame t-1, zeros where that frame does not exist, the rest unchanged."""
+    B, T, S, D = v.shape
+    f = D // fold_div
+    out = torch.empty_like(v)
+    for b in range(B):
+        for t in range(T):
+            for s in range(S):
+                if s < f:
+                    out[b, t, s] = v[b, t + 1, s] if t + 1 < T else 0
+                elif s < 2 * f:
+                    out[b, t, s] = v[b, t - 1, s] if t >= 1 else 0
+                else:
+                    out[b, t, s] = v[b, t, s]
+    return out
+
+
+@pytest.mark.parametrize("T,S,D", [(3, 17, 16), (4, 9, 32), (3, 5, 64), (2, 197, 8)])
+def test_token_shift_matches_the_release_branch(T, S, D):
+    v = torch.randn(2, T, S, D)
+    out = aio.temporal_shift(v)
+    torch.testing.assert_close(out, naive_release_token_shift(v), rtol=0, atol=0)
+    if D // 8 >= 1:  # the CLS (token 0) moves too, unlike in rolling and in the TSM channel shift
+        assert not torch.equal(out[:, :, 0], v[:, :, 0])
+    tsm = aio.channel_shift(v)
+    torch.testing.assert_close(tsm[:, :, 0], v[:, :, 0])  # TSM leaves the CLS alone and moves channels
+    torch.testing.assert_close(tsm[:, 1:, 1:, :D // 8], v[:, :-1, 1:, :D // 8])
+
+
+@pytest.mark.parametrize("S", [2, 3, 5])
+def test_roll_on_tiny_grids_keeps_shape_and_cls(S):
+    """Fewer patch tokens than the release's divisor (L // 8 = 0 below 8 tokens, where the release rolls the
+    whole sequence, CLS included): ours rolls at most N // 2 patches each way and never the CLS."""
+    v = torch.randn(1, 3, S, 4)
+    out = aio.temporal_roll(v, 1)
+    assert out.shape == v.shape
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0])
+    torch.testing.assert_close(out, naive_roll(v, min(1, (S - 1) // 2)), rtol=0, atol=0)
+
+
 def test_roll_is_a_permutation_that_keeps_cls():
     v = torch.randn(2, 3, 17, 4)
     out = aio.temporal_roll(v, 2)
@@ -81,7 +122,8 @@ def test_roll_moves_information_across_frames_and_mean_does_not():
     assert frames_changed_by("mean") == [0]                   # time average: frames never meet before the mean
     assert frames_changed_by("roll") == [0, 1, 2]             # rolling: frame 0's tokens reach frames 1 and 2
     assert frames_changed_by("roll", roll_tokens="random") == [0, 1, 2]
-    assert frames_changed_by("shift") == [0, 1, 2]            # TSM-style channel shift
+    assert frames_changed_by("shift") == [0, 1, 2]            # the release's token shift
+    assert frames_changed_by("tsm") == [0, 1, 2]              # TSM-style channel shift
     assert frames_changed_by("mean", t_changed=2) == [2]
 
 
@@ -288,3 +330,89 @@ def test_malformed_annotation_rows_name_file_and_line(tmp_path):
         "videoid,contentUrl,duration,page_dir,name\n1,u,PT00H00M02S,1_50,a red ball\n2,u,PT00H00M02S\n")
     with pytest.raises(ValueError, match=r"results_train\.csv, line 3"):
         aio.read_webvid(tmp_path, "train")
+
+
+# --- presets and the CPU-default vs paper table -----------------------------------------------------------------
+
+def test_paper_preset_restores_the_release_recipe():
+    cfg = aio.parse_config(aio.Config, ["--paper", "--B"], aio.PRESETS)
+    assert (cfg.width, cfg.depth, cfg.heads) == (768, 12, 12)
+    assert cfg.joint_fraction == 1.0 and cfg.vtc_weight == 0.0 and cfg.vtc_pool == "cls"
+    assert cfg.vtm_weight == 1.0 and cfg.mlm_weight == 1.0
+    assert cfg.batch_size * cfg.grad_accum * 8 == 4096  # the release's effective batch on 8 GPUs
+    assert (cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule) == (1e-4, 2500, 200_000, "linear")
+    assert (cfg.dropout, cfg.drop_path) == (0.1, 0.1)
+    assert (cfg.probe_lr, cfg.probe_epochs) == (3e-4, 50)
+    # the order of the presets does not matter: sizes set only the model
+    assert aio.parse_config(aio.Config, ["--B", "--paper"], aio.PRESETS) == cfg
+
+
+def test_action_probe_uses_the_probe_lr_field(monkeypatch):
+    """The probe's learning rate is a field (it was a hard-coded 1e-3)."""
+    cfg = tiny_cfg(probe_lr=3e-4, probe_epochs=1)
+    model = aio.AllInOne(cfg)
+    g = torch.Generator().manual_seed(0)
+    fake = {s: (torch.randn(8, cfg.width, generator=g), torch.arange(8) % 2, 0) for s in ("train", "val", "test")}
+    monkeypatch.setattr(aio, "probe_features", lambda model, cfg, tok, split, device: fake[split])
+    seen = []
+    real_adamw = torch.optim.AdamW
+
+    def spy(params, lr, **kw):
+        seen.append(lr)
+        return real_adamw(params, lr=lr, **kw)
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    aio.action_probe(model, cfg, None, torch.device("cpu"), 2)
+    assert seen == [3e-4]
+
+
+def test_docstring_table_lists_every_field_the_paper_preset_changes():
+    """The module docstring's "CPU default vs paper" table names (in backticks, first column) every field whose
+    CPU default differs from the paper preset, so a reader sees each departure in one place."""
+    import dataclasses
+    import re
+    from common.config import parse_config
+    default, paper = aio.Config(), parse_config(aio.Config, ["--paper", "--B"], aio.PRESETS)
+    changed = {f.name for f in dataclasses.fields(default) if getattr(default, f.name) != getattr(paper, f.name)}
+    rows = [line.split("|")[1] for line in aio.__doc__.splitlines() if line.startswith("| `")]
+    listed = {name for cell in rows for name in re.findall(r"`(\w+)`", cell)}
+    assert changed - {"device", "out_dir", "data_root"} <= listed, sorted(changed - listed)
+
+
+@pytest.mark.parametrize("captions,views", [("first", 1), ("all", 1), ("first", 2)])
+def test_retrieval_protocol_matches_a_naive_reference(tiny_corpus, captions, views):
+    """Same protocol fields as oa_trans.py: retrieval_captions=first (default: one caption per video, MSR-VTT 1k-A
+    style) | all; retrieval_views=V averages the similarities of V random frame samplings (the release: 3)."""
+    from common.metrics import retrieval_metrics
+    assert aio.Config().retrieval_captions == "first" and aio.Config().retrieval_views == 1
+    cfg = tiny_cfg(data_root=str(tiny_corpus), num_frames=2, precision="fp32", eval_batch_size=7,
+                   retrieval_captions=captions, retrieval_views=views, roll_tokens="fixed")
+    tok = Tokenizer(str(tiny_corpus / "vocab.txt"))
+    cfg.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    model = aio.AllInOne(cfg).eval()
+    got, skipped, n = aio.evaluate_retrieval(model, cfg, tok, "test", torch.device("cpu"))
+    items = aio.build_task_items(cfg, "retrieval", "test")
+    assert skipped == 0 and n == len(items)
+    with torch.no_grad():
+        sims = []
+        for view in ([None] if views == 1 else range(views)):
+            vids = []
+            for i, it in enumerate(items):
+                rng = None if view is None else random.Random(f"{cfg.seed}/{view}/{i}")
+                video = aio.decode_clip(it["path"], cfg, False, rng=rng, sample="uniform" if view is None else "rand")
+                vids.append(model.video_embedding(video[None])[0])
+            queries = [(t, i) for i, it in enumerate(items)
+                       for t in (it["text"] if captions == "all" else it["text"][:1])]
+            texts = []
+            for t, _ in queries:
+                enc = tok([t], cfg.max_text_len, pad_to_max=False)
+                texts.append(model.text_embedding(enc["input_ids"], enc["attention_mask"])[0])
+            sims.append(torch.stack(texts) @ torch.stack(vids).t())
+    expected = retrieval_metrics(torch.stack(sims).mean(0), torch.tensor([i for _, i in queries]))
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_vtc_loss_rejects_unequal_texts_and_videos():
+    with pytest.raises(ValueError, match="as many texts as videos"):
+        aio.vtc_loss(F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1), 0.05)

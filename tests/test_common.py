@@ -184,6 +184,48 @@ def test_eval_transform_is_centre_crop_and_boxes_follow():
     np.testing.assert_allclose(transform_boxes([[0, 0, 10, 10]], (0, 0, 20, 20), 20, flip=True), [[10, 0, 20, 10]])
 
 
+def test_color_jitter_ops_match_naive_references():
+    """Each ColorJitter op against a per-pixel restatement (colorsys for the hue, ITU-R 601 luma for gray)."""
+    import colorsys
+    from common.video import _gray, color_jitter
+    x = torch.rand(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    same = color_jitter(x, 1.0, 1.0, 1.0, 0.0, [0, 1, 2, 3])
+    assert torch.allclose(same, x)  # factors 1 and hue 0 leave the clip alone
+    hue = color_jitter(x, 1.0, 1.0, 1.0, 0.13, [3])
+    gray = _gray(x)
+    for n, i, j in [(0, 0, 0), (1, 3, 4), (0, 2, 1)]:
+        r, g, b = x[n, :, i, j].tolist()
+        h, s_, v = colorsys.rgb_to_hsv(r, g, b)
+        assert hue[n, :, i, j].tolist() == pytest.approx(list(colorsys.hsv_to_rgb((h + 0.13) % 1, s_, v)), abs=1e-5)
+        assert gray[n, 0, i, j].item() == pytest.approx(0.299 * r + 0.587 * g + 0.114 * b, abs=1e-6)
+    bright = color_jitter(x, 1.5, 1.0, 1.0, 0.0, [0])
+    assert torch.allclose(bright, (1.5 * x).clamp(0, 1))
+    desat = color_jitter(x, 1.0, 1.0, 0.0, 0.0, [2])  # saturation 0 = grayscale
+    assert torch.allclose(desat, gray.expand(-1, 3, -1, -1), atol=1e-6)
+    flat = color_jitter(x, 1.0, 0.0, 1.0, 0.0, [1])  # contrast 0 = each frame's mean luma
+    assert torch.allclose(flat, gray.mean(dim=(1, 2, 3), keepdim=True).expand_as(x), atol=1e-6)
+
+
+def test_release_style_resize_then_random_crop_and_grayscale():
+    from common.video import resize_crop_params
+    rng = random.Random(0)
+    for _ in range(20):  # Resize(short side 242) -> RandomCrop(224) on a 48 x 80 source: a 44 x 44 source square
+        top, left, h, w = resize_crop_params(48, 80, 224, 242, rng)
+        assert (h, w) == (round(48 * 224 / 242), round(48 * 224 / 242)) == (44, 44)
+        assert 0 <= top <= 48 - 44 and 0 <= left <= 80 - 44
+    frames = np.random.default_rng(0).integers(0, 256, (2, 48, 80, 3), dtype=np.uint8)
+    t = VideoTransform(24, train=True, flip=False, crop="resize_random", grayscale_p=1.0, mean=(0, 0, 0),
+                       std=(1, 1, 1))
+    video, _ = t(frames, rng=rng)
+    assert video.shape == (2, 3, 24, 24)
+    assert torch.equal(video[:, 0], video[:, 1]) and torch.equal(video[:, 1], video[:, 2])  # gray: equal channels
+    # jitter is drawn once per clip: two frames with the same content stay equal after it
+    same = np.repeat(frames[:1], 2, axis=0)
+    t = VideoTransform(24, train=True, jitter=(0.5, 0.5, 0.5, 0.1), jitter_p=1.0, mean=(0, 0, 0), std=(1, 1, 1))
+    video, _ = t(same, rng=rng)
+    assert torch.equal(video[0], video[1])
+
+
 # ----------------------------------------------------------------------------- training helpers
 
 def test_lr_schedule():

@@ -17,7 +17,7 @@ from common.weights import fit_temporal_embed
 from egovlp import (Config, FrozenInTime, PRESETS, VarAttention, action_positive_mask, chunk_frame, egonce_loss,
                     mcq_accuracy, mi_mm_loss, parse_tags, scene_buckets, sim_matrix)
 
-TINY_MODEL = dict(image_size=32, patch_size=16, vit_width=32, vit_depth=2, vit_heads=2, text_width=32,
+TINY_MODEL = dict(img_size=32, patch_size=16, vit_width=32, vit_depth=2, vit_heads=2, text_width=32,
                   text_layers=1, text_heads=2, text_ffn=64, embed_dim=16)
 
 
@@ -285,7 +285,7 @@ def test_hflip_field_flips_video_and_mirrors_the_narration(tmp_path, hflip):
     verbs = ["take", "move_left_(slide,_drag)", "move_right_(slide,_drag)"]
     rows = [dict(video_uid="v", narration_time=1.0, clip_start=0.5, clip_end=1.5,
                  clip_text="#C C slides the cup to the left", tag_verb=[1], tag_noun=[0])]
-    ds = egovlp.EgoClipDataset(tmp_path, Config(image_size=16, hflip=hflip), rows, verbs, 1)
+    ds = egovlp.EgoClipDataset(tmp_path, Config(img_size=16, hflip=hflip), rows, verbs, 1)
     ds.reader = lambda *args, **kwargs: ramp
     flipped, texts = [], set()
     for _ in range(40):
@@ -340,8 +340,11 @@ def test_epic_mir_metrics_both_directions():
     out = egovlp.epic_mir_metrics(sim, rel)
     # V->T: video 0 ranks s0 first (AP 1); video 1 ranks s1 last of 3 (AP 1/3)
     assert out["epic_mir/mAP_v2t"] == pytest.approx(100 * (1 + 1 / 3) / 2)
-    # T->V: s0 (relevant video 0, ranked 1st: AP 1); s1 (relevant video 1, ranked 2nd: AP 1/2); s2 has none
-    assert out["epic_mir/mAP_t2v"] == pytest.approx(100 * (1 + 0.5) / 2)
+    # T->V: s0 (relevant video 0, ranked 1st: AP 1); s1 (relevant video 1, ranked 2nd behind video 0 of
+    # relevancy 0.5: the release's graded P@2 = (0.5 + 1) / 2, binary P@2 = 1/2); s2 has none
+    assert out["epic_mir/mAP_t2v"] == pytest.approx(100 * (1 + 0.75) / 2)
+    assert out["epic_mir/mAP_binary_t2v"] == pytest.approx(100 * (1 + 0.5) / 2)
+    assert out["epic_mir/mAP_binary_v2t"] == pytest.approx(out["epic_mir/mAP_v2t"])  # no graded item above a hit
     # nDCG V->T: video 0, K=2: ranking s0 (1), s1 (0.5) is ideal -> 1; video 1, K=1: top is s0 (rel 0) -> 0
     assert out["epic_mir/nDCG_v2t"] == pytest.approx(50.0)
     # nDCG T->V: s0 K=1 top video 0 (1) -> 1; s1 K=2: order v0 (0.5), v1 (1) vs ideal v1, v0
@@ -358,6 +361,25 @@ def test_dual_softmax_prefers_mutual_best_matches():
     out = egovlp.dual_softmax(sim, 1.0)
     assert sim.argmax(0).tolist() == [0, 0] and out.argmax(0).tolist() == [1, 0]
     assert torch.allclose(out.sum(0), torch.ones(2))  # a softmax over texts, per video
+
+
+def test_dual_softmax_normalises_over_clip_captions_like_the_release():
+    """3 test clips, 2 unique sentences: clips 0 and 2 share sentence 0. The release embeds one caption per clip,
+    takes both softmaxes on that (3, 3) matrix, then keeps the sentences' columns; a naive restatement of those
+    steps must equal dual_softmax with caption_rows, and differ from normalising over the 2 unique sentences."""
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randn(2, 3, generator=g) * 3  # (sentences, videos)
+    caption_rows = torch.tensor([0, 1, 0])  # the sentence of each clip
+    per_clip = sim[caption_rows]  # (clips, videos): what the release scores
+    s1 = torch.softmax(per_clip / 2.0, dim=1) * per_clip
+    s2 = torch.softmax(s1, dim=0)  # over the 3 clip captions, duplicate included
+    first_clip = [0, 1]  # the release's `indexes`: a clip holding each unique sentence
+    expected = s2[first_clip]  # (sentences, videos)
+    got = egovlp.dual_softmax(sim, 2.0, caption_rows)
+    assert torch.allclose(got, expected, atol=1e-6)
+    unique = egovlp.dual_softmax(sim, 2.0)
+    assert torch.allclose(unique.sum(0), torch.ones(3))
+    assert not torch.allclose(unique, expected, atol=1e-3)
 
 
 # --------------------------------------------------------------------------------------------- video reading
@@ -443,6 +465,33 @@ def test_streamed_eval_bank_embeds_like_the_cached_one(tiny_corpus, num_workers)
     assert a[2].abs().sum() == 0 and a[3].abs().sum() > 0
 
 
+def test_sixteen_frames_through_a_four_frame_model_is_the_zero_inflated_model():
+    """Charades-Ego zero-shot at 16 frames from a 4-frame model (the paper's setting): frames 5-16 get a zero
+    temporal embedding, which is exactly a 16-row model whose rows 5-16 are zero (the release builds 16 rows and
+    trains on 4, so rows 5-16 never move from their zero init)."""
+    torch.manual_seed(0)
+    four = FrozenInTime(Config(**TINY_MODEL, num_frames=4), 50).init_weights().eval()
+    torch.nn.init.normal_(four.video_model.temporal_embed)  # trained rows are not zero
+    sixteen = FrozenInTime(Config(**TINY_MODEL, num_frames=16), 50).eval()
+    state = four.state_dict()
+    te = state["video_model.temporal_embed"]  # (1, 4, D)
+    state["video_model.temporal_embed"] = torch.cat([te, torch.zeros(1, 12, te.shape[2])], 1)  # by hand
+    sixteen.load_state_dict(state)
+    video = torch.randn(2, 16, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(four.encode_video(video), sixteen.encode_video(video), atol=1e-5)
+        assert not torch.allclose(four.encode_video(video), four.encode_video(video[:, :4]), atol=1e-3)
+    from common.config import parse_config
+    assert parse_config(Config, ["--paper"], egovlp.PRESETS).charades_frames == 16
+
+
+def test_charades_zero_shot_at_16_frames_runs(tiny_corpus, tmp_path):
+    metrics = egovlp.main([f"--data_root={tiny_corpus}", f"--out_dir={tmp_path}", "--eval=charades",
+                           "--charades_frames=16", "--num_frames=4", "--eval_batch_size=8", "--max_eval_items=6",
+                           "--num_workers=0"] + [f"--{k}={v}" for k, v in TINY_MODEL.items()])
+    assert 0 <= metrics["charades/mAP"] <= 100 and metrics["charades/skipped_videos"] == 0
+
+
 # --------------------------------------------------------------------------------------------- end to end
 def test_main_pretrain_then_resume_then_finetune_and_eval(tiny_corpus, tmp_path):
     common = [f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / 'pt'}", "--batch_size=4", "--num_workers=0",
@@ -479,3 +528,27 @@ def test_infonce_ablation_runs(tiny_corpus, tmp_path):
                            "--max_eval_items=5", "--eval_batch_size=16"]
                           + [f"--{k}={v}" for k, v in TINY_MODEL.items()])
     assert "egomcq/intra_acc" in metrics
+
+
+def test_docstring_table_lists_every_field_the_paper_preset_changes():
+    """The module docstring's "CPU default vs paper" table names (in backticks, first column) every field whose
+    CPU default differs from the paper preset, so a reader sees each departure in one place."""
+    import dataclasses
+    import re
+    from common.config import parse_config
+    default, paper = egovlp.Config(), parse_config(egovlp.Config, ["--paper"], egovlp.PRESETS)
+    changed = {f.name for f in dataclasses.fields(default) if getattr(default, f.name) != getattr(paper, f.name)}
+    rows = [line.split("|")[1] for line in egovlp.__doc__.splitlines() if line.startswith("| `")]
+    listed = {name for cell in rows for name in re.findall(r"`(\w+)`", cell)}
+    assert changed - {"device", "out_dir", "data_root"} <= listed, sorted(changed - listed)
+
+
+def test_losses_reject_non_square_similarity():
+    """A ragged batch (texts != videos) is an error with a clear message, not a silent 1e37 loss."""
+    sim = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="square"):
+        egonce_loss(sim, torch.eye(3, 4, dtype=torch.bool), 0.05)
+    with pytest.raises(ValueError, match="square"):
+        egonce_loss(torch.randn(3, 3), torch.eye(3, 4, dtype=torch.bool), 0.05)
+    with pytest.raises(ValueError, match="square"):
+        egovlp.mi_mm_loss(sim, 0.2)

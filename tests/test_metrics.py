@@ -40,20 +40,23 @@ def naive_retrieval(sim: list[list[float]], gt: list[int]) -> dict:
     return {**naive_summary(t2v, "t2v"), **naive_summary(v2t, "v2t")}
 
 
-def naive_ap(scores: list[float], relevant: list[bool]) -> float | None:
+def naive_ap(scores: list[float], relevant: list[bool], gain: list[float] | None = None) -> float | None:
+    """AP with P@k = (sum of gain over the top k) / k; gain = the 0/1 hits unless given (EPIC's graded relevancy)."""
     if not any(relevant):
         return None
-    order = sorted(range(len(scores)), key=lambda j: (-scores[j], relevant[j]))
-    hits, total = 0, 0.0
+    gain = gain or [float(r) for r in relevant]
+    order = sorted(range(len(scores)), key=lambda j: (-scores[j], relevant[j], gain[j]))
+    hits, total = 0.0, 0.0
     for k, j in enumerate(order, start=1):
+        hits += gain[j]
         if relevant[j]:
-            hits += 1
             total += hits / k
     return total / sum(relevant)
 
 
-def naive_map(sim, rel) -> float:
-    aps = [naive_ap(row, [r == 1 for r in rel_row]) for row, rel_row in zip(sim, rel)]
+def naive_map(sim, rel, precision="graded") -> float:
+    aps = [naive_ap(row, [r == 1 for r in rel_row], rel_row if precision == "graded" else None)
+           for row, rel_row in zip(sim, rel)]
     aps = [a for a in aps if a is not None]
     return 100.0 * sum(aps) / len(aps)
 
@@ -174,14 +177,44 @@ def test_accuracy():
 # ----------------------------------------------------------------------------------------------- EPIC-MIR mAP / nDCG
 
 def test_map_hand_worked():
-    # ranks 1..4, relevant at ranks 1 and 3: AP = (1/1 + 2/3) / 2; the 0.5 item is not relevant (== 1 only)
+    # ranks 1..4 with relevancy 1, 0.5, 1, 0; relevant (== 1) at ranks 1 and 3.
     sim = torch.tensor([[0.9, 0.8, 0.7, 0.6]])
-    assert map_relevancy(sim, torch.tensor([[1.0, 0.5, 1.0, 0.0]])) == pytest.approx(100 * (1 + 2 / 3) / 2)
+    rel = torch.tensor([[1.0, 0.5, 1.0, 0.0]])
+    # binary hits: AP = (1/1 + 2/3) / 2; the 0.5 item is not a hit
+    assert map_relevancy(sim, rel, precision="binary") == pytest.approx(100 * (1 + 2 / 3) / 2)
+    # the release (utils/mAP.py): P@3 = (1 + 0.5 + 1) / 3, the graded sum -> AP = (1/1 + 2.5/3) / 2 = 91.67
+    assert map_relevancy(sim, rel) == pytest.approx(100 * (1 + 2.5 / 3) / 2)
+    assert map_relevancy(sim, rel, precision="graded") == pytest.approx(91.6666667)
+    # two 0.5 items above the only relevant one: release P@3 = 2/3, binary 1/3
+    rel2 = torch.tensor([[0.5, 0.5, 1.0, 0.0]])
+    assert map_relevancy(sim, rel2) == pytest.approx(100 * 2 / 3)
+    assert map_relevancy(sim, rel2, precision="binary") == pytest.approx(100 / 3)
     # tie between a relevant and a non-relevant item: the relevant one goes second -> AP = 1/2
     assert map_relevancy(torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0, 0.0]])) == pytest.approx(50.0)
+    # tie between a 0.5 and a 0 item ahead of a hit: the 0.5 goes second (pessimistic), P@3 = 1.5 / 3 either way
+    assert map_relevancy(torch.tensor([[0.5, 0.5, 0.4]]), torch.tensor([[0.5, 0.0, 1.0]])) == pytest.approx(50.0)
     # a row without relevant items is skipped, not counted as 0
     two_rows = map_relevancy(torch.tensor([[0.9, 0.1], [0.9, 0.1]]), torch.tensor([[1.0, 0.0], [0.3, 0.0]]))
     assert two_rows == pytest.approx(100.0)
+
+
+def release_map(sim, rel) -> float:
+    """The release's formula (EgoVLP utils/mAP.py) restated with numpy: cumulative *graded* relevancy at the
+    ranks where relevancy == 1, over k, summed, over #relevant; mean over rows (here every row has a hit)."""
+    import numpy as np
+    order = np.argsort(-sim, axis=1, kind="stable")
+    ranked = np.take_along_axis(rel, order, axis=1)
+    cum = np.cumsum(ranked, axis=1) * (ranked == 1)
+    return 100.0 * float(np.mean((cum / np.arange(1, rel.shape[1] + 1)).sum(1) / (ranked == 1).sum(1)))
+
+
+def test_map_matches_the_release_formula_on_continuous_scores():
+    g = torch.Generator().manual_seed(5)
+    sim = torch.rand(12, 20, generator=g, dtype=torch.float64)  # no ties
+    rel = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)[torch.randint(0, 5, (12, 20), generator=g)]
+    rel[:, 0] = 1.0  # every row has a hit (the release's mean would be NaN otherwise)
+    assert map_relevancy(sim, rel) == pytest.approx(release_map(sim.numpy(), rel.numpy()))
+    assert map_relevancy(sim, rel, precision="binary") < map_relevancy(sim, rel)
 
 
 def test_ndcg_hand_worked():
@@ -206,7 +239,9 @@ def test_map_and_ndcg_match_naive_reference(levels):
         rel[0] = 0.0
         rel[1] = rel[1].clamp(max=0.5)  # a row with graded relevance but nothing == 1
         for chunk in (1024, 4):          # the row chunking must not change the result
-            assert map_relevancy(sim, rel, chunk=chunk) == pytest.approx(naive_map(sim.tolist(), rel.tolist()))
+            for precision in ("graded", "binary"):
+                assert map_relevancy(sim, rel, precision, chunk=chunk) == pytest.approx(
+                    naive_map(sim.tolist(), rel.tolist(), precision))
             assert ndcg_relevancy(sim, rel, chunk=chunk) == pytest.approx(naive_ndcg(sim.tolist(), rel.tolist()))
 
 

@@ -19,8 +19,9 @@ from common.weights import fit_temporal_embed
 
 
 def tiny_cfg(**kw):
-    base = dict(img_size=32, patch_size=8, vid_width=32, vid_depth=2, vid_heads=2, txt_width=32, txt_depth=1,
-                txt_heads=2, txt_positions=48, embed_dim=16, num_frames=3)
+    base = dict(img_size=32, patch_size=8, vit_width=32, vit_depth=2, vit_heads=2, text_width=32, text_layers=1,
+                text_heads=2, text_positions=48, embed_dim=16, num_frames=3,
+                text_dropout=0.0)  # no dropout: tests compare forward passes in train mode
     base.update(kw)
     return oa.Config(**base)
 
@@ -37,6 +38,30 @@ def test_paper_parameter_count_on_meta_device():
     assert sum(p.numel() for p in model.text_model.parameters()) == 66_362_880
 
 
+def test_default_augmentation_is_label_preserving_and_paper_is_the_release():
+    """The synthetic captions say "to the left / right" and name colours: the CPU default must not flip, jitter
+    or gray a clip (an asymmetric clip comes out unmirrored for every draw). --paper restores the release's
+    Resize(242) -> RandomCrop(224), ColorJitter(0.5, 0.5, 0.5, 0.1) at p 0.8, RandomGrayscale(0.3), no flip."""
+    cfg = tiny_cfg()
+    t = oa.clip_transform(cfg, True)
+    assert not t.flip and t.jitter is None and t.grayscale_p == 0
+    frames = np.zeros((1, 32, 32, 3), np.uint8)
+    frames[:, :, :16, 0] = 255  # red on the left half
+    rng = random.Random(0)
+    for _ in range(30):
+        video, _ = t(frames, rng=rng)
+        left, right = video[0, 0, :, :8].mean(), video[0, 0, :, -8:].mean()
+        assert left > right  # never mirrored
+    paper = oa.parse_config(oa.Config, ["--paper"], oa.PRESETS)
+    t = oa.clip_transform(paper, True)
+    assert (t.crop, t.flip, t.jitter, t.jitter_p, t.grayscale_p) == ("resize_random", False, (0.5, 0.5, 0.5, 0.1),
+                                                                      0.8, 0.3)
+    assert t.resize_ratio * 224 == pytest.approx(242)
+    ft = oa.parse_config(oa.Config, ["--paper", "--paper_ft"], oa.PRESETS)
+    t = oa.clip_transform(ft, True)
+    assert (t.jitter, t.grayscale_p) == ((0.4, 0.4, 0.4, 0.1), 0.2) and t.resize_ratio * 224 == pytest.approx(238)
+
+
 def test_objects_off_is_the_two_stream_model():
     """objects=on and objects=off build the same parameters, and the same weights give the same V/T embeddings;
     with objects off the loss is exactly L(t, v)."""
@@ -47,7 +72,7 @@ def test_objects_off_is_the_two_stream_model():
     s_on, s_off = on.state_dict(), off.state_dict()
     assert s_on.keys() == s_off.keys()
     assert all(torch.equal(s_on[k], s_off[k]) for k in s_on)
-    video = torch.randn(2, 3, 3, 32, 32)
+    video = torch.randn(2, 5, 3, 32, 32)  # 5 frames through 3 temporal rows: both give frames 4-5 zeros
     ids = torch.randint(5, 50, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
     e_on, e_off = on(video, (ids, mask)), off(video, (ids, mask))
@@ -106,14 +131,57 @@ def test_frozen_time_init_starves_the_temporal_branch_and_live_init_does_not():
     """With Frozen's init (qkv 0, out-proj weight 1) every output channel of TimeAttn is the same sum, LN1 removes
     it and qkv gets no gradient; with time_init=live (out-proj ~ N(0, 0.02)) it does. Both start as a no-op."""
     grads = {}
-    for init in ("zeros", "live"):
+    for init in ("release", "live"):
         torch.manual_seed(0)
         enc = oa.VideoEncoder(32, 8, 32, 2, 2, num_frames=3, time_init=init)
         x = torch.randn(4, 1 + 3 * 16, 32)
         assert torch.count_nonzero(enc.blocks[0].timeattn(x, "time", 3, 16)) == 0
         enc(torch.randn(4, 3, 3, 32, 32))[:, 0].pow(2).sum().backward()
         grads[init] = max(blk.timeattn.qkv.weight.grad.abs().max().item() for blk in enc.blocks)
-    assert grads["zeros"] < 1e-7 and grads["live"] > 1e-5, grads  # measured: ~1e-9 vs ~1e-3
+    assert grads["release"] < 1e-7 and grads["live"] > 1e-5, grads  # measured: ~1e-9 vs ~1e-3
+
+
+def test_encoders_stay_in_step_with_egovlp_copies():
+    """oa_trans.py and egovlp.py each carry a copy of Frozen's space-time ViT and of DistilBERT. The copies must
+    not drift: the same config vocabulary builds both, egovlp's weights load into oa_trans's modules key for key,
+    and the outputs agree -- in eval mode, and in train mode with the same dropout draws (same seed)."""
+    import egovlp
+    shared = dict(img_size=32, patch_size=8, num_frames=3, vit_width=32, vit_depth=2, vit_heads=2, vit_mlp_ratio=2.0,
+                  text_width=32, text_layers=2, text_heads=2, text_ffn=48, text_positions=16, text_dropout=0.1,
+                  time_init="release")
+    ego_cfg, oa_cfg = egovlp.Config(**shared), tiny_cfg(**shared)
+    torch.manual_seed(0)
+    ego = egovlp.FrozenInTime(ego_cfg, 50).init_weights("live")
+    oa_model = oa.OATrans(oa_cfg, 50)
+    for name in ("video_model", "text_model"):
+        ours, theirs = getattr(oa_model, name).state_dict(), getattr(ego, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours), name
+        getattr(oa_model, name).load_state_dict(theirs)
+    video = torch.randn(2, 5, 3, 32, 32)  # 5 frames through 3 temporal rows: both give frames 4-5 zeros
+    ids = torch.randint(5, 50, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    for train in (False, True):
+        ego.train(train), oa_model.train(train)
+        assert torch.allclose(oa_model.video_model(video)[:, 0], ego.video_model(video), atol=1e-5)
+        torch.manual_seed(1)
+        a = oa_model.text_model(ids, mask)
+        torch.manual_seed(1)
+        b = ego.text_model(ids, mask)
+        assert torch.allclose(a, b, atol=1e-5), train
+    ego.train(), oa_model.train()
+    torch.manual_seed(2)
+    a = oa_model.text_model(ids, mask)
+    assert not torch.allclose(a, oa_model.text_model(ids, mask))  # dropout is active in training
+    for name in ("release", "live"):  # the same time_init values build the same temporal-attention start
+        assert egovlp.Config(time_init=name).time_init == oa.Config(time_init=name).time_init
+        torch.manual_seed(0)
+        e = egovlp.SpaceTimeTransformer(32, 8, 3, 32, 1, 2, 4.0)
+        e.init_weights(name)
+        o = oa.VideoEncoder(32, 8, 32, 1, 2, 3, time_init=name)
+        assert torch.equal(e.blocks[0].timeattn.proj.weight == 1, o.blocks[0].timeattn.proj.weight == 1)
+    shared_fields = {f for f in egovlp.Config.__dataclass_fields__} & {f for f in oa.Config.__dataclass_fields__}
+    assert set(shared) <= shared_fields
+    assert {"eval_every", "log_every", "schedule", "img_size"} <= shared_fields
 
 
 def test_text_pooling_cls_or_mean_over_real_tokens():
@@ -122,7 +190,7 @@ def test_text_pooling_cls_or_mean_over_real_tokens():
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
     for pool in ("cls", "mean"):
         torch.manual_seed(0)
-        model = oa.OATrans(tiny_cfg(text_pool=pool), 50)
+        model = oa.OATrans(tiny_cfg(text_pool=pool), 50).eval()  # eval: no dropout between the two calls
         hidden = model.text_model(ids, mask)
         if pool == "cls":
             expected = hidden[:, 0]
@@ -341,9 +409,9 @@ def test_detection_reader_top_level_arrays_and_pickle_guard(tmp_path):
 
 def test_main_pretrain_resume_finetune(tiny_corpus, tmp_path):
     out = str(tmp_path / "run")
-    common = [f"--data_root={tiny_corpus}", f"--out_dir={out}", "--img_size=32", "--patch_size=8", "--vid_width=32",
-              "--vid_depth=1", "--vid_heads=2", "--txt_width=32", "--txt_depth=1", "--txt_heads=2",
-              "--batch_size=4", "--num_frames=2", "--eval_interval=2", "--log_interval=1", "--num_workers=0",
+    common = [f"--data_root={tiny_corpus}", f"--out_dir={out}", "--img_size=32", "--patch_size=8", "--vit_width=32",
+              "--vit_depth=1", "--vit_heads=2", "--text_width=32", "--text_layers=1", "--text_heads=2",
+              "--batch_size=4", "--num_frames=2", "--eval_every=2", "--log_every=1", "--num_workers=0",
               "--precision=fp32", "--eval_batch_size=8"]
     m = oa.main(common + ["--max_steps=2"])
     assert {"retrieval/t2v_R@1", "retrieval/t2v_R@5", "retrieval/t2v_MdR", "retrieval_small/t2v_R@1"} <= m.keys()
@@ -457,3 +525,70 @@ def test_malformed_webvid_row_names_file_and_line(tiny_corpus, tmp_path):
     tok = Tokenizer(os.path.join(tiny_corpus, "vocab.txt"))
     with pytest.raises(ValueError, match=r"results_train\.csv, line 3"):
         oa.WebVidObjects(str(root), "train", tiny_cfg(), tok)
+
+
+def test_docstring_table_lists_every_field_the_paper_preset_changes():
+    """The module docstring's "CPU default vs paper" table names (in backticks, first column) every field whose
+    CPU default differs from the paper preset, so a reader sees each departure in one place."""
+    import dataclasses
+    import re
+    from common.config import parse_config
+    default, paper = oa.Config(), parse_config(oa.Config, ["--paper"], oa.PRESETS)
+    changed = {f.name for f in dataclasses.fields(default) if getattr(default, f.name) != getattr(paper, f.name)}
+    rows = [line.split("|")[1] for line in oa.__doc__.splitlines() if line.startswith("| `")]
+    listed = {name for cell in rows for name in re.findall(r"`(\w+)`", cell)}
+    assert changed - {"device", "out_dir", "data_root"} <= listed, sorted(changed - listed)
+
+
+@pytest.mark.parametrize("captions,views", [("first", 1), ("all", 1), ("first", 2)])
+def test_retrieval_protocol_matches_a_naive_reference(tiny_corpus, captions, views):
+    """retrieval_captions=first scores one caption per video (MSR-VTT 1k-A style, the default of both oa_trans.py
+    and all_in_one.py), =all every caption; retrieval_views=V averages the similarity matrices of V random frame
+    samplings (the All-in-one release's multi-view evaluation). Checked against a per-video loop."""
+    from common.metrics import retrieval_metrics
+    from common.text import Tokenizer
+    from common.video import load_clip
+    assert oa.Config().retrieval_captions == "first" and oa.Config().retrieval_views == 1
+    cfg = tiny_cfg(num_frames=2, precision="fp32", eval_batch_size=7, retrieval_captions=captions,
+                   retrieval_views=views)
+    tok = Tokenizer(str(tiny_corpus / "vocab.txt"))
+    torch.manual_seed(0)
+    model = oa.OATrans(cfg, tok.vocab_size)
+    ann = oa.MSRVTT(str(tiny_corpus), "test")
+    got = oa.evaluate_retrieval(model, oa.EvalClips(ann, cfg), tok, cfg, torch.device("cpu"))
+
+    model.eval()
+    by_video = {}
+    for text, v in zip(ann.captions, ann.caption_video):
+        by_video.setdefault(v, []).append(text)
+    queries = [(t, v) for v in sorted(by_video) for t in (by_video[v] if captions == "all" else by_video[v][:1])]
+    with torch.no_grad():
+        sims = []
+        for view in ([None] if views == 1 else range(views)):
+            vids = []
+            for i, path in enumerate(ann.paths):
+                rng = None if view is None else random.Random(f"{cfg.seed}/{view}/{i}")
+                frames, _ = load_clip(path, cfg.num_frames, "uniform" if view is None else "rand", rng=rng)
+                vids.append(F.normalize(model.encode_video(VideoTransform(32, False)(frames)[0][None]), dim=-1)[0])
+            texts = []
+            for t, _ in queries:
+                enc = tok([t], cfg.max_text_len, pad_to_max=False)
+                texts.append(F.normalize(model.encode_text(enc["input_ids"], enc["attention_mask"]), dim=-1)[0])
+            sims.append(torch.stack(texts) @ torch.stack(vids).t())
+    expected = retrieval_metrics(torch.stack(sims).mean(0), torch.tensor([v for _, v in queries]))
+    for k, v in expected.items():
+        assert got[f"retrieval/{k}"] == pytest.approx(v, abs=1e-6), k
+
+
+def test_nce_loss_rejects_non_square_similarity():
+    with pytest.raises(ValueError, match="square"):
+        oa.nce_loss(torch.randn(3, 4), 0.05)
+
+
+def test_release_loss_says_the_distractor_does_not_apply(tiny_corpus, tmp_path, capsys):
+    """--distractor only shapes the paper loss's tag text; under --oa_loss=release the run says it is ignored."""
+    oa.main([f"--data_root={tiny_corpus}", f"--out_dir={tmp_path}", "--img_size=32", "--patch_size=8",
+             "--vit_width=32", "--vit_depth=1", "--vit_heads=2", "--text_width=32", "--text_layers=1", "--text_heads=2",
+             "--batch_size=4", "--num_frames=2", "--curriculum=none", "--num_workers=0", "--precision=fp32",
+             "--eval_batch_size=8", "--max_steps=1", "--oa_loss=release", "--distractor=true"])
+    assert "--distractor has no effect with --oa_loss=release" in capsys.readouterr().out

@@ -231,10 +231,10 @@ def test_pos_embed_resize_keeps_cls_and_a_constant_grid_and_drops_the_distillati
 
 # --------------------------------------------------------------------------- Frozen-style video encoder + DistilBERT
 
-EGO_TINY = dict(image_size=32, patch_size=16, vit_width=32, vit_depth=2, vit_heads=2, text_width=32,
+EGO_TINY = dict(img_size=32, patch_size=16, vit_width=32, vit_depth=2, vit_heads=2, text_width=32,
                 text_layers=2, text_heads=2, text_ffn=128, text_positions=16, embed_dim=16, num_frames=4)
-OA_TINY = dict(img_size=32, patch_size=16, vid_width=32, vid_depth=2, vid_heads=2, txt_width=32, txt_depth=2,
-               txt_heads=2, txt_positions=16, embed_dim=16, num_frames=4)
+OA_TINY = dict(img_size=32, patch_size=16, vit_width=32, vit_depth=2, vit_heads=2, text_width=32, text_layers=2,
+               text_heads=2, text_positions=16, text_ffn=128, embed_dim=16, num_frames=4)
 
 
 def ego_model(**kw):
@@ -246,7 +246,7 @@ def oa_model(**kw):
 
 
 @pytest.mark.parametrize("paper,time_init", [("egovlp", "live"), ("egovlp", "release"), ("oa_trans", "live"),
-                                             ("oa_trans", "zeros")])
+                                             ("oa_trans", "release")])
 def test_timm_vit_into_the_video_encoder_equals_a_plain_vit(paper, time_init):
     """One frame through the divided space-time encoder = the image ViT of the same tensors (the temporal branch
     starts as identity, with either temporal init); every parameter outside the temporal branch and the text
@@ -453,7 +453,7 @@ def test_egovlp_main_starts_from_timm_vit_and_hf_distilbert_files(tiny_corpus, t
     vocab = Tokenizer(str(tiny_corpus / "vocab.txt")).vocab_size
     torch.save(timm_vit(32, 2, img=224, patch=16), tmp_path / "vit.pth")  # pos_embed resampled 14x14 -> 2x2
     write_safetensors(tmp_path / "distilbert.safetensors", hf_distilbert(32, 1, vocab=vocab, positions=512, ffn=64))
-    tiny = dict(image_size=32, patch_size=16, vit_width=32, vit_depth=2, vit_heads=2, text_width=32, text_layers=1,
+    tiny = dict(img_size=32, patch_size=16, vit_width=32, vit_depth=2, vit_heads=2, text_width=32, text_layers=1,
                 text_heads=2, text_ffn=64, embed_dim=16)
     m = egovlp.main([f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / 'ev'}", "--eval=egomcq",
                      "--num_workers=0", "--eval_batch_size=16", "--max_eval_items=4",
@@ -467,8 +467,8 @@ def test_oa_trans_main_evaluates_a_frozen_layout_release_file(tiny_corpus, tmp_p
     a 1-frame temporal embedding zero-padded to the 2 frames asked for."""
     from common.text import Tokenizer
     vocab = Tokenizer(str(tiny_corpus / "vocab.txt")).vocab_size
-    flags = dict(img_size=32, patch_size=8, vid_width=32, vid_depth=1, vid_heads=2, txt_width=32, txt_depth=1,
-                 txt_heads=2)
+    flags = dict(img_size=32, patch_size=8, vit_width=32, vit_depth=1, vit_heads=2, text_width=32, text_layers=1,
+                 text_heads=2)
     src = oa.OATrans(oa.Config(**flags, num_frames=1), vocab)
     state = {"module." + k.replace("vid_proj.", "vid_proj.0."): v for k, v in src.state_dict().items()}
     torch.save({"arch": "FrozenInTime", "epoch": 3, "state_dict": state, "config": argparse.Namespace(n=1)},
