@@ -6,6 +6,8 @@
 #   bash run.sh setup      only install
 #   bash run.sh data       only generate the synthetic corpus (data/synth, 1-2 minutes on 2 cores)
 #   bash run.sh all_in_one | egovlp | oa_trans    one paper's default job
+#   bash run.sh gpu        on a CUDA machine: each default and paper-size preset in bf16 for a few hundred steps,
+#                          the benchmark table, and a summary (clips/s, loss fall, seconds to the first logged step)
 #
 # Set PYTHON to choose the interpreter (default: python3). Outputs go to runs/<paper>/ (each paper file's default out_dir).
 set -euo pipefail
@@ -48,6 +50,35 @@ run_egovlp() { $PY egovlp.py --pretrain "$@"; }
 # Ablation (plain Frozen): --objects=off
 run_oa_trans() { $PY oa_trans.py --pretrain "$@"; }
 
+# --- on a GPU: every default and every paper-size preset in bf16 for a few hundred steps, then the benchmark
+gpu() {
+  mkdir -p runs/gpu
+  local common=(--device=cuda --precision=bf16 --num_workers="${GPU_WORKERS:-8}" --log_every=25)
+  timed() { local out=$1; shift; date +%s.%N > "runs/gpu/$out.start"; "$@" --out_dir="runs/gpu/$out"; }
+  for paper in all_in_one egovlp oa_trans; do
+    timed "$paper" $PY "$paper.py" --pretrain "${common[@]}" --max_steps=300
+  done
+  timed all_in_one_B $PY all_in_one.py --pretrain --paper --B "${common[@]}" --batch_size=32 --grad_accum=1 \
+    --max_steps=200 --eval_every=1000 --max_eval_items=100
+  timed egovlp_paper $PY egovlp.py --paper "${common[@]}" --batch_size=32 --max_steps=200 --max_eval_items=50
+  timed oa_trans_paper $PY oa_trans.py --paper "${common[@]}" --batch_size=32 --max_steps=200 --eval_every=1000
+  $PY tests/bench.py --device=cuda --paper_batch=16 --data_steps=0 --out=runs/gpu/bench.md
+  $PY - <<'PY'
+import glob, json, os, statistics
+print("\n==== GPU runs (runs/gpu/<run>/log.jsonl) ====")
+print(f"{'run':<16} {'s to step 25':>12} {'clips/s (median)':>17} {'data wait':>10} {'first loss':>11} {'last loss':>10}")
+for log in sorted(glob.glob("runs/gpu/*/log.jsonl")):
+    run = os.path.basename(os.path.dirname(log))
+    recs = [r for r in map(json.loads, open(log)) if "clips_per_s" in r]
+    if not recs:
+        continue
+    start = float(open(f"runs/gpu/{run}.start").read())
+    print(f"{run:<16} {recs[0]['time'] - start:12.1f} {statistics.median(r['clips_per_s'] for r in recs[1:] or recs):17.0f} "
+          f"{statistics.median(r.get('data_wait_pct', float('nan')) for r in recs):9.0f}% "
+          f"{recs[0]['loss']:11.3f} {recs[-1]['loss']:10.3f}")
+PY
+}
+
 summary() {
   $PY - "$@" <<'PY'
 import json, os, sys
@@ -71,6 +102,7 @@ case "$cmd" in
     setup
     $PY -m pytest -q tests ;;
   data) setup; data ;;
+  gpu) setup; data; gpu ;;
   all_in_one|egovlp|oa_trans)
     setup; shift; "run_$cmd" "$@"; summary "$cmd" ;;
   main)
@@ -81,5 +113,5 @@ case "$cmd" in
       if [ -f "$paper.py" ]; then "run_$paper"; papers+=("$paper"); fi
     done
     summary "${papers[@]}" ;;
-  *) echo "unknown command '$cmd': use test, setup, data, all_in_one, egovlp, oa_trans or nothing"; exit 2 ;;
+  *) echo "unknown command '$cmd': use test, setup, data, gpu, all_in_one, egovlp, oa_trans or nothing"; exit 2 ;;
 esac
