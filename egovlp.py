@@ -821,23 +821,19 @@ class EpochSampler(torch.utils.data.Sampler):
 class ClipBank:
     """One benchmark's clips (T uniform frames = bin midpoints, centre crop), embedded on demand.
 
-    A set that fits in cfg.eval_cache_gb (the synthetic ones) is decoded once and kept in RAM as bf16; a larger one
-    (the real EgoMCQ has ~40K questions x 5 clips) is decoded again at each evaluation by a DataLoader, so memory
-    stays flat. Unreadable clips are counted (`skipped`) and marked missing (`ok`), and embed to zeros."""
+    Nothing is decoded when the bank is built, so training starts at once. The first evaluation decodes the clips
+    through a DataLoader (cfg.num_workers processes, overlapping the model's forward passes); a set that fits in
+    cfg.eval_cache_gb (the synthetic ones) is then kept in RAM as bf16 for later evaluations, and a larger one (the
+    real EgoMCQ has ~40K questions x 5 clips) is decoded again each time, so memory stays flat. Unreadable clips
+    are counted (`skipped`) and marked missing (`ok`), and embed to zeros."""
 
     def __init__(self, reader: ClipReader, cfg: Config, windows: list[tuple], num_frames: int):
         from common.video import VideoTransform
         self.reader, self.windows, self.num_frames = reader, list(windows), num_frames
         self.transform = VideoTransform(cfg.img_size, train=False)
         self.num_workers, self.videos = cfg.num_workers, None
+        self.cacheable = len(self.windows) * num_frames * 3 * cfg.img_size ** 2 * 2 <= cfg.eval_cache_gb * 2 ** 30
         self.ok, self.skipped = [True] * len(self.windows), 0  # known once the clips are decoded
-        if len(self.windows) * num_frames * 3 * cfg.img_size ** 2 * 2 <= cfg.eval_cache_gb * 2 ** 30:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # tiny per-clip tensor ops: extra threads only add contention
-            self.videos = [self[i] for i in range(len(self))]
-            torch.set_num_threads(threads)
-            self.ok = [v is not None for v in self.videos]
-            self.skipped = self.ok.count(False)
 
     def __len__(self):
         return len(self.windows)
@@ -852,20 +848,24 @@ class ClipBank:
         return video.to(torch.bfloat16)  # halves the memory; the model casts back
 
     def batches(self, size: int):
-        """Yield (indices, clips) of the readable clips in order; a streamed pass refreshes ok / skipped."""
+        """Yield (indices, clips) of the readable clips in order; a decoding pass refreshes ok / skipped."""
         if self.videos is not None:
             idx = [i for i in range(len(self)) if self.ok[i]]
             for s in range(0, len(idx), size):
                 yield idx[s:s + size], [self.videos[i] for i in idx[s:s + size]]
             return
         loader = torch.utils.data.DataLoader(self, batch_size=size, num_workers=self.num_workers, collate_fn=list)
-        ok = []
+        ok, kept = [], []
         for clips in loader:  # in order: batch b holds clips b*size ...
             idx = [len(ok) + k for k, clip in enumerate(clips) if clip is not None]
             ok += [clip is not None for clip in clips]
+            if self.cacheable:
+                kept += clips
             if idx:
                 yield idx, [clip for clip in clips if clip is not None]
         self.ok, self.skipped = ok, ok.count(False)
+        if self.cacheable:  # a complete pass: later evaluations read from RAM
+            self.videos = kept
 
     @torch.no_grad()
     def embed(self, model, device, batch: int, ctx) -> torch.Tensor:  # -> (num_clips, E), zeros where missing
