@@ -1158,7 +1158,8 @@ def main(argv=None):
             if ps:
                 groups.append({"params": ps, "weight_decay": g["weight_decay"],
                                "lr_mult": cfg.head_lr_mult if is_head else 1.0})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8,
+                            fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
     step, best, best_state = 0, -1.0, None
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:

@@ -849,10 +849,11 @@ class ClipBank:
 
     def batches(self, size: int):
         """Yield (indices, clips) of the readable clips in order; a decoding pass refreshes ok / skipped."""
-        if self.videos is not None:
-            idx = [i for i in range(len(self)) if self.ok[i]]
-            for s in range(0, len(idx), size):
-                yield idx[s:s + size], [self.videos[i] for i in idx[s:s + size]]
+        if self.videos is not None:  # the same batches as the decoding pass, so the same sums in the same order
+            for s in range(0, len(self), size):
+                idx = [i for i in range(s, min(s + size, len(self))) if self.ok[i]]
+                if idx:
+                    yield idx, [self.videos[i] for i in idx]
             return
         loader = torch.utils.data.DataLoader(self, batch_size=size, num_workers=self.num_workers, collate_fn=list)
         ok, kept = [], []
@@ -1175,7 +1176,8 @@ def main(argv: list[str] | None = None) -> dict:
         return metrics
 
     # --- optimiser and resume
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_eps)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_eps,
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
     step = 0
     if cfg.resume:
         ckpt = load_checkpoint(out_dir / "ckpt.pt", map_location=device)
