@@ -237,6 +237,20 @@ PRESETS = {
                   log_every=100, probe_lr=3e-4, probe_epochs=50),
 }
 
+# The paper's central ablation, run over seeds by `bash run.sh ablate all_in_one` (common/ablate.py): temporal token
+# rolling against the time average and the release's token shift (the paper's "temporal modeling" comparison), and
+# rolling also in the video-only pass (the release rolls only in the joint pass). Each run: --pretrain + the flags.
+# The order-sensitive probes are mc_order/acc (the truth against its reversed-motion option, chance 50) and
+# mlm_motion/acc (masked motion words from the joint pass).
+ABLATION = dict(
+    reference="roll",
+    variants={"roll": [],
+              "mean": ["--temporal=mean"],
+              "shift": ["--temporal=shift"],
+              "roll+video_only": ["--roll_unimodal"]},
+    metrics=["retrieval/t2v_R@1", "retrieval/t2v_R@5", "mc/acc", "mc_order/acc", "mlm_motion/acc"],
+)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model: temporal mixing (the paper's idea), then a plain pre-LN ViT shared by text and video

@@ -243,6 +243,16 @@ PRESETS = {
                        eval_every=1_000, ckpt_every=1_000, charades_frames=16),
 }
 
+# The paper's central ablation (the shape of its Table 3), run over seeds by `bash run.sh ablate egovlp`
+# (common/ablate.py): which pairs count as positives x whether scene-aware negatives are added. "self+none" is
+# InfoNCE, "verb_and_noun+scene" is EgoNCE. Each run: --pretrain + the flags; reported on EgoMCQ inter / intra.
+ABLATION = dict(
+    reference="verb_and_noun+scene",
+    variants={f"{p}+{n}": [f"--positives={p}", f"--negatives={n}"]
+              for n in ("none", "scene") for p in ("self", "noun", "verb", "verb_and_noun")},
+    metrics=["egomcq/inter_acc", "egomcq/intra_acc"],
+)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model: video encoder (divided space-time ViT, the release's SpaceTimeTransformer)

@@ -263,6 +263,19 @@ PRESETS = {
                      resize_ratio=238 / 224, color_jitter=0.4, grayscale_p=0.2),
 }
 
+# The paper's central ablation, run over seeds by `bash run.sh ablate oa_trans` (common/ablate.py): plain Frozen
+# (objects off) against OA-Trans, and each object term alone (the other's weight 0; both streams are still
+# computed). Each run: --pretrain + the flags; zero-shot retrieval on all test captions and on the captions whose
+# main object is small (retrieval_small/*, where object regions should help most).
+ABLATION = dict(
+    reference="on",
+    variants={"off": ["--objects=off"],
+              "on": [],
+              "tags_only": ["--w_regions=0"],
+              "regions_only": ["--w_tags=0"]},
+    metrics=["retrieval/t2v_R@1", "retrieval/t2v_R@5", "retrieval_small/t2v_R@1", "retrieval_small/t2v_R@5"],
+)
+
 
 # -----------------------------------------------------------------------------
 # model: the Frozen-in-Time dual encoder
