@@ -65,8 +65,10 @@ def to_pil(frame, scale=1):
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale != 1 else img
 
 
-def frame_strip(video, scale=1, gap=2, border=None, width=3):
-    """A clip (T, 3, H, W) as its frames side by side; `border` draws a coloured frame around the strip."""
+def frame_strip(video, scale=None, gap=2, border=None, width=3):
+    """A clip (T, 3, H, W) as its frames side by side (enlarged to at least 64 px unless `scale` is given);
+    `border` draws a coloured frame around the strip."""
+    scale = scale or max(1, 64 // video.shape[-1])
     frames = [to_pil(f, scale) for f in video]
     w, h = frames[0].size
     pad = width if border else 0
@@ -220,8 +222,7 @@ def retrieval_gallery(queries, title=""):
     for q in queries:
         strips = []
         for i, (video, score, correct) in enumerate(q["ranked"]):
-            scale = max(1, 64 // video.shape[-1])  # frames at least 64 px
-            strip = frame_strip(video, scale=scale, border=GREEN if correct else (210, 210, 210))
+            strip = frame_strip(video, border=GREEN if correct else (210, 210, 210))
             label = text_image(f"#{i + 1}  cos {score:.2f}" + ("  correct" if correct else ""), size=11,
                                fill=GREEN if correct else BLACK)
             strips.append(stack([label, strip], gap=0))
