@@ -212,6 +212,8 @@ class Config:
     probe_lr: float = 1e-3  # AdamW lr of the action probe (head, and pooler for probe=mlp); release 3e-4 (K400),
     #   1e-4 (HMDB51)
     probe_features: str = "joint"  # joint (release: prompt's joint [CLS]) | video (video-only pass) | frames (per frame)
+    pictures: bool = False  # with --eval: also draw a retrieval gallery, the temporal layer's token moves and the
+    #   training curves (the --init run's log.jsonl) into out_dir/pictures
 
 
 PRESETS = {
@@ -236,6 +238,20 @@ PRESETS = {
                   dropout=0.1, drop_path=0.1, cache_clips=False, num_workers=8, eval_every=5000, ckpt_every=5000,
                   log_every=100, probe_lr=3e-4, probe_epochs=50),
 }
+
+# The paper's central ablation, run over seeds by `bash run.sh ablate all_in_one` (common/ablate.py): temporal token
+# rolling against the time average and the release's token shift (the paper's "temporal modeling" comparison), and
+# rolling also in the video-only pass (the release rolls only in the joint pass). Each run: --pretrain + the flags.
+# The order-sensitive probes are mc_order/acc (the truth against its reversed-motion option, chance 50) and
+# mlm_motion/acc (masked motion words from the joint pass).
+ABLATION = dict(
+    reference="roll",
+    variants={"roll": [],
+              "mean": ["--temporal=mean"],
+              "shift": ["--temporal=shift"],
+              "roll+video_only": ["--roll_unimodal"]},
+    metrics=["retrieval/t2v_R@1", "retrieval/t2v_R@5", "mc/acc", "mc_order/acc", "mlm_motion/acc"],
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1033,6 +1049,80 @@ def evaluate_task(model, cfg, tok, task, split, device, answer_vocab=None):
 
 SELECT_METRIC = {"pretrain": "retrieval/t2v_R@1", "retrieval": "retrieval/t2v_R@1", "qa": "qa/acc", "mc": "mc/acc"}
 VAL_TASK = {"pretrain": "retrieval", "retrieval": "retrieval", "qa": "qa", "mc": "mc"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pictures of what the model learned: `--eval=<task> --init=<ckpt> --pictures` writes them into out_dir/pictures
+# (drawing helpers in common/pictures.py)
+
+def token_addresses(model, T, N):
+    """Where the model's temporal layer sends each visual token: the layer runs on tokens that carry their own
+    address, (source frame, source patch) in two channels, and the addresses are read back out of its output.
+    -> before, after: (T, 1+N, 2) long, patch -1 = CLS, frame -1 = a zero token (the shift's padding).
+    temporal=mean / tsm move no tokens, so for them this shows what roll would do at the same roll_fraction."""
+    D = model.cfg.width  # the release's shift moves D // 8 tokens: the width matters
+    code = torch.zeros(1, T, 1 + N, D)                                   # (1, T, 1+N, D)
+    code[..., 0] = torch.arange(T)[:, None] + 1                           # frame + 1 (0 = a zero token)
+    code[..., 1] = torch.arange(-1, N) + 2                                # patch + 2 (CLS = -1)
+    if model.cfg.temporal in ("roll", "shift") and model.cfg.roll_tokens == "random":
+        # embed_video's slot shuffle (ViLT's multinomial): each frame's patches in a fresh random slot order
+        perm = torch.rand(1, T, N).argsort(-1) + 1
+        code[:, :, 1:] = torch.gather(code, 2, perm[..., None].expand(-1, -1, -1, D))
+    if model.cfg.temporal in ("roll", "shift"):
+        after = model.temporal_mix(code)
+    else:
+        after = temporal_roll(code, max(1, int(N * model.cfg.roll_fraction / 2)))  # k as in temporal_mix
+    address = lambda x: torch.stack([x[0, ..., 0] - 1, x[0, ..., 1] - 2], dim=-1).round().long()
+    return address(code), address(after)
+
+
+@torch.no_grad()
+def retrieval_examples(model, cfg, tok, device, n_queries=4, top=5):
+    """A few test captions (first caption of evenly spaced videos) with their top-ranked clips by cosine."""
+    ds = ClipTextDataset(build_task_items(cfg, "retrieval", "test"), cfg, train=False)
+    clips = [c for c in (ds[i] for i in range(len(ds))) if c is not None]
+    video = []
+    for s in range(0, len(clips), cfg.eval_batch_size):
+        with autocast(device, cfg.precision):
+            batch = torch.stack([c["video"] for c in clips[s:s + cfg.eval_batch_size]]).to(device)
+            video.append(model.video_embedding(batch).float().cpu())
+    video = torch.cat(video)                                              # (V, P)
+    picks = list(range(0, len(clips), max(1, len(clips) // n_queries)))[:n_queries]
+    t = tok([clips[i]["text"] for i in picks], cfg.max_text_len, pad_to_max=False)
+    with autocast(device, cfg.precision):
+        text = model.text_embedding(t["input_ids"].to(device), t["attention_mask"].to(device)).float().cpu()
+    sim = text @ video.t()                                                # (queries, V)
+    queries = []
+    for q, i in enumerate(picks):
+        order = sim[q].argsort(descending=True).tolist()
+        queries.append(dict(text=clips[i]["text"], rank_of_correct=order.index(i) + 1,
+                            ranked=[(clips[j]["video"], sim[q, j].item(), j == i) for j in order[:top]]))
+    return queries, clips
+
+
+def draw_pictures(model, cfg, tok, device):
+    """Retrieval gallery, the temporal layer's token moves on a test clip, training curves -> out_dir/pictures."""
+    from common import pictures as P
+    model.eval()
+    out = Path(cfg.out_dir) / "pictures"
+    queries, clips = retrieval_examples(model, cfg, tok, device)
+    written = [P.save(P.retrieval_gallery(queries, f"All-in-one ({cfg.temporal}): text -> video retrieval on "
+                                                   f"test, top 5 (green: the caption's own clip)"),
+                      out / "retrieval_gallery.png")]
+    video = clips[0]["video"]                                             # (T, 3, H, W)
+    before, after = token_addresses(model, video.shape[0], (cfg.img_size // cfg.patch_size) ** 2)
+    what = cfg.temporal if cfg.temporal in ("roll", "shift") else f"roll (this model: temporal={cfg.temporal})"
+    title = (f"temporal {what}, roll_fraction={cfg.roll_fraction}, roll_tokens={cfg.roll_tokens}: one application, "
+             f"before block 1 of {cfg.depth}, in the joint pass" + (" and the video-only pass" if cfg.roll_unimodal
+                                                                    else ""))
+    written.append(P.save(P.token_slots_picture(video, before, after, cfg.patch_size, title), out / "temporal_roll.png"))
+    log = Path(cfg.init).parent / "log.jsonl" if cfg.init else Path(cfg.out_dir) / "log.jsonl"
+    written.append(P.save(P.training_curves(log, ["loss", "vtc", "vtm", "mlm"],
+                                            ["val/retrieval/t2v_R@1", "val/retrieval/t2v_R@5"],
+                                            f"All-in-one training curves ({log})"), out / "training_curves.png"))
+    model.train()
+    print0("pictures: " + ", ".join(map(str, written)))
+    return written
 # ---------------------------------------------------------------------------------------------------------------
 # Pretrained weights: key maps for common/weights.py, which reads a file without running its pickled code, adapts
 # temporal_embed (cut / zero-padded to num_frames, the release's `_inflate_positional_embeds`), pos_embed (bicubic
@@ -1131,6 +1221,8 @@ def main(argv=None):
             metrics = action_probe(model, cfg, tok, device, len([c for c in classes if c.strip()]))
         else:
             metrics = evaluate_task(model, cfg, tok, cfg.eval, "test", device, answer_vocab)
+        if cfg.pictures and dist.is_main:
+            draw_pictures(model, cfg, tok, device)
         return finish(cfg, dist, metrics, f"{cfg.eval} on test")
     if cfg.finetune == "action":  # a probe on frozen features: no backbone training
         classes = (Path(cfg.data_root) / "msrvtt" / "action" / "classes.txt").read_text().split("\n")

@@ -224,6 +224,9 @@ class Config:
     margin: float = 0.2  # MI-MM margin; paper 0.2
     adaptive_margin: bool = False  # margin 0.4 x relevancy of the sampled caption (EgoVLP+ entry)
     rel_threshold: float = 0.1  # captions sampled among sentences with relevancy > this; release 0.1
+    # pictures
+    pictures: bool = False  # with --eval: also draw an EgoMCQ question of each type with the model's scores, and the
+    #   training curves (the --init run's log.jsonl), into out_dir/pictures
 
 
 PRESETS = {
@@ -242,6 +245,16 @@ PRESETS = {
     "paper_epic": dict(finetune="epic_mir", num_frames=16, batch_size=4, max_steps=15_000, lr=3e-5,
                        eval_every=1_000, ckpt_every=1_000, charades_frames=16),
 }
+
+# The paper's central ablation (the shape of its Table 3), run over seeds by `bash run.sh ablate egovlp`
+# (common/ablate.py): which pairs count as positives x whether scene-aware negatives are added. "self+none" is
+# InfoNCE, "verb_and_noun+scene" is EgoNCE. Each run: --pretrain + the flags; reported on EgoMCQ inter / intra.
+ABLATION = dict(
+    reference="verb_and_noun+scene",
+    variants={f"{p}+{n}": [f"--positives={p}", f"--negatives={n}"]
+              for n in ("none", "scene") for p in ("self", "noun", "verb", "verb_and_noun")},
+    metrics=["egomcq/inter_acc", "egomcq/intra_acc"],
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1120,6 +1133,49 @@ def evaluate(model, evaluators: dict, tokenizer, cfg, device, ctx) -> dict:
     return metrics
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Pictures of what the model learned: `--eval=egomcq --init=<ckpt> --pictures` (helpers in common/pictures.py)
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def draw_pictures(model, tokenizer, cfg, device, ctx, root) -> list:
+    """The first EgoMCQ question of each type: the narration, its 5 candidate clips with the model's cosines (green:
+    the answer; red: the model's pick when wrong); and the training curves -> out_dir/pictures."""
+    import copy
+    from common import pictures as P
+    model.eval()
+    first = copy.copy(cfg)
+    first.max_eval_items = 1  # the first question of each type
+    mcq = EgoMCQ(Path(root) / "egoclip", first)
+    text = embed_texts(model, tokenizer, mcq.queries, first, device, ctx)           # (Q, E)
+    video = mcq.bank.embed(model, device, first.eval_batch_size, ctx)                # (clips, E)
+    sim = torch.einsum("qe,qke->qk", F.normalize(text, dim=-1), F.normalize(video, dim=-1)[mcq.choices])  # (Q, 5)
+    blocks = [P.text_image(f"EgoVLP (positives={cfg.positives}, negatives={cfg.negatives}): EgoMCQ, the model "
+                           f"picks the clip of highest cosine", size=13)]
+    for q in range(len(mcq.queries)):
+        kind = "inter-video: 5 clips from 5 videos" if mcq.types[q] == 1 else "intra-video: 5 clips of one video"
+        answer, pick = int(mcq.answer[q]), int(sim[q].argmax())
+        lo, hi = sim[q].min().item() - 0.05, sim[q].max().item()
+        rows = [P.text_image(f'"{mcq.queries[q]}"  ({kind}; the model is {"right" if pick == answer else "wrong"})',
+                             size=12)]
+        for k in range(sim.shape[1]):
+            clip = mcq.bank[int(mcq.choices[q, k])]                                   # (T, 3, S, S) or None
+            colour = P.GREEN if k == answer else P.RED if k == pick else (210, 210, 210)
+            label = f"candidate {k}: cos {sim[q, k]:.3f}" + ("  answer" if k == answer else "") + \
+                    ("  model's pick" if k == pick else "")
+            strip = P.frame_strip(clip.float(), border=colour) if clip is not None else P.text_image("(unreadable)")
+            rows.append(P.stack([P.stack([P.text_image(label, width=210, size=11, fill=colour if k in (answer, pick)
+                                                       else P.BLACK), P.bar(sim[q, k].item(), lo, hi, 120)], gap=1),
+                                 strip], vertical=False, gap=10))
+        blocks.append(P.stack(rows, gap=3))
+    out = Path(cfg.out_dir) / "pictures"
+    written = [P.save(P.stack(blocks, gap=12), out / "egomcq.png")]
+    log = Path(cfg.init).parent / "log.jsonl" if cfg.init else Path(cfg.out_dir) / "log.jsonl"
+    written.append(P.save(P.training_curves(log, ["loss"], ["egomcq/inter_acc", "egomcq/intra_acc"],
+                                            f"EgoVLP training curves ({log})"), out / "training_curves.png"))
+    print(f"pictures: {', '.join(map(str, written))}")
+    return written
+
+
 def main(argv: list[str] | None = None) -> dict:
     from common.config import config_to_dict, parse_config
     from common.dist import all_gather_nograd, barrier, cleanup, get_rank, print0, setup_distributed
@@ -1172,6 +1228,8 @@ def main(argv: list[str] | None = None) -> dict:
             metrics = evaluate(model, build_evaluators(tasks, root, cfg), tokenizer, cfg, device, ctx)
             write_metrics(out_dir, metrics)
             print0(format_table(metrics, f"EgoVLP eval ({cfg.eval})"))
+            if cfg.pictures:
+                draw_pictures(model, tokenizer, cfg, device, ctx, root)
         cleanup()
         return metrics
 

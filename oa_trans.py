@@ -241,6 +241,8 @@ class Config:
     eval_batch_size: int = 64  # clips per forward in evaluation
     retrieval_captions: str = "first"  # text queries per test video: first (one per video, as MSR-VTT 1k-A) | all
     retrieval_views: int = 1  # frame samplings whose similarities are averaged; 1 = bin midpoints (Frozen / OA-Trans)
+    pictures: bool = False  # with --eval: also draw a retrieval gallery, an anchor frame with its boxes and object mask,
+    #   and the training curves (the --init run's log.jsonl) into out_dir/pictures
 
 
 PRESETS = {
@@ -262,6 +264,19 @@ PRESETS = {
     "paper_ft": dict(finetune="retrieval", lr=3e-5, batch_size=64, max_steps=15_000, eval_every=1000,
                      resize_ratio=238 / 224, color_jitter=0.4, grayscale_p=0.2),
 }
+
+# The paper's central ablation, run over seeds by `bash run.sh ablate oa_trans` (common/ablate.py): plain Frozen
+# (objects off) against OA-Trans, and each object term alone (the other's weight 0; both streams are still
+# computed). Each run: --pretrain + the flags; zero-shot retrieval on all test captions and on the captions whose
+# main object is small (retrieval_small/*, where object regions should help most).
+ABLATION = dict(
+    reference="on",
+    variants={"off": ["--objects=off"],
+              "on": [],
+              "tags_only": ["--w_regions=0"],
+              "regions_only": ["--w_tags=0"]},
+    metrics=["retrieval/t2v_R@1", "retrieval/t2v_R@5", "retrieval_small/t2v_R@1", "retrieval_small/t2v_R@5"],
+)
 
 
 # -----------------------------------------------------------------------------
@@ -916,6 +931,101 @@ def evaluate_retrieval(model, clips, tokenizer, cfg, device):
 
 
 # -----------------------------------------------------------------------------
+# pictures of what the model learned: `--eval=retrieval --init=<ckpt> --pictures` (helpers in common/pictures.py)
+
+@torch.no_grad()
+def anchor_example(model, cfg, tokenizer, device, i=0):
+    """Val clip i as pre-training sees it (without augmentation): its anchor frame, top-K boxes and tags, the
+    object-guided patch mask, the masked anchor the region stream encodes, and the cosines of the three loss terms."""
+    ds = WebVidObjects(cfg.data_root, "val", cfg, tokenizer, objects=True, train=False)
+    row = ds.rows[i]
+    path = ds.video_path(row)
+    n = ds.num_frames_of(path)
+    idx = sample_frame_indices(n, cfg.num_frames, "uniform")
+    det_idx = detection_frames(n, cfg.det_frames)
+    a = anchor_position(idx, det_idx)
+    frames = ds.read(path, idx + [det_idx[a]])                            # (T + 1, H, W, 3): the anchor last
+    det = read_detections(os.path.join(cfg.data_root, "webvid", "objects", row["page_dir"], row["videoid"],
+                                       f"{a}.npz"), cfg.allow_pickle)
+    boxes, labels = top_k_detections(det, cfg.top_k)
+    h, w = frames.shape[1:3]
+    boxes = boxes * np.array([w / det["image_w"], h / det["image_h"]] * 2, dtype=np.float32)
+    video, boxes = ds.transform(frames, boxes)                            # (T + 1, 3, S, S), boxes in S px
+    keep = boxes_to_patch_mask(boxes, cfg.img_size, cfg.patch_size).any(0)  # (N,): patches under some box
+    g, p = cfg.img_size // cfg.patch_size, cfg.patch_size
+    pix = repeat(keep.view(g, g), "h w -> 1 (h p1) (w p2)", p1=p, p2=p)    # as encode_regions blanks them
+    masked = torch.where(pix, video[-1], model.black[0].cpu()) if cfg.region_mask == "blank" else video[-1]
+    names = list(dict.fromkeys(ds.object_names[j] for j in labels))
+    tag_ids, groups = tag_tokens(tokenizer, names, cfg.max_tag_len)
+    tags = torch.tensor([tag_ids], device=device)
+    tag_groups = torch.zeros(1, 1, len(tag_ids), dtype=torch.bool, device=device)
+    tag_groups[0, 0, [q for grp in groups for q in grp]] = True           # the paper pools the union of the tags
+    enc = tokenizer([row["name"]], cfg.max_text_len, pad_to_max=False)
+    model.eval()
+    with autocast(device, cfg.precision):
+        emb = model(video[None, :-1].to(device), (enc["input_ids"].to(device), enc["attention_mask"].to(device)),
+                    anchor=video[None, -1].to(device), regions=keep[None, None].to(device),
+                    tags=(tags, torch.ones_like(tags)), tag_groups=tag_groups)
+    cos = {f"{q}-{k}": cosine_sim(emb[q], emb[k]).item() for q, k in (("text", "video"), ("tags", "video"),
+                                                                       ("text", "regions"))}
+    return dict(caption=row["name"], anchor=video[-1], boxes=boxes, names=[ds.object_names[j] for j in labels],
+                keep=keep, masked=masked, cos=cos, grid=g)
+
+
+@torch.no_grad()
+def draw_pictures(model, cfg, tokenizer, device, clips):
+    """A retrieval gallery (two queries naming a big object, two a small one), the anchor frame with its boxes and
+    object-guided mask, and the training curves -> out_dir/pictures."""
+    from common import pictures as P
+    out = os.path.join(cfg.out_dir, "pictures")
+    ann = clips.ann
+    model.eval()
+    vids = embed_videos(model, clips, cfg, device)                        # (videos, E); unreadable: zeros
+    first = {}
+    for c, v in enumerate(ann.caption_video):
+        first.setdefault(v, c)
+    picks = ([c for c in first.values() if not ann.small[c]][:2] + [c for c in first.values() if ann.small[c]][:2])
+    enc = tokenizer([ann.captions[c] for c in picks], cfg.max_text_len, pad_to_max=False)
+    with autocast(device, cfg.precision):
+        text = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()
+    sim = cosine_sim(text, vids).cpu()                                    # (queries, videos)
+    queries = []
+    for q, c in enumerate(picks):
+        order, own = sim[q].argsort(descending=True).tolist(), ann.caption_video[c]
+        ranked = [(clips.transform(clips.frames(j))[0] if clips.frames(j) is not None else
+                   torch.zeros(cfg.num_frames, 3, cfg.img_size, cfg.img_size), sim[q, j].item(), j == own)
+                  for j in order[:5]]
+        queries.append(dict(text=ann.captions[c] + ("  [small object]" if ann.small[c] else ""), ranked=ranked,
+                            rank_of_correct=order.index(own) + 1))
+    written = [P.save(P.retrieval_gallery(queries, f"OA-Trans (objects={cfg.objects}): zero-shot text -> video "
+                                                   f"retrieval on test, top 5 (green: the caption's own video)"),
+                      os.path.join(out, "retrieval_gallery.png"))]
+
+    ex = anchor_example(model, cfg, tokenizer, device)
+    s = 4  # enlarge the 64 px frame
+    big = lambda img: img.resize((img.width * s, img.height * s), P.Image.NEAREST)
+    panels = [P.stack([P.text_image(f"anchor frame, top-{len(ex['boxes'])} boxes", size=11),
+                       P.draw_boxes(big(P.to_pil(ex["anchor"])), ex["boxes"] * s, ex["names"])], gap=1),
+              P.stack([P.text_image(f"patches under a box ({int(ex['keep'].sum())} of {ex['keep'].numel()})", size=11),
+                       P.patch_overlay(big(P.to_pil(ex["anchor"])), ex["keep"].tolist(), ex["grid"])], gap=1),
+              P.stack([P.text_image(f"what the region stream encodes (region_mask={cfg.region_mask})", size=11),
+                       big(P.to_pil(ex["masked"]))], gap=1)]
+    cos = ", ".join(f"cos({k.replace('-', ', ')}) {v:.2f}" for k, v in ex["cos"].items())
+    img = P.stack([P.text_image(f'OA-Trans object streams on a val clip: "{ex["caption"]}"', size=13),
+                   P.text_image(f"tags: {' '.join(dict.fromkeys(ex['names']))}\nthe loss terms' cosines on this "
+                                f"pair: {cos}", size=11),
+                   P.stack(panels, vertical=False, gap=10)], gap=4)
+    written.append(P.save(img, os.path.join(out, "anchor_objects.png")))
+    log = os.path.join(os.path.dirname(cfg.init), "log.jsonl") if cfg.init else os.path.join(cfg.out_dir, "log.jsonl")
+    written.append(P.save(P.training_curves(log, ["loss", "text-video", "tags-video", "text-regions"],
+                                            ["val_retrieval/t2v_R@1", "val_retrieval_small/t2v_R@1"],
+                                            f"OA-Trans training curves ({log})"), os.path.join(out, "training_curves.png")))
+    model.train()
+    print0("pictures: " + ", ".join(written))
+    return written
+
+
+# -----------------------------------------------------------------------------
 # main
 
 def frames_at(step, cfg):
@@ -1000,6 +1110,8 @@ def main(argv=None):
         if dist.is_main:
             write_metrics(cfg.out_dir, metrics)
             print0(format_table(metrics, "test retrieval (object streams dropped)"))
+            if cfg.pictures:
+                draw_pictures(raw_model, cfg, tokenizer, device, test_clips)
         cleanup()
         return metrics
 

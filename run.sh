@@ -6,6 +6,9 @@
 #   bash run.sh setup      only install
 #   bash run.sh data       only generate the synthetic corpus (data/synth, 1-2 minutes on 2 cores)
 #   bash run.sh all_in_one | egovlp | oa_trans    one paper's default job
+#   bash run.sh ablate <paper> [--seeds 0,1,2] [--variants a,b] [--dry_run] [-- <flags for every run>]
+#                          the paper's central ablation (its ABLATION dict) over seeds: runs/ablate/<paper>/..., and
+#                          the table of mean ± std, differences beyond two standard errors in bold: runs/ablate/<paper>.md
 #   bash run.sh gpu        on a CUDA machine: each default and paper-size preset in bf16 for a few hundred steps,
 #                          the benchmark table, and a summary (clips/s, loss fall, seconds to the first logged step)
 #
@@ -49,6 +52,13 @@ run_egovlp() { $PY egovlp.py --pretrain "$@"; }
 # OA-Trans: dual encoder plus object regions on an anchor frame and object tags; zero-shot MSR-VTT-style retrieval.
 # Ablation (plain Frozen): --objects=off
 run_oa_trans() { $PY oa_trans.py --pretrain "$@"; }
+
+# --- the central ablations (common/ablate.py; the variants are each paper file's ABLATION, next to its presets):
+#   bash run.sh ablate all_in_one     temporal=roll | mean | shift, and rolling in the video-only pass
+#   bash run.sh ablate egovlp         positives self | noun | verb | verb_and_noun x negatives none | scene
+#   bash run.sh ablate oa_trans       objects off | on | each object term alone
+# 3 seeds each; a run whose metrics.json exists is reused, so an interrupted sweep resumes where it stopped.
+run_ablate() { $PY -m common.ablate "$@"; }
 
 # --- on a GPU: every default and every paper-size preset in bf16 for a few hundred steps, then the benchmark
 gpu() {
@@ -103,6 +113,7 @@ case "$cmd" in
     $PY -m pytest -q tests ;;
   data) setup; data ;;
   gpu) setup; data; gpu ;;
+  ablate) setup; data; shift; run_ablate "$@" ;;
   all_in_one|egovlp|oa_trans)
     setup; shift; "run_$cmd" "$@"; summary "$cmd" ;;
   main)
@@ -113,5 +124,5 @@ case "$cmd" in
       if [ -f "$paper.py" ]; then "run_$paper"; papers+=("$paper"); fi
     done
     summary "${papers[@]}" ;;
-  *) echo "unknown command '$cmd': use test, setup, data, gpu, all_in_one, egovlp, oa_trans or nothing"; exit 2 ;;
+  *) echo "unknown command '$cmd': use test, setup, data, gpu, ablate, all_in_one, egovlp, oa_trans or nothing"; exit 2 ;;
 esac
