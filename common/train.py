@@ -239,7 +239,7 @@ def _tuples(x):  # random.setstate wants the nested tuples that a save may have 
 def check_finite(step, **losses):
     """Stop the run at the step a loss term turns NaN / inf, naming every term, before backward() can spread the
     non-finite values into the weights (the last checkpoint stays the last good one)."""
-    values = {k: float(v) for k, v in losses.items()}
+    values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
     if not all(math.isfinite(v) for v in values.values()):
         terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
         raise SystemExit(f"error: non-finite loss at step {step + 1}: {terms}. The run stops here; the last "
@@ -253,8 +253,8 @@ class BadVideos:
     than `max_share` of the `total` training videos is unreadable the run stops, naming the first files: a corpus
     that bad needs fixing, not training on."""
 
-    def __init__(self, total, max_share, log=print):
-        self.total, self.max_share, self.log = total, max_share, log
+    def __init__(self, total, max_share, log=print, logger=None):
+        self.total, self.max_share, self.log, self.logger = total, max_share, log, logger
         self.errors, self.skipped = {}, 0  # path -> first error; clips dropped
 
     def add(self, failures, skipped=None):
@@ -264,6 +264,8 @@ class BadVideos:
             if path not in self.errors:
                 self.errors[path] = error
                 self.log(f"warning: unreadable video {path}: {error} (skipped; {len(self.errors)} so far)")
+                if self.logger:
+                    self.logger.log({"bad_video": path, "error": error})
         if len(self.errors) > self.max_share * self.total:
             first = "\n  ".join(f"{p}: {e}" for p, e in list(self.errors.items())[:10])
             raise SystemExit(f"error: {len(self.errors)} of {self.total} training videos are unreadable, more than "
