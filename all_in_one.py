@@ -1220,7 +1220,7 @@ def main(argv=None):
     step, best, best_state, drawn, rng = 0, -1.0, None, 0, None
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
-        ck = load_checkpoint(ckpt_path, paper="all_in_one")
+        ck = load_checkpoint(ckpt_path, paper="all_in_one", need=("model", "optimizer", "step"))
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, best, drawn, rng = ck["step"], ck.get("best", -1.0), ck.get("batches_drawn", 0), ck.get("rng")

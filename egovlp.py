@@ -1224,7 +1224,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
     step, ckpt = 0, {}
     if cfg.resume:
-        ckpt = load_checkpoint(out_dir / "ckpt.pt", paper="egovlp")
+        ckpt = load_checkpoint(out_dir / "ckpt.pt", paper="egovlp", need=("model", "optimizer", "step"))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]

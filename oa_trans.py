@@ -1043,7 +1043,7 @@ def main(argv=None):
     step = start_step = 0
     ckpt = {}
     if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path, paper="oa_trans")
+        ckpt = load_checkpoint(ckpt_path, paper="oa_trans", need=("model", "optimizer", "step"))
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = start_step = ckpt["step"]

@@ -175,9 +175,10 @@ def save_checkpoint(state, path):
             os.remove(tmp)
 
 
-def load_checkpoint(path, paper=None):
-    """Our checkpoint, read with weights_only=True (no pickled code runs); `paper` = the file's tag: a checkpoint
-    another paper file wrote is refused with a message."""
+def load_checkpoint(path, paper=None, need=()):
+    """A checkpoint read with weights_only=True: no pickled code runs (common/weights.py; classes it names become
+    inert placeholders). `paper` = the reading file's tag: a checkpoint another paper file wrote is refused; `need`
+    = keys it must hold (--resume: model, optimizer, step), else a message instead of a KeyError later."""
     from common.weights import read_checkpoint
     try:
         ck = read_checkpoint(str(path))
@@ -186,6 +187,9 @@ def load_checkpoint(path, paper=None):
     except Exception as e:  # a pickle weights_only refuses, a truncated or foreign file
         raise SystemExit(f"error: cannot read {path} as a checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
     check_paper(ck, paper, path)
+    missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise SystemExit(f"error: {path} is not a checkpoint this code wrote (no {', '.join(missing)})")
     return ck  # on the CPU; load_state_dict copies to the model's device
 
 
