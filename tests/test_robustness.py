@@ -247,7 +247,7 @@ sys.path.insert(0, {root!r})
 import {paper} as paper
 import common.train
 kill_step, kill_in_save = {kill_step}, {kill_in_save}
-lr_at, save, saves = paper.lr_at, common.train.torch.save, []
+lr_at, save, saves = common.train.lr_at, common.train.torch.save, []
 def lr_or_kill(step, *a, **k):  # SIGKILL at the start of step kill_step: no handler, no cleanup runs
     if step == kill_step:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -258,7 +258,8 @@ def save_or_kill(obj, path, *a, **k):  # SIGKILL halfway through the kill_in_sav
         open(path, "wb").write(b"half a checkpoint")
         os.kill(os.getpid(), signal.SIGKILL)
     return save(obj, path, *a, **k)
-paper.lr_at, common.train.torch.save = lr_or_kill, save_or_kill
+paper.lr_at = common.train.lr_at = lr_or_kill  # (egovlp imports it inside main)
+common.train.torch.save = save_or_kill
 paper.main(sys.argv[1:])
 """
 
