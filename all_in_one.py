@@ -130,7 +130,7 @@ from common.config import config_to_dict, parse_config
 from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import accuracy, retrieval_metrics
 from common.text import Tokenizer, whole_word_mask
-from common.train import (BadVideos, JsonlLogger, autocast, check_finite, check_paper, choose_precision,
+from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
 from common.video import VideoReadError, VideoTransform, load_clip, read_frames, sample_frame_indices, video_meta
@@ -155,7 +155,8 @@ class Config:
     #   deit_small_distilled_patch16_224, B vit_base_patch16_224 (the Ti / S / B presets; nothing is downloaded)
     init_text: str = ""  # a Hugging Face BERT state dict: its word / position / token-type embeddings (not in the paper)
     vocab_file: str = ""  # "" = data_root/vocab.txt; real data: bert-base-uncased's vocab.txt (the paper's tokenizer)
-    resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt (optimizer, step, random states, data order)
+    resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt (optimizer, step, random states, data
+    #   order)
     overwrite: bool = False  # let a new run replace the files of an earlier run in out_dir (refused otherwise)
     strict: bool = False  # a malformed annotation row stops the run (default: skipped, counted, named in the log)
     max_bad_videos: float = 0.1  # stop when more than this share of the training videos is unreadable (1 = never)

@@ -272,7 +272,8 @@ PRESETS = {
 CHOICES = dict(precision=("auto", "bf16", "fp32"), finetune=("", "retrieval"), eval=("", "retrieval"),
                objects=("on", "off"), oa_loss=("paper", "release"), region_mask=("blank", "none"),
                curriculum=("none", "1to4"), crop=("random_resized", "resize_random"), time_init=("live", "release"),
-               text_pool=("mean", "cls"), schedule=("cosine", "linear", "constant"), retrieval_captions=("first", "all"))
+               text_pool=("mean", "cls"), schedule=("cosine", "linear", "constant"),
+               retrieval_captions=("first", "all"))
 RANGES = dict(num_workers=(0, None), top_k=(1, None), w_main=(0, None), w_tags=(0, None), w_regions=(0, None),
               temperature=(1e-6, None), det_frames=(1, None), num_frames=(1, None), curriculum_frac=(0, 1),
               img_size=(1, None), crop_scale=(0, 1), resize_ratio=(1, None), color_jitter=(0, None),
@@ -723,7 +724,7 @@ class WebVidObjects(torch.utils.data.Dataset):
         self.root, self.cfg, self.tok, self.objects, self.train = root, cfg, tokenizer, objects, train
         path, seen = os.path.join(root, "webvid", f"results_{split}.csv"), set()
 
-        def parse(r):  # a bad row (no id, empty caption, repeated id, a path leaving root) is skipped or, --strict, an error
+        def parse(r):  # no id, an empty caption, a repeated id, a path leaving root: a bad row (common/annotations.py)
             vid = text_field(r, "videoid")
             if vid in seen:
                 raise BadRow(f"duplicate videoid {vid!r}")
@@ -987,7 +988,7 @@ def infinite_batches(dataset, collate, cfg, world, rank, seed, skip=0):
         skip = max(0, skip - len(sampler) // cfg.batch_size)
         loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=indices, collate_fn=collate,
                                              num_workers=cfg.num_workers, drop_last=True, persistent_workers=False,
-                                             generator=torch.Generator().manual_seed(seed + epoch))  # not the global RNG
+                                             generator=torch.Generator().manual_seed(seed + epoch))  # not the global
         yield from loader
         epoch += 1
 
@@ -1071,7 +1072,8 @@ def main(argv=None):
         if cfg.cache_videos:
             t = time.time()
             n_bad = dataset.preload(threads=min(8, os.cpu_count() or 1))
-            print0(f"decoded {len(dataset.cache)} training videos into RAM in {time.time() - t:.0f} s ({n_bad} unreadable)")
+            print0(f"decoded {len(dataset.cache)} training videos into RAM in {time.time() - t:.0f} s "
+                   f"({n_bad} unreadable)")
             bad.add(sorted(dataset.unreadable.items()), skipped=0)  # a corpus too broken stops here
     bad = bad or BadVideos(len(dataset), cfg.max_bad_videos, print0, log)
     bad.load(ckpt.get("bad_videos", bad.state()))
