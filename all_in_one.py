@@ -112,8 +112,6 @@ Commands
 
 import contextlib
 import copy
-import csv
-import json
 import os
 import random
 import time
@@ -127,14 +125,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
+from common.annotations import BadRow, bad_row, inside, read_json, read_rows, set_strict, skipped_rows, text_field
 from common.config import config_to_dict, parse_config
 from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import accuracy, retrieval_metrics
 from common.text import Tokenizer, whole_word_mask
-from common.train import (JsonlLogger, autocast, choose_precision, count_parameters, format_table,
-                          load_checkpoint, lr_at, param_groups, save_checkpoint, seed_everything, write_metrics)
+from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision,
+                          count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
+                          rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
 from common.video import VideoReadError, VideoTransform, load_clip, read_frames, sample_frame_indices, video_meta
-from common.weights import find_state_dict, load_into, read_checkpoint, read_state_dict
+from common.weights import find_state_dict, load_into
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,7 +155,11 @@ class Config:
     #   deit_small_distilled_patch16_224, B vit_base_patch16_224 (the Ti / S / B presets; nothing is downloaded)
     init_text: str = ""  # a Hugging Face BERT state dict: its word / position / token-type embeddings (not in the paper)
     vocab_file: str = ""  # "" = data_root/vocab.txt; real data: bert-base-uncased's vocab.txt (the paper's tokenizer)
-    resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt (optimizer and step included)
+    resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt (optimizer, step, random states, data
+    #   order)
+    overwrite: bool = False  # let a new run replace the files of an earlier run in out_dir (refused otherwise)
+    strict: bool = False  # a malformed annotation row stops the run (default: skipped, counted, named in the log)
+    max_bad_videos: float = 0.1  # stop when more than this share of the training videos is unreadable (1 = never)
     finetune: str = ""  # "" (pre-train) | retrieval | qa | mc | action
     eval: str = ""  # "" | zeroshot | retrieval | qa | mc | action: evaluate --init on test, no training
     # --- model (CPU default; paper sizes are the Ti / S / B presets)
@@ -652,6 +656,23 @@ def mc_scores(model, batch, head=None):
     return score.float().view(B, O)
 
 
+# The values each field accepts, checked by parse_config before anything runs (a one-line error naming the field).
+CHOICES = dict(precision=("auto", "bf16", "fp32"), finetune=("", "retrieval", "qa", "mc", "action"),
+               eval=("", "zeroshot", "retrieval", "qa", "mc", "action"), vtc_pool=("mean", "cls"),
+               temporal=("roll", "mean", "shift", "tsm"), roll_tokens=("random", "fixed"),
+               schedule=("linear", "cosine", "constant"), retrieval_captions=("first", "all"), probe=("mlp", "linear"),
+               probe_features=("joint", "video", "frames"))
+RANGES = dict(max_steps=(1, None), width=(1, None), depth=(1, None), heads=(1, None), mlp_ratio=(0, None),
+              patch_size=(1, None), img_size=(1, None), num_frames=(1, None), max_text_len=(3, None),
+              vocab_size=(0, None), proj_dim=(1, None), dropout=(0, 1), drop_path=(0, 1), roll_fraction=(0, 1),
+              vtc_weight=(0, None), vtm_weight=(0, None), mlm_weight=(0, None), temperature=(1e-6, None),
+              joint_fraction=(0, 1), mlm_prob=(0, 1), batch_size=(1, None), grad_accum=(1, None), lr=(0, None),
+              head_lr_mult=(0, None), weight_decay=(0, None), warmup_steps=(0, None), num_workers=(0, None),
+              eval_every=(1, None), ckpt_every=(1, None), log_every=(1, None), eval_batch_size=(1, None),
+              max_eval_items=(0, None), retrieval_views=(1, None), probe_epochs=(1, None), probe_lr=(0, None),
+              max_bad_videos=(0, 1))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 
@@ -678,14 +699,19 @@ def decode_clip(path, cfg, train, rng=None, sample=None):
 
 
 def read_webvid(root, split):
-    """WebVid CSV (videoid, contentUrl, duration, page_dir, name[, reverse_of]) -> list of dict(path, text, twin)."""
-    rows, path = [], Path(root) / "webvid" / f"results_{split}.csv"
-    with open(path, newline="") as f:
-        for line, r in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-            if not r.get("videoid") or not r.get("page_dir") or r.get("name") is None:
-                raise ValueError(f"{path}, line {line}: malformed WebVid row (needs videoid, page_dir, name): {r}")
-            rows.append(dict(id=r["videoid"], text=r["name"], reverse_of=r.get("reverse_of") or "",
-                             path=str(Path(root) / "webvid" / "videos" / r["page_dir"] / f"{r['videoid']}.mp4")))
+    """WebVid CSV (videoid, contentUrl, duration, page_dir, name[, reverse_of]) -> list of dict(path, text, twin).
+    Rows without an id, with an empty caption, a repeated id or a path leaving the corpus are bad rows
+    (common/annotations.py: skipped and counted, or an error with --strict)."""
+    path, seen = Path(root) / "webvid" / f"results_{split}.csv", set()
+
+    def parse(r):
+        vid = text_field(r, "videoid")
+        if vid in seen:
+            raise BadRow(f"duplicate videoid {vid!r}")
+        seen.add(vid)
+        return dict(id=vid, text=text_field(r, "name"), reverse_of=r.get("reverse_of") or "",
+                    path=inside(str(Path(root) / "webvid" / "videos"), text_field(r, "page_dir"), f"{vid}.mp4"))
+    rows = read_rows(path, parse)
     index = {r["id"]: i for i, r in enumerate(rows)}
     for r in rows:  # twin index, both directions
         r["twin"] = index.get(r["reverse_of"], -1)
@@ -695,32 +721,34 @@ def read_webvid(root, split):
     return rows
 
 
+def msrvtt_video(root, vid):
+    """The path of MSR-VTT video `vid`; an id that would leave the corpus (`../x`, `/etc/x`) is a BadRow."""
+    return inside(str(Path(root) / "msrvtt" / "videos" / "all"), f"{vid}.mp4")
+
+
 def read_msrvtt(root, split):
-    """MSR-VTT: split ids + MSR_VTT.json captions -> list of (video_id, path, [captions])."""
+    """MSR-VTT: split ids + MSR_VTT.json captions -> list of (video_id, path, [captions]). An annotation without
+    image_id / caption, or with an empty caption, is a bad row (named by its index in "annotations")."""
     base = Path(root) / "msrvtt"
-    ids = (base / "splits" / f"{split}_list.txt").read_text().split()
+    ids = read_rows(base / "splits" / f"{split}_list.txt", lambda line: (line, msrvtt_video(root, line)), "lines")
+    json_path = base / "annotation" / "MSR_VTT.json"
     caps = {}
-    for a in json.loads((base / "annotation" / "MSR_VTT.json").read_text())["annotations"]:
-        caps.setdefault(a["image_id"], []).append(a["caption"])
-    return [(v, str(base / "videos" / "all" / f"{v}.mp4"), caps[v]) for v in ids if v in caps]
+    for n, a in enumerate(read_json(json_path)["annotations"]):
+        try:
+            caps.setdefault(a["image_id"], []).append(text_field(a, "caption"))
+        except (BadRow, KeyError, TypeError) as e:
+            bad_row(json_path, f"annotations[{n}]", str(e) if isinstance(e, BadRow) else f"missing {e}")
+    return [(v, path, caps[v]) for v, path in ids if v in caps]
 
 
 def read_jsonl(path):
-    """JSON lines -> list of dicts; a malformed line is an error naming the file and the line."""
-    rows = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {line_no}: malformed JSON ({e})") from None
-    return rows
+    """JSON lines -> list of dicts; a malformed line is a bad row (skipped and named, or an error with --strict)."""
+    return read_rows(path, lambda row: row, "jsonl")
 
 
 class ClipTextDataset(torch.utils.data.Dataset):
     """(video path, text or texts, extra) items -> dict(video, text, index, ...). A text list means "draw one at
-    random" (MSR-VTT training). Unreadable videos return None; the collate function drops and counts them.
+    random" (MSR-VTT training). An unreadable video returns dict(bad_video=path, error); the collate drops it.
     view = k (evaluation only): frames drawn at random in each bin with a generator seeded by (seed, k, item), centre
     crop -- the k-th of the release's retrieval views; None = bin midpoints."""
 
@@ -738,8 +766,8 @@ class ClipTextDataset(torch.utils.data.Dataset):
             else:
                 rng = random.Random(f"{self.cfg.seed}/{self.view}/{i}")
                 video = decode_clip(item["path"], self.cfg, False, rng=rng, sample="rand")
-        except VideoReadError:
-            return None
+        except VideoReadError as e:
+            return dict(bad_video=item["path"], error=str(e))  # the collate drops it; the loop names and counts it
         text = item.get("text", "")
         if isinstance(text, list):
             text = random.choice(text) if self.train else text[0]
@@ -753,9 +781,10 @@ class TwinBatchSampler(torch.utils.data.Sampler):
     def __init__(self, twin, batch_size, twins, seed, rank=0, world=1):
         self.twin, self.batch_size, self.twins = twin, batch_size, twins
         self.seed, self.rank, self.world = seed, rank, world
+        self.skip = 0  # batches to pass over first: a resumed run continues the interrupted run's data order
 
     def __iter__(self):
-        epoch = 0
+        epoch, skip = 0, self.skip
         while True:
             g = random.Random(self.seed * 1000 + epoch)
             groups = [[i] + ([self.twin[i]] if self.twins and self.twin[i] >= 0 else [])
@@ -768,20 +797,25 @@ class TwinBatchSampler(torch.utils.data.Sampler):
                     cur = []
                 cur += grp
             for b in batches[self.rank:len(batches) - len(batches) % self.world:self.world]:
-                yield b
+                if skip:
+                    skip -= 1
+                else:
+                    yield b
             epoch += 1
 
 
 class Collate:
     """List of items -> batch dict: stacked videos, tokenized texts, MLM inputs, VTM pairs (pre-training), labels
-    and options (downstream). Drops the None items (unreadable videos) and counts them in batch["skipped"]."""
+    and options (downstream). Drops the unreadable videos: their (path, error) go to batch["bad_videos"], their
+    number to batch["skipped"]."""
 
     def __init__(self, tokenizer, cfg, task):
         self.tok, self.cfg, self.task = tokenizer, cfg, task
 
     def __call__(self, items):
-        kept = [it for it in items if it is not None]
-        batch = {"skipped": len(items) - len(kept)}
+        kept = [it for it in items if "bad_video" not in it]
+        batch = {"skipped": len(items) - len(kept),
+                 "bad_videos": [(it["bad_video"], it["error"]) for it in items if "bad_video" in it]}
         if not kept:
             return batch
         batch["video"] = torch.stack([it["video"] for it in kept])       # (B, T, 3, H, W)
@@ -814,7 +848,9 @@ def make_loader(dataset, collate, cfg, dist, train, twin=None):
                                    cfg.twin_batches and twin is not None, cfg.seed + 7919 * dist.rank, 0, 1)
         # each rank draws its own stream (seeded by rank), the DDP equivalent of a shuffled DistributedSampler
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                           num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+                                           num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                                           generator=torch.Generator().manual_seed(cfg.seed))  # not the global one
+
     # evaluation decodes in the main process, so the clip cache survives from one evaluation to the next
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate)
 
@@ -822,23 +858,29 @@ def make_loader(dataset, collate, cfg, dist, train, twin=None):
 def build_task_items(cfg, task, split, answer_vocab=None):
     """The items of a downstream split, as dicts for ClipTextDataset (text / options / label)."""
     root = Path(cfg.data_root) / "msrvtt"
-    path_of = lambda vid: str(root / "videos" / "all" / f"{vid}.mp4")
+
+    def mc(q):
+        options = q["options"]
+        if not (isinstance(options, list) and options and all(isinstance(o, str) and o.strip() for o in options)):
+            raise BadRow("options must be a list of non-empty texts")
+        if not 0 <= int(q["answer"]) < len(options):
+            raise BadRow(f"answer {q['answer']} is not an option index")
+        return dict(path=msrvtt_video(cfg.data_root, q["clip_name"]), options=options, label=int(q["answer"]),
+                    reversed_option=q["reversed_option"] if q.get("reversed_option") is not None else -1)
+
+    def action(line):
+        rel, label = line.rsplit("\t", 1)
+        return dict(path=inside(str(root), rel), text=ACTION_PROMPT, label=int(label))
     if task == "retrieval":
         items = [dict(path=p, text=caps, vid=v) for v, p, caps in read_msrvtt(cfg.data_root, split)]
-    elif task == "qa":
-        items = [dict(path=path_of(q["video_id"]), text=q["question"], answer=q["answer"],
-                      label=answer_vocab.get(q["answer"], -100))
-                 for q in read_jsonl(root / f"msrvtt_qa_{split}.jsonl")]
+    elif task == "qa":  # an answer outside the train answers is label -100: scored wrong, counted as qa/unseen
+        items = read_rows(root / f"msrvtt_qa_{split}.jsonl", lambda q: dict(
+            path=msrvtt_video(cfg.data_root, q["video_id"]), text=text_field(q, "question"),
+            answer=text_field(q, "answer"), label=(answer_vocab or {}).get(q["answer"], -100)), "jsonl")
     elif task == "mc":
-        items = [dict(path=path_of(q["clip_name"]), options=q["options"], label=q["answer"],
-                      reversed_option=q["reversed_option"] if q.get("reversed_option") is not None else -1)
-                 for q in read_jsonl(root / f"msrvtt_mc_{split}.jsonl")]
+        items = read_rows(root / f"msrvtt_mc_{split}.jsonl", mc, "jsonl")
     elif task == "action":
-        items = []
-        for line in (root / "action" / f"{split}.list").read_text().splitlines():
-            if line.strip():
-                rel, label = line.rsplit("\t", 1)
-                items.append(dict(path=str(root / rel), text=ACTION_PROMPT, label=int(label)))
+        items = read_rows(root / "action" / f"{split}.list", action, "lines")
     else:
         raise ValueError(task)
     return items[: cfg.max_eval_items] if cfg.max_eval_items and split != "train" else items
@@ -1169,7 +1211,8 @@ ARCH_FIELDS = ("width", "depth", "heads", "mlp_ratio", "patch_size", "img_size",
 # main
 
 def main(argv=None):
-    cfg = parse_config(Config, argv, PRESETS)
+    cfg = parse_config(Config, argv, PRESETS, CHOICES, RANGES)
+    set_strict(cfg.strict)
     dist = setup_distributed(cfg.device)
     device = dist.device
     cfg.precision, why = choose_precision(cfg.precision, device)
@@ -1180,8 +1223,11 @@ def main(argv=None):
         if dist.is_main:
             ensure_corpus(cfg.data_root)
         barrier()
+    if dist.is_main:  # before anything is written: another run's files are kept unless --resume / --overwrite
+        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    barrier()
     tok = Tokenizer(cfg.vocab_file or str(Path(cfg.data_root) / "vocab.txt"))
-    init = read_checkpoint(cfg.init) if cfg.init else None
+    init = load_checkpoint(cfg.init, paper="all_in_one") if cfg.init else None
     init_state = find_state_dict(init) if init is not None else {}
     if isinstance(init, dict) and isinstance(init.get("config"), dict):  # ours: the architecture is the checkpoint's
         for k in ARCH_FIELDS:
@@ -1198,7 +1244,7 @@ def main(argv=None):
     model = AllInOne(cfg)
     answer_vocab = None
     if cfg.finetune == "qa" or cfg.eval == "qa":  # classification over the train answers, most frequent first
-        counts = Counter(q["answer"] for q in read_jsonl(Path(cfg.data_root) / "msrvtt" / "msrvtt_qa_train.jsonl"))
+        counts = Counter(q["answer"] for q in build_task_items(cfg, "qa", "train"))
         answer_vocab = {a: i for i, (a, _) in enumerate(counts.most_common())}
         model.add_task_head("qa", len(answer_vocab))
     if cfg.finetune == "mc" or (cfg.eval == "mc" and any("mc_vqa_classifier." in k for k in init_state)):
@@ -1206,7 +1252,8 @@ def main(argv=None):
     for path, state, key_map in ((cfg.init_video, None, VIT_INIT), (cfg.init_text, None, BERT_INIT),
                                  (cfg.init, init_state, FULL_MODEL)):
         if path:
-            print0(load_into(model, read_state_dict(path) if state is None else state, **key_map, source=path))
+            state = find_state_dict(load_checkpoint(path, paper="all_in_one")) if state is None else state
+            print0(load_into(model, state, **key_map, source=path))
     if cfg.width in PAPER_INIT and not (cfg.init or cfg.init_video):
         print0(f"note: paper-size backbone from random weights; the paper starts from timm's {PAPER_INIT[cfg.width]}"
                f" (--init_video) and loads no BERT weights (only bert-base-uncased's vocab.txt, --vocab_file)")
@@ -1237,7 +1284,18 @@ def main(argv=None):
     else:
         dataset = ClipTextDataset(build_task_items(cfg, task, "train", answer_vocab), cfg, train=True)
         twin = None
+    if len(dataset) < cfg.batch_size:  # the sampler yields full batches only: it would never yield one
+        raise SystemExit(f"error: {len(dataset)} training items, fewer than --batch_size={cfg.batch_size}: no batch "
+                         f"can be drawn; use --batch_size={len(dataset)} or less")
+    # every annotation file an evaluation reads later is read now: a missing val list or a malformed MSR_VTT.json
+    # stops the run here, not at step eval_every with nothing saved
+    for t, split in ((VAL_TASK[task], "val"), ("zeroshot" if task == "pretrain" else task, "test")):
+        for sub in ("retrieval", "mc") if t == "zeroshot" else (t,):
+            build_task_items(cfg, sub, split, answer_vocab)
     loader = make_loader(dataset, Collate(tok, cfg, task), cfg, dist, True, twin)
+    bad = BadVideos(len(dataset), cfg.max_bad_videos, log=print0, logger=logger)
+    if skipped_rows():
+        logger.log({"bad_rows": skipped_rows()})
     print0(f"task={task}: {len(dataset)} training items; contrastive batch = {cfg.batch_size} x {dist.world_size} "
            f"ranks = {cfg.batch_size * dist.world_size} (grad_accum={cfg.grad_accum} adds no negatives); "
            f"optimizer batch = {cfg.batch_size * cfg.grad_accum * dist.world_size}")
@@ -1252,17 +1310,19 @@ def main(argv=None):
                                "lr_mult": cfg.head_lr_mult if is_head else 1.0})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8,
                             fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
-    step, best, best_state = 0, -1.0, None
+    step, best, best_state, drawn, rng = 0, -1.0, None, 0, None
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
-        ck = load_checkpoint(ckpt_path)
+        ck = load_checkpoint(ckpt_path, paper="all_in_one", need=("model", "optimizer", "step"))
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        step, best = ck["step"], ck.get("best", -1.0)
+        step, best, drawn, rng = ck["step"], ck.get("best", -1.0), ck.get("batches_drawn", 0), ck.get("rng")
         best_path = os.path.join(cfg.out_dir, "best.pt")
         if task != "pretrain" and os.path.exists(best_path):  # the val-selected weights so far
-            best_state = load_checkpoint(best_path)["model"]
-        loader.batch_sampler.seed += step  # a fresh data order for the rest of the run
+            best_state = load_checkpoint(best_path, paper="all_in_one")["model"]
+        loader.batch_sampler.skip = drawn  # the same data order as if the run had not stopped
+        bad.load(ck.get("bad_videos", bad.state()))
+        logger.truncate_after(step)  # records the interrupted run wrote after this checkpoint
         print0(f"resumed from {ckpt_path} at step {step}")
     ddp = model
     if dist.world_size > 1:
@@ -1271,7 +1331,9 @@ def main(argv=None):
 
     # --- loop
     batches = iter(loader)
-    skipped, t0, seen = 0, time.time(), 0
+    if rng:  # after iter(): python / numpy / torch draws continue as in the interrupted run (exact with num_workers=0)
+        set_rng_states(rng)
+    t0, seen = time.time(), 0
     wait, wait_total, t_start = 0.0, 0.0, time.time()  # seconds blocked on the data loader (interval, run)
     pbar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main, desc=task, dynamic_ncols=True)
     start_step = step
@@ -1288,11 +1350,12 @@ def main(argv=None):
                 best = score
                 if task != "pretrain":
                     best_state = copy.deepcopy(model.state_dict())
-                    save_checkpoint({"model": best_state, "step": step, "config": config_to_dict(cfg), "best": best},
-                                    os.path.join(cfg.out_dir, "best.pt"))
+                    save_checkpoint({"model": best_state, "step": step, "config": config_to_dict(cfg), "best": best,
+                                     "paper": "all_in_one"}, os.path.join(cfg.out_dir, "best.pt"))
         if dist.is_main and step > start_step and (step % cfg.ckpt_every == 0 or last_step):
             save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best,
-                             "config": config_to_dict(cfg)}, ckpt_path)
+                             "config": config_to_dict(cfg), "paper": "all_in_one", "batches_drawn": drawn,
+                             "rng": rng_states(), "bad_videos": bad.state()}, ckpt_path)
         if last_step:
             break
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule)
@@ -1300,16 +1363,20 @@ def main(argv=None):
             g["lr"] = lr * g["lr_mult"]
         for micro in range(cfg.grad_accum):
             t_wait = time.time()
-            batch = next(batches)
-            skipped += batch["skipped"]
-            while "video" not in batch:  # every clip of the batch was unreadable
+            for empty in range(len(dataset) // cfg.batch_size + 2):  # a batch of unreadable clips only is skipped
                 batch = next(batches)
-                skipped += batch["skipped"]
+                drawn += 1
+                bad.add(batch.pop("bad_videos"), batch.pop("skipped"))
+                if "video" in batch:
+                    break
+            else:
+                raise SystemExit(f"error: {empty + 1} batches in a row held no readable video (see the warnings)")
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             wait += time.time() - t_wait
             sync = micro == cfg.grad_accum - 1 or dist.world_size == 1
             with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device, cfg.precision):
                 out = ddp(batch, task)
+                check_finite(step, **out)  # NaN / inf stops the run here, before backward() reaches the weights
                 (out["loss"] / cfg.grad_accum).backward()
             seen += batch["video"].shape[0] * dist.world_size
         opt.step()
@@ -1320,11 +1387,12 @@ def main(argv=None):
             dt = time.time() - t0
             rec = {"step": step, "lr": lr, **{k: round(float(v.detach()), 4) for k, v in out.items()},
                    "ms_per_step": 1000 * dt / cfg.log_every, "clips_per_s": seen / dt, "data_wait_pct": 100 * wait / dt,
-                   "skipped_videos": skipped}
+                   "bad_videos": len(bad.errors), "skipped_clips": bad.skipped}
             logger.log(rec)
             tqdm.write(f"step {step:5d} | " + " ".join(f"{k} {float(v.detach()):.3f}" for k, v in out.items()) +
                        f" | lr {lr:.2e} | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s"
-                       f" | data wait {rec['data_wait_pct']:.0f}% | skipped {skipped}") if dist.is_main else None
+                       f" | data wait {rec['data_wait_pct']:.0f}%" + (f" | bad videos {len(bad.errors)}" if bad.errors
+                                                                      else "")) if dist.is_main else None
             t0, seen, wait_total, wait = time.time(), 0, wait_total + wait, 0.0
     pbar.close()
     train_seconds = time.time() - t_start  # the loop, with its validation passes and checkpoints
@@ -1336,7 +1404,11 @@ def main(argv=None):
             model.load_state_dict(best_state)  # the val-selected weights (also in out_dir/best.pt)
         metrics = evaluate_task(model, cfg, tok, "zeroshot" if task == "pretrain" else task, "test", device,
                                 answer_vocab)
-        metrics[f"{task}/skipped_train_videos"] = skipped
+        metrics.update(bad.metrics(task))  # distinct unreadable training videos, clips dropped from batches
+        metrics["data/bad_rows"] = len(skipped_rows())
+        if bad.errors or skipped_rows():
+            print0(f"skipped: {len(bad.errors)} unreadable training videos ({bad.skipped} clips), "
+                   f"{len(skipped_rows())} bad annotation rows (named above and in the log)")
         metrics[f"{task}/data_wait_pct"] = 100 * (wait_total + wait) / max(1e-9, train_seconds)
         metrics[f"{task}/val_best"] = best
     return finish(cfg, dist, metrics, "zero-shot on test" if task == "pretrain" else f"{task} fine-tuned, test")

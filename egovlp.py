@@ -130,8 +130,6 @@ Commands
 from __future__ import annotations
 
 import ast
-import csv
-import json
 import os
 import random
 import re
@@ -162,7 +160,10 @@ class Config:
     init_video: str = ""  # a timm ViT state dict for the video encoder's spatial part; paper: jx_vit_base_p16_224
     init_text: str = ""  # a Hugging Face DistilBERT state dict for the text encoder; paper: distilbert-base-uncased
     vocab_file: str = ""  # "" = data_root/vocab.txt; real data: bert-base-uncased's vocab.txt (DistilBERT's)
-    resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt
+    resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt (random states and data order too)
+    overwrite: bool = False  # let a new run replace the files of an earlier run in out_dir (refused otherwise)
+    strict: bool = False  # a malformed annotation row stops the run (default: skipped, counted, named in the log)
+    max_bad_videos: float = 0.1  # stop when more than this share of the training videos is unreadable (1 = never)
     finetune: str = ""  # "" = EgoNCE pre-training on EgoClip | "epic_mir" = EPIC-MIR fine-tuning with MI-MM
     eval: str = ""  # "" = train | "egomcq" | "epic_mir" | "charades" | "all": evaluate only, no training
     # video encoder (Frozen-in-Time SpaceTimeTransformer)
@@ -255,6 +256,23 @@ ABLATION = dict(
               for n in ("none", "scene") for p in ("self", "noun", "verb", "verb_and_noun")},
     metrics=["egomcq/inter_acc", "egomcq/intra_acc"],
 )
+
+# The values each field accepts, checked by parse_config before anything runs (a one-line error naming the field).
+CHOICES = dict(precision=("auto", "bf16", "fp32"), finetune=("", "epic_mir"),
+               eval=("", "egomcq", "epic_mir", "charades", "all"), time_init=("live", "release"),
+               text_pool=("cls", "mean"), positives=("verb_and_noun", "verb", "noun", "self"),
+               negatives=("scene", "none"), hflip=("off", "release", "mirror"),
+               schedule=("cosine", "linear", "constant"), dual_softmax_over=("clips", "sentences"))
+RANGES = dict(img_size=(1, None), patch_size=(1, None), num_frames=(1, None), vit_width=(1, None),
+              vit_depth=(1, None), vit_heads=(1, None), vit_mlp_ratio=(0, None), vocab_size=(0, None),
+              text_width=(1, None), text_layers=(1, None), text_heads=(1, None), text_ffn=(1, None),
+              text_positions=(1, None), text_dropout=(0, 1), max_text_len=(3, None), embed_dim=(1, None),
+              neg_window=(0, None), temperature=(1e-6, None), chunk_seconds=(0, None), batch_size=(1, None),
+              num_workers=(0, None), crop_scale=(0, 1), max_steps=(1, None), lr=(0, None), weight_decay=(0, None),
+              adam_eps=(0, None), warmup_steps=(0, None), grad_clip=(0, None), eval_every=(0, None),
+              log_every=(1, None), ckpt_every=(1, None), eval_batch_size=(1, None), max_eval_items=(0, None),
+              eval_cache_gb=(0, None), dual_softmax_temp=(1e-6, None), charades_frames=(0, None), margin=(0, None),
+              rel_threshold=(0, 1), max_bad_videos=(0, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -641,19 +659,23 @@ def multi_hot(ids: list[int], size: int) -> torch.Tensor:
 
 
 def read_egoclip(path) -> list[dict]:
-    """egoclip.csv (tab-separated, EgoClip's columns) -> rows. A malformed line is an error naming the file and the
-    line (the release's pandas `error_bad_lines=False` drops such lines silently)."""
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for line, r in enumerate(csv.DictReader(f, delimiter="\t"), start=2):  # line 1 is the header
-            try:
-                rows.append(dict(video_uid=r["video_uid"], narration_time=float(r["narration_time"]),
-                                 clip_start=float(r["clip_start"]), clip_end=float(r["clip_end"]),
-                                 clip_text=r["clip_text"], tag_verb=parse_tags(r["tag_verb"]),
-                                 tag_noun=parse_tags(r["tag_noun"])))
-            except (KeyError, TypeError, ValueError, SyntaxError) as e:
-                raise ValueError(f"{path}, line {line}: malformed EgoClip row ({type(e).__name__}: {e})") from None
-    return rows
+    """egoclip.csv (tab-separated, EgoClip's columns) -> rows. A malformed line (a missing column, a tag list that
+    is not a list of ints, an empty narration, a window ending before it starts, a video_uid leaving the videos
+    folder) is a bad row, named with its file and line: skipped and counted, or an error with --strict
+    (common/annotations.py; the release's pandas `error_bad_lines=False` drops such lines silently)."""
+    from common.annotations import BadRow, inside, read_rows, text_field
+    videos = str(Path(path).parent / "videos")
+
+    def parse(r):
+        row = dict(video_uid=text_field(r, "video_uid"), narration_time=float(r["narration_time"]),
+                   clip_start=float(r["clip_start"]), clip_end=float(r["clip_end"]),
+                   clip_text=text_field(r, "clip_text"), tag_verb=parse_tags(r["tag_verb"]),
+                   tag_noun=parse_tags(r["tag_noun"]))
+        inside(videos, row["video_uid"])
+        if not row["clip_end"] >= row["clip_start"]:  # (also false for NaN)
+            raise BadRow(f"clip window [{row['clip_start']}, {row['clip_end']}] ends before it starts")
+        return row
+    return read_rows(path, parse, "tsv")
 
 
 def scene_buckets(rows: list[dict], window: float) -> dict[tuple, list[int]]:
@@ -685,6 +707,7 @@ class ClipReader:
         self.video_dir, self.chunk_seconds, self.cache = Path(video_dir), chunk_seconds, cache
         self._chunks: dict[str, list] = {}  # uid -> [VideoMeta of chunk 0, 1, ...]
         self._frames: dict[str, tuple] = {}  # uid -> (all frames uint8 (num_frames, H, W, 3), fps)
+        self.unreadable: dict[str, str] = {}  # uid -> error, of the videos preload() could not decode
 
     def chunk_metas(self, uid: str):
         from common.video import VideoReadError, video_meta
@@ -707,7 +730,8 @@ class ClipReader:
     def preload(self, uids, threads: int = 8) -> int:
         """Decode these whole videos into the cache now. Called in the main process before the DataLoader forks
         its workers, so they share one copy (a cache filled inside each worker would decode every video once per
-        worker). Returns how many could not be read (their clips are skipped and counted when sampled)."""
+        worker). Returns how many could not be read (their clips are skipped and counted when sampled); their
+        errors are kept in self.unreadable (uid -> message)."""
         from concurrent.futures import ThreadPoolExecutor
         from common.video import VideoReadError
 
@@ -715,7 +739,8 @@ class ClipReader:
             try:
                 self.whole_video(uid)
                 return True
-            except VideoReadError:
+            except VideoReadError as e:
+                self.unreadable[uid] = str(e)
                 return False
         with ThreadPoolExecutor(threads) as pool:  # PyAV decodes outside the GIL
             return sum(not ok for ok in pool.map(decode, sorted(set(uids))))
@@ -766,7 +791,8 @@ def random_flip(video, text: str, mode: str, rng=random):
 
 class EgoClipDataset(torch.utils.data.Dataset):
     """EgoClip pairs. Item = (anchor, scene negative or None); each is dict(video (T, 3, S, S), text, verb (Cv,),
-    noun (Cn,)). Returns None when a video cannot be read (the collate skips and counts it)."""
+    noun (Cn,)). Returns dict(bad_video=uid, error) when a video cannot be read (the collate skips it, the loop names
+    and counts it)."""
 
     def __init__(self, root, cfg: Config, rows: list[dict], verb_names: list[str], num_nouns: int):
         self.cfg, self.rows, self.num_verbs, self.num_nouns = cfg, rows, len(verb_names), num_nouns
@@ -798,34 +824,41 @@ class EgoClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from common.video import VideoReadError
-        try:
+        try:  # the scene negative comes from the same video
             anchor = self.load(i)
             negative = self.load(self.scene_negative(i)) if self.cfg.negatives == "scene" else None
         except VideoReadError as e:
-            return dict(error=str(e))
+            return dict(bad_video=self.rows[i]["video_uid"], error=str(e))
         return anchor, negative
 
 
 def collate_pairs(items) -> dict:
     """Stack anchors, then their scene negatives: the batch B~ = B u N(B) (2b clips when negatives are on)."""
     ok = [it for it in items if not isinstance(it, dict)]
+    bad = dict(skipped=len(items) - len(ok),  # unreadable videos: (uid, error) for the loop's count
+               bad_videos=[(it.get("bad_video", "?"), it["error"]) for it in items if isinstance(it, dict)])
+    if not ok:
+        return bad  # no "video": the loop draws the next batch
     members = [a for a, _ in ok] + [n for _, n in ok if n is not None]
     return dict(video=torch.stack([m["video"] for m in members]), text=[m["text"] for m in members],
                 verb=torch.stack([m["verb"] for m in members]), noun=torch.stack([m["noun"] for m in members]),
-                skipped=len(items) - len(ok))
+                **bad)
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Endless shuffled indices, a new permutation every epoch, split across ranks (rank::world)."""
+    """Endless shuffled indices, a new permutation every epoch, split across ranks (rank::world). `skip` indices are
+    passed over first: a resumed run continues the interrupted run's order."""
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, start_epoch: int = 0):
-        self.n, self.seed, self.rank, self.world, self.epoch = n, seed, rank, world, start_epoch
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, skip: int = 0):
+        self.n, self.seed, self.rank, self.world, self.skip = n, seed, rank, world, skip
 
     def __iter__(self):
+        epoch, skip = 0, self.skip
         while True:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            yield from torch.randperm(self.n, generator=g)[self.rank::self.world].tolist()
-            self.epoch += 1
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n, generator=g)[self.rank::self.world].tolist()
+            yield from order[skip:]
+            skip, epoch = max(0, skip - len(order)), epoch + 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -909,8 +942,8 @@ class EgoMCQ:
     2 = intra-video (5 contiguous clips of one video). The release prints the two labels swapped."""
 
     def __init__(self, root, cfg: Config):
-        with open(Path(root) / "egomcq.json") as f:
-            questions = list(json.load(f).values())
+        from common.annotations import read_json
+        questions = list(read_json(Path(root) / "egomcq.json").values())
         if cfg.max_eval_items:  # the first questions of each type
             questions = [q for t in (1, 2) for q in [q for q in questions if int(q["types"]) == t][:cfg.max_eval_items]]
         windows: dict[tuple, int] = {}
@@ -943,8 +976,10 @@ def mcq_accuracy(sim, answer, types) -> dict:
 
 
 def read_csv(path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    """The rows of an EPIC / Charades CSV; a row with too few or too many cells, or bytes that are not UTF-8, is a
+    bad row (common/annotations.py)."""
+    from common.annotations import read_rows
+    return read_rows(path, lambda row: row)
 
 
 def hms_to_seconds(stamp: str) -> float:
@@ -996,7 +1031,9 @@ class EpicMIR:
         clips = read_csv(root / "EPIC_100_retrieval_test.csv")
         self.sentences = [r["narration"] for r in read_csv(root / "EPIC_100_retrieval_test_sentence.csv")]
         self.relevancy = torch.from_numpy(np.load(root / "caption_relevancy_EPIC_100_retrieval_test.npy"))
-        assert self.relevancy.shape == (len(clips), len(self.sentences)), self.relevancy.shape
+        if self.relevancy.shape != (len(clips), len(self.sentences)):  # rows align: a skipped row breaks it
+            raise SystemExit(f"error: {root}: the relevancy matrix is {tuple(self.relevancy.shape)}, the CSVs hold "
+                             f"{len(clips)} clips x {len(self.sentences)} sentences (a bad row?)")
         if cfg.max_eval_items:
             clips, self.relevancy = clips[:cfg.max_eval_items], self.relevancy[:cfg.max_eval_items]
         windows = [(c["video_id"], hms_to_seconds(c["start_timestamp"]), hms_to_seconds(c["stop_timestamp"]))
@@ -1033,6 +1070,9 @@ class EpicMIRTrain(torch.utils.data.Dataset):
         self.clips = read_csv(root / "EPIC_100_retrieval_train.csv")
         self.sentences = [r["narration"] for r in read_csv(root / "EPIC_100_retrieval_train_sentence.csv")]
         self.relevancy = np.load(root / "caption_relevancy_EPIC_100_retrieval_train.npy")
+        if self.relevancy.shape != (len(self.clips), len(self.sentences)):  # rows align: a skipped row breaks it
+            raise SystemExit(f"error: {root}: the relevancy matrix is {self.relevancy.shape}, the CSVs hold "
+                             f"{len(self.clips)} clips x {len(self.sentences)} sentences (a bad row?)")
         self.reader = ClipReader(root / "videos")
         self.transform = VideoTransform(cfg.img_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
 
@@ -1052,15 +1092,19 @@ class EpicMIRTrain(torch.utils.data.Dataset):
             frames = self.reader(c["video_id"], hms_to_seconds(c["start_timestamp"]),
                                  hms_to_seconds(c["stop_timestamp"]), self.cfg.num_frames, "rand")
         except VideoReadError as e:
-            return dict(error=str(e))
+            return dict(bad_video=c["video_id"], error=str(e))
         video, text, _ = random_flip(self.transform(frames)[0], text, self.cfg.hflip)
         return dict(video=video, text=text, relevancy=rel)
 
 
 def collate_epic(items) -> dict:
     ok = [it for it in items if "error" not in it]
+    bad = dict(skipped=len(items) - len(ok), bad_videos=[(it["bad_video"], it["error"]) for it in items
+                                                         if "error" in it])
+    if not ok:
+        return bad  # no "video": the loop draws the next batch
     return dict(video=torch.stack([it["video"] for it in ok]), text=[it["text"] for it in ok],
-                relevancy=torch.tensor([it["relevancy"] for it in ok]), skipped=len(items) - len(ok))
+                relevancy=torch.tensor([it["relevancy"] for it in ok]), **bad)
 
 
 class CharadesEgo:
@@ -1177,21 +1221,18 @@ def draw_pictures(model, tokenizer, cfg, device, ctx, root) -> list:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from common.annotations import set_strict, skipped_rows
     from common.config import config_to_dict, parse_config
     from common.dist import all_gather_nograd, barrier, cleanup, get_rank, print0, setup_distributed
     from common.text import Tokenizer
-    from common.weights import load_into, read_state_dict
-    from common.train import (JsonlLogger, autocast, choose_precision, count_parameters, format_table,
-                              load_checkpoint, lr_at, param_groups, save_checkpoint, seed_everything, write_metrics)
+    from common.weights import find_state_dict, load_into
+    from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, count_parameters,
+                              format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir, rng_states,
+                              save_checkpoint, seed_everything, set_rng_states, write_metrics)
     from tqdm import tqdm
 
-    cfg = parse_config(Config, argv, PRESETS)
-    assert cfg.positives in ("verb_and_noun", "verb", "noun", "self"), cfg.positives
-    assert cfg.negatives in ("scene", "none"), cfg.negatives
-    assert cfg.hflip in ("off", "release", "mirror"), cfg.hflip
-    assert cfg.finetune in ("", "epic_mir"), cfg.finetune
-    assert cfg.eval in ("", "egomcq", "epic_mir", "charades", "all"), cfg.eval
-    assert cfg.dual_softmax_over in ("clips", "sentences"), cfg.dual_softmax_over
+    cfg = parse_config(Config, argv, PRESETS, CHOICES, RANGES)
+    set_strict(cfg.strict)
     dist = setup_distributed(cfg.device)
     device, world = dist.device, dist.world_size
     seed_everything(cfg.seed + dist.rank)
@@ -1205,6 +1246,9 @@ def main(argv: list[str] | None = None) -> dict:
     print0(why)
     ctx = autocast(device, cfg.precision)
     out_dir = Path(cfg.out_dir)
+    if dist.is_main:  # before anything is written: another run's files are kept unless --resume / --overwrite
+        prepare_out_dir(out_dir, cfg.resume, cfg.overwrite)
+    barrier()
     logger = JsonlLogger(out_dir / "log.jsonl", enabled=dist.is_main)
 
     # --- model
@@ -1214,7 +1258,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = FrozenInTime(cfg, vocab).init_weights(cfg.time_init)
     for path, key_map in ((cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)):
         if path:  # ours: {"model": ...}; the release's: {"state_dict": ...}; timm / HF: the tensors themselves
-            print0(load_into(model, read_state_dict(path), **key_map, source=path))
+            print0(load_into(model, find_state_dict(load_checkpoint(path, paper="egovlp")), **key_map, source=path))
     if cfg.vit_width == 768 and not (cfg.init or cfg.init_video or cfg.init_text):
         print0(f"note: paper-size model from random weights; {PAPER_INIT}")
     model = model.to(device)
@@ -1236,12 +1280,13 @@ def main(argv: list[str] | None = None) -> dict:
     # --- optimiser and resume
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_eps,
                                   fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
-    step = 0
+    step, ckpt = 0, {}
     if cfg.resume:
-        ckpt = load_checkpoint(out_dir / "ckpt.pt", map_location=device)
+        ckpt = load_checkpoint(out_dir / "ckpt.pt", paper="egovlp", need=("model", "optimizer", "step"))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
+        logger.truncate_after(step)  # records the interrupted run wrote after this checkpoint
         print0(f"resumed from {out_dir / 'ckpt.pt'} at step {step}")
     raw_model = model
     if world > 1:
@@ -1252,6 +1297,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.finetune == "epic_mir":
         dataset = EpicMIRTrain(root / "egoclip" / "epic_mir", cfg)
         collate, eval_tasks, per_clip = collate_epic, ["epic_mir"], 1
+        bad = BadVideos(len({c["video_id"] for c in dataset.clips}), cfg.max_bad_videos, print0, logger)
     else:
         rows = read_egoclip(root / "egoclip" / "egoclip.csv")
         with open(root / "egoclip" / "verb_classes.txt") as f:
@@ -1259,28 +1305,40 @@ def main(argv: list[str] | None = None) -> dict:
         with open(root / "egoclip" / "noun_classes.txt") as f:
             num_nouns = sum(1 for _ in f)
         dataset = EgoClipDataset(root / "egoclip", cfg, rows, verb_names, num_nouns)
+        uids = {r["video_uid"] for r in rows}
+        bad = BadVideos(len(uids), cfg.max_bad_videos, print0, logger)
         if cfg.cache_videos and not cfg.chunk_seconds:
-            t0, uids = time.time(), {r["video_uid"] for r in rows}
-            bad = dataset.reader.preload(uids, threads=min(8, os.cpu_count() or 1))
-            print0(f"decoded {len(uids) - bad} training videos into RAM in {time.time() - t0:.0f} s"
-                   + (f" ({bad} unreadable: their clips are skipped and counted)" if bad else ""))
+            t0 = time.time()
+            n_bad = dataset.reader.preload(uids, threads=min(8, os.cpu_count() or 1))
+            print0(f"decoded {len(uids) - n_bad} training videos into RAM in {time.time() - t0:.0f} s"
+                   + (f" ({n_bad} unreadable: their clips are skipped and counted)" if n_bad else ""))
+            bad.add(sorted(dataset.reader.unreadable.items()), skipped=0)  # a corpus too broken stops here
         collate, eval_tasks = collate_pairs, ["egomcq", "epic_mir", "charades"]
         per_clip = 2 if cfg.negatives == "scene" else 1
         print0(f"EgoClip: {len(rows)} pairs, {len(verb_names)} verbs, {num_nouns} nouns")
-    sampler = EpochSampler(len(dataset), cfg.seed, dist.rank, world, start_epoch=step * cfg.batch_size * world
-                           // max(1, len(dataset)))
+    if len(dataset) < cfg.batch_size:  # a batch would repeat clips: duplicates are false negatives for EgoNCE
+        raise SystemExit(f"error: {len(dataset)} training items, fewer than --batch_size={cfg.batch_size}; use "
+                         f"--batch_size={len(dataset)} or less")
+    drawn = ckpt.get("batches_drawn", 0)  # batches of the interrupted run: its data order continues
+    bad.load(ckpt.get("bad_videos", bad.state()))
+    sampler = EpochSampler(len(dataset), cfg.seed, dist.rank, world, skip=drawn * cfg.batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                                         prefetch_factor=4 if cfg.num_workers > 0 else None)
+                                         prefetch_factor=4 if cfg.num_workers > 0 else None,
+                                         generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
     print0(f"contrastive batch: {world} rank(s) x {cfg.batch_size} x {per_clip} = {world * cfg.batch_size * per_clip}"
            f" clips per step ({cfg.finetune or 'pre-training'}, positives={cfg.positives}, "
            f"negatives={cfg.negatives})")
-    evaluators = build_evaluators(eval_tasks, root, cfg) if dist.is_main else {}
+    evaluators = build_evaluators(eval_tasks, root, cfg) if dist.is_main else {}  # reads every eval file now
+    if skipped_rows():
+        logger.log({"bad_rows": skipped_rows()})
 
     # --- loop
-    metrics, skipped, t_last, clips_since, steps_since = {}, 0, time.time(), 0, 0
+    metrics, t_last, clips_since, steps_since = {}, time.time(), 0, 0
     wait, wait_total, t_start = 0.0, 0.0, time.time()  # seconds blocked on the data loader (interval, run)
     batches = iter(loader)
+    if ckpt.get("rng"):  # after iter(): random draws continue as in the interrupted run (exact with num_workers=0)
+        set_rng_states(ckpt["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main, desc="egovlp", dynamic_ncols=True)
     model.train()
     while True:
@@ -1291,13 +1349,20 @@ def main(argv: list[str] | None = None) -> dict:
             bar.write(f"step {step} eval: " + ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
         if dist.is_main and step > 0 and (last_step or step % cfg.ckpt_every == 0):
             save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                                 config=config_to_dict(cfg)), out_dir / "ckpt.pt")
+                                 config=config_to_dict(cfg), paper="egovlp", batches_drawn=drawn, rng=rng_states(),
+                                 bad_videos=bad.state()), out_dir / "ckpt.pt")
         if last_step:
             break
 
         t_wait = time.time()
-        batch = next(batches)
-        skipped += batch["skipped"]
+        for empty in range(len(dataset) // cfg.batch_size + 2):  # a batch of unreadable clips only is skipped
+            batch = next(batches)
+            drawn += 1
+            bad.add(batch.pop("bad_videos"), batch.pop("skipped"))
+            if "video" in batch:
+                break
+        else:
+            raise SystemExit(f"error: {empty + 1} batches in a row held no readable video (see the warnings)")
         # every tensor of the batch to the device once: clips, EgoNCE tags, MI-MM relevancy
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         wait += time.time() - t_wait
@@ -1313,6 +1378,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             loss, pos = pretrain_loss(text_emb, video_emb, batch, cfg)
             extra = {"positives_per_row": pos.float().sum(1).mean().item()}
+        check_finite(step, loss=loss)  # NaN / inf stops the run here, before backward() reaches the weights
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -1324,19 +1390,24 @@ def main(argv: list[str] | None = None) -> dict:
         if dist.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
             dt = time.time() - t_last
             record = {"step": step, "loss": loss.item(), "lr": lr, "ms_per_step": 1000 * dt / steps_since,
-                      "clips_per_s": clips_since / dt, "data_wait_pct": 100 * wait / dt, "skipped_videos": skipped,
-                      **extra}
+                      "clips_per_s": clips_since / dt, "data_wait_pct": 100 * wait / dt,
+                      "bad_videos": len(bad.errors), "skipped_clips": bad.skipped, **extra}
             logger.log(record)
             bar.write(f"step {step:5d} | loss {record['loss']:.4f} | lr {lr:.2e} | "
                       f"{record['ms_per_step']:.0f} ms/step | {record['clips_per_s']:.1f} clips/s"
-                      f" | data wait {record['data_wait_pct']:.0f}%" + (f" | skipped {skipped}" if skipped else ""))
+                      f" | data wait {record['data_wait_pct']:.0f}%" + (f" | bad videos {len(bad.errors)}"
+                                                                          if bad.errors else ""))
             t_last, clips_since, steps_since, wait_total, wait = time.time(), 0, 0, wait_total + wait, 0.0
     bar.close()
     train_seconds = time.time() - t_start  # the loop, with its evaluations and checkpoints
-    if world > 1:  # unreadable training videos met on any rank
-        skipped = int(all_gather_nograd(torch.tensor([skipped], device=device)).sum())
+    if world > 1:  # clips of unreadable training videos dropped on any rank (the names are rank 0's)
+        bad.skipped = int(all_gather_nograd(torch.tensor([bad.skipped], device=device)).sum())
     if dist.is_main:
-        metrics["train/skipped_videos"] = float(skipped)
+        metrics.update(bad.metrics("train"))  # distinct unreadable training videos, clips dropped from batches
+        metrics["data/bad_rows"] = len(skipped_rows())
+        if bad.errors or skipped_rows():
+            print0(f"skipped: {len(bad.errors)} unreadable training videos ({bad.skipped} clips), "
+                   f"{len(skipped_rows())} bad annotation rows (named above and in the log)")
         metrics["train/data_wait_pct"] = 100 * (wait_total + wait) / max(1e-9, train_seconds)
         write_metrics(out_dir, metrics)
         print0(format_table(metrics, f"EgoVLP {cfg.finetune or 'pre-training'}: final metrics (step {step})"))

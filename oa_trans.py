@@ -121,13 +121,12 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
     python oa_trans.py --paper --paper_ft --init=CKPT --data_root=/data --vocab_file=/data/vocab.txt  # fine-tune
 """
 
-import csv
 import functools
-import json
 import math
 import os
 import random
 import time
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,13 +136,15 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from tqdm import tqdm
 
+from common.annotations import BadRow, bad_row, inside, read_json, read_rows, set_strict, skipped_rows, text_field
 from common.config import config_to_dict, parse_config
 from common.dist import all_gather_nograd, all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import retrieval_metrics
 from common.text import Tokenizer
-from common.train import (JsonlLogger, autocast, choose_precision, count_parameters, format_table,
-                          load_checkpoint, lr_at, param_groups, save_checkpoint, seed_everything, write_metrics)
-from common.weights import load_into, read_state_dict
+from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, count_parameters,
+                          format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir, rng_states,
+                          save_checkpoint, seed_everything, set_rng_states, write_metrics)
+from common.weights import find_state_dict, load_into
 from common.video import (IMAGENET_MEAN, IMAGENET_STD, VideoReadError, VideoTransform, load_clip, read_frames,
                           sample_frame_indices, video_meta)
 
@@ -161,7 +162,11 @@ class Config:
     init: str = ""  # a whole model to start from: a pre-trained ckpt.pt, or a Frozen / OA-Trans-layout release checkpoint
     init_video: str = ""  # a timm ViT state dict for the video encoder's spatial part; paper: jx_vit_base_p16_224
     init_text: str = ""  # a Hugging Face DistilBERT state dict for the text encoder; paper: distilbert-base-uncased
-    resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt
+    resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt (random states and data order too)
+    overwrite: bool = False  # let a new run replace the files of an earlier run in out_dir (refused otherwise)
+    strict: bool = False  # a malformed annotation row stops the run (default: skipped, counted, named in the log)
+    max_bad_videos: float = 0.1  # stop when more than this share of the training videos (or their detections) is
+    #   unreadable (1 = never)
     precision: str = "auto"  # auto (bf16 where a start-up probe finds it faster, else fp32) | bf16 autocast | fp32;
     #   similarities and losses stay fp32
     finetune: str = ""  # "" = pre-train on WebVid-style data | "retrieval" = fine-tune on the MSR-VTT-style train split
@@ -277,6 +282,23 @@ ABLATION = dict(
               "regions_only": ["--w_tags=0"]},
     metrics=["retrieval/t2v_R@1", "retrieval/t2v_R@5", "retrieval_small/t2v_R@1", "retrieval_small/t2v_R@5"],
 )
+
+# The values each field accepts, checked by parse_config before anything runs (a one-line error naming the field).
+CHOICES = dict(precision=("auto", "bf16", "fp32"), finetune=("", "retrieval"), eval=("", "retrieval"),
+               objects=("on", "off"), oa_loss=("paper", "release"), region_mask=("blank", "none"),
+               curriculum=("none", "1to4"), crop=("random_resized", "resize_random"), time_init=("live", "release"),
+               text_pool=("mean", "cls"), schedule=("cosine", "linear", "constant"),
+               retrieval_captions=("first", "all"))
+RANGES = dict(num_workers=(0, None), top_k=(1, None), w_main=(0, None), w_tags=(0, None), w_regions=(0, None),
+              temperature=(1e-6, None), det_frames=(1, None), num_frames=(1, None), curriculum_frac=(0, 1),
+              img_size=(1, None), crop_scale=(0, 1), resize_ratio=(1, None), color_jitter=(0, None),
+              jitter_hue=(0, 0.5), jitter_p=(0, 1), grayscale_p=(0, 1), patch_size=(1, None), vit_width=(1, None),
+              vit_depth=(1, None), vit_heads=(1, None), vit_mlp_ratio=(0, None), vocab_size=(0, None),
+              text_width=(1, None), text_layers=(1, None), text_heads=(1, None), text_positions=(1, None),
+              text_ffn=(1, None), text_dropout=(0, 1), max_text_len=(3, None), max_tag_len=(3, None),
+              embed_dim=(1, None), batch_size=(1, None), max_steps=(1, None), lr=(0, None), weight_decay=(0, None),
+              warmup_steps=(0, None), grad_clip=(0, None), log_every=(1, None), eval_every=(1, None),
+              eval_batch_size=(1, None), retrieval_views=(1, None), max_bad_videos=(0, 1))
 
 
 # -----------------------------------------------------------------------------
@@ -649,12 +671,24 @@ def oa_trans_loss(emb, terms, weights, temperature):
 # -----------------------------------------------------------------------------
 # detections (BUTD-style .npz)
 
+class DetectionReadError(ValueError):
+    """A detection file that is missing, empty, truncated or lacks its arrays; the message names the path."""
+
+
 def read_detections(path, allow_pickle=False):
     """One BUTD-style .npz -> dict(boxes (K, 4) float32 x1,y1,x2,y2 px, labels (K,) int, scores (K,), image_h, image_w).
 
     Class ids and scores are read from top-level arrays (objects_id, objects_conf). Files written by the release's
     extractor keep them in a pickled `info` dict instead; unpickling runs code, so it is read only when asked.
+    A missing or broken file raises DetectionReadError (its clip is skipped and counted like an unreadable video).
     """
+    try:
+        return _read_detections(path, allow_pickle)
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:  # 0-byte, truncated, not a zip, missing array
+        raise DetectionReadError(f"{path}: unreadable detections ({type(e).__name__}: {e})") from None
+
+
+def _read_detections(path, allow_pickle):
     with np.load(path, allow_pickle=allow_pickle) as z:
         if "objects_id" in z.files:
             labels, scores = z["objects_id"], z["objects_conf"]
@@ -665,7 +699,7 @@ def read_detections(path, allow_pickle=False):
             info = z["info"].item()
             labels, scores = info["objects_id"], info["objects_conf"]
         else:
-            raise ValueError(f"{path}: no objects_id / info array")
+            raise DetectionReadError(f"{path}: no objects_id / info array")
         return dict(boxes=z["bbox"].astype(np.float32).reshape(-1, 4), labels=np.asarray(labels, dtype=np.int64),
                     scores=np.asarray(scores, dtype=np.float32), image_h=int(z["image_h"]), image_w=int(z["image_w"]))
 
@@ -703,16 +737,22 @@ class WebVidObjects(torch.utils.data.Dataset):
 
     def __init__(self, root, split, cfg, tokenizer, objects=True, train=True):
         self.root, self.cfg, self.tok, self.objects, self.train = root, cfg, tokenizer, objects, train
-        path = os.path.join(root, "webvid", f"results_{split}.csv")
-        with open(path, newline="", encoding="utf-8") as f:
-            self.rows = list(csv.DictReader(f))
-        for line, r in enumerate(self.rows, start=2):  # line 1 is the header
-            if not r.get("videoid") or not r.get("page_dir") or r.get("name") is None:
-                raise ValueError(f"{path}, line {line}: malformed WebVid row (needs videoid, page_dir, name): {r}")
+        path, seen = os.path.join(root, "webvid", f"results_{split}.csv"), set()
+
+        def parse(r):  # no id, an empty caption, a repeated id, a path leaving root: a bad row (common/annotations.py)
+            vid = text_field(r, "videoid")
+            if vid in seen:
+                raise BadRow(f"duplicate videoid {vid!r}")
+            seen.add(vid)
+            inside(os.path.join(root, "webvid", "videos"), text_field(r, "page_dir"), vid + ".mp4")
+            inside(os.path.join(root, "webvid", "objects"), r["page_dir"], vid)
+            return dict(r, name=text_field(r, "name"))
+        self.rows = read_rows(path, parse)
         self.transform = clip_transform(cfg, train)
         self.num_frames = cfg.num_frames  # changed by the frame curriculum
         self.object_names = read_vocab_lines(os.path.join(root, "webvid", "objects_vocab.txt"))
         self.cache = {}  # video path -> every decoded frame, uint8 (F, H, W, 3), when cfg.cache_videos
+        self.unreadable = {}  # video path -> error, of the videos preload() could not decode
 
     def __len__(self):
         return len(self.rows)
@@ -730,7 +770,8 @@ class WebVidObjects(torch.utils.data.Dataset):
             try:
                 self.cache[path] = read_frames(path, range(video_meta(path).num_frames))
                 return True
-            except VideoReadError:
+            except VideoReadError as e:
+                self.unreadable[path] = str(e)
                 return False  # skipped and counted when sampled
         with ThreadPoolExecutor(threads) as pool:  # PyAV decodes outside the GIL
             return sum(not ok for ok in pool.map(decode, [self.video_path(r) for r in self.rows]))
@@ -757,8 +798,10 @@ class WebVidObjects(torch.utils.data.Dataset):
             frames = self.read(path, idx + [det_idx[a]])  # (T + 1, H, W, 3): the anchor comes last
             det = read_detections(os.path.join(self.root, "webvid", "objects", row["page_dir"], row["videoid"],
                                                f"{a}.npz"), cfg.allow_pickle)
-        except (VideoReadError, FileNotFoundError):  # unreadable video or missing detections
-            return None  # skipped and counted by the collate function
+        except VideoReadError as e:  # skipped by the collate function, named and counted by the loop
+            return dict(bad_video=path, error=str(e))
+        except (DetectionReadError, FileNotFoundError) as e:  # missing or broken detections
+            return dict(bad_video=path, error=f"its detections: {e}")
         boxes, labels = top_k_detections(det, cfg.top_k)
         h, w = frames.shape[1:3]  # the detector may have seen another resolution: rescale to the decoded frames
         boxes = boxes * np.array([w / det["image_w"], h / det["image_h"]] * 2, dtype=np.float32)
@@ -782,12 +825,16 @@ class WebVidObjects(torch.utils.data.Dataset):
 
 def collate(items, tokenizer, cfg):
     """List of items -> batch: stacks clips, tokenises captions, pads regions / tag texts / tag groups.
-    Unreadable videos arrive as None and are counted in batch["skipped"]."""
+    Unreadable videos arrive as dict(bad_video, error): dropped (gathers accept a shorter batch), listed in
+    batch["bad_videos"] and counted in batch["skipped"]; a batch of unreadable videos only has no "video"."""
     n_in = len(items)
-    items = [it for it in items if it is not None]  # skipped videos (gathers accept a shorter batch)
+    bad = [(it["bad_video"], it["error"]) for it in items if "bad_video" in it]
+    items = [it for it in items if "bad_video" not in it]
+    if not items:
+        return dict(skipped=n_in, bad_videos=bad)
     enc = tokenizer([it["caption"] for it in items], cfg.max_text_len, pad_to_max=False)
     batch = dict(video=torch.stack([it["video"] for it in items]),  # (B, T, 3, S, S)
-                 text=(enc["input_ids"], enc["attention_mask"]), skipped=n_in - len(items))
+                 text=(enc["input_ids"], enc["attention_mask"]), skipped=n_in - len(items), bad_videos=bad)
     if "anchor" not in items[0]:
         return batch
     regions = torch.stack([it["regions"] for it in items])  # (B, K, N)
@@ -814,16 +861,21 @@ class MSRVTT:
 
     def __init__(self, root, split):
         base = os.path.join(root, "msrvtt")
-        with open(os.path.join(base, "splits", f"{split}_list.txt")) as f:
-            self.videos = [line.strip() for line in f if line.strip()]
+        videos = os.path.join(base, "videos", "all")
+        ids = read_rows(os.path.join(base, "splits", f"{split}_list.txt"), lambda v: (v, inside(videos, v + ".mp4")),
+                        "lines")
+        self.videos, self.paths = [v for v, _ in ids], [p for _, p in ids]
         index = {v: i for i, v in enumerate(self.videos)}
-        with open(os.path.join(base, "annotation", "MSR_VTT.json")) as f:
-            anns = json.load(f)["annotations"]
-        anns = [a for a in anns if a["image_id"] in index]
+        json_path, anns = os.path.join(base, "annotation", "MSR_VTT.json"), []
+        for n, a in enumerate(read_json(json_path)["annotations"]):
+            try:  # an annotation without image_id or with an empty caption is a bad row, named by its index
+                if a["image_id"] in index:
+                    anns.append(dict(a, caption=text_field(a, "caption")))
+            except (BadRow, KeyError, TypeError) as e:
+                bad_row(json_path, f"annotations[{n}]", str(e) if isinstance(e, BadRow) else f"missing {e}")
         self.captions = [a["caption"] for a in anns]
         self.caption_video = [index[a["image_id"]] for a in anns]
         self.small = [bool(a.get("small_object", False)) for a in anns]
-        self.paths = [os.path.join(base, "videos", "all", v + ".mp4") for v in self.videos]
 
 
 class MSRVTTTrain(torch.utils.data.Dataset):
@@ -844,8 +896,8 @@ class MSRVTTTrain(torch.utils.data.Dataset):
         rng = random.Random(random.getrandbits(64))
         try:
             frames, _ = load_clip(self.ann.paths[i], self.num_frames, "rand", rng=rng)
-        except VideoReadError:
-            return None
+        except VideoReadError as e:
+            return dict(bad_video=self.ann.paths[i], error=str(e))
         video, _ = self.transform(frames, rng=rng)
         return dict(video=video, caption=rng.choice(self.by_video[i]))
 
@@ -1035,15 +1087,18 @@ def frames_at(step, cfg):
     return cfg.num_frames
 
 
-def infinite_batches(dataset, collate, cfg, world, rank, seed):
-    """Endless shuffled batches (a new permutation every pass), this rank's shard only."""
+def infinite_batches(dataset, collate, cfg, world, rank, seed, skip=0):
+    """Endless shuffled batches (a new permutation every pass), this rank's shard only. The first `skip` batches
+    are passed over without being read: a resumed run continues the interrupted run's order."""
     epoch = 0
     while True:
         sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
         sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=sampler, collate_fn=collate,
-                                             num_workers=cfg.num_workers, drop_last=True,
-                                             persistent_workers=False)
+        indices = list(sampler)[skip * cfg.batch_size:]
+        skip = max(0, skip - len(sampler) // cfg.batch_size)
+        loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=indices, collate_fn=collate,
+                                             num_workers=cfg.num_workers, drop_last=True, persistent_workers=False,
+                                             generator=torch.Generator().manual_seed(seed + epoch))  # not the global
         yield from loader
         epoch += 1
 
@@ -1061,7 +1116,8 @@ def to_device(batch, device):
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv, PRESETS)
+    cfg = parse_config(Config, argv, PRESETS, CHOICES, RANGES)
+    set_strict(cfg.strict)
     dist = setup_distributed(cfg.device)
     device = dist.device
     cfg.precision, why = choose_precision(cfg.precision, device)
@@ -1073,18 +1129,19 @@ def main(argv=None):
             ensure_corpus(cfg.data_root)
         barrier()
     tokenizer = Tokenizer(cfg.vocab_file or os.path.join(cfg.data_root, "vocab.txt"))
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    if dist.is_main:  # before anything is written: another run's files are kept unless --resume / --overwrite
+        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    barrier()
     log = JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=dist.is_main)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     finetuning = cfg.finetune == "retrieval"
-    assert cfg.finetune in ("", "retrieval") and cfg.eval in ("", "retrieval")
     objects = cfg.objects == "on" and not finetuning  # fine-tuning and testing drop the object streams
 
     # --- model
     model = OATrans(cfg, cfg.vocab_size or tokenizer.vocab_size)
     for path, key_map in ((cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)):
         if path:  # ours: {"model": ...}; a release: {"state_dict": ...}; timm / HF: the tensors themselves
-            print0(load_into(model, read_state_dict(path), **key_map, source=path))
+            print0(load_into(model, find_state_dict(load_checkpoint(path, paper="oa_trans")), **key_map, source=path))
     if cfg.vit_width == 768 and not (cfg.init or cfg.init_video or cfg.init_text):
         print0(f"note: paper-size model from random weights; {PAPER_INIT}")
     model = model.to(device)
@@ -1095,11 +1152,13 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6,
                                   fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
     step = start_step = 0
+    ckpt = {}
     if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, paper="oa_trans", need=("model", "optimizer", "step"))
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = start_step = ckpt["step"]
+        log.truncate_after(step)  # records the interrupted run wrote after this checkpoint
         print0(f"resumed from {ckpt_path} at step {step}")
 
     # --- evaluation data (MSR-VTT-style): val is watched during training, the final weights are tested once
@@ -1116,14 +1175,25 @@ def main(argv=None):
         return metrics
 
     # --- training data
+    bad = None
     if finetuning:
         dataset = MSRVTTTrain(MSRVTT(cfg.data_root, "train"), cfg)
     else:
         dataset = WebVidObjects(cfg.data_root, "train", cfg, tokenizer, objects=objects)
+        bad = BadVideos(len(dataset), cfg.max_bad_videos, print0, log)
         if cfg.cache_videos:
             t = time.time()
-            bad = dataset.preload(threads=min(8, os.cpu_count() or 1))
-            print0(f"decoded {len(dataset.cache)} training videos into RAM in {time.time() - t:.0f} s ({bad} unreadable)")
+            n_bad = dataset.preload(threads=min(8, os.cpu_count() or 1))
+            print0(f"decoded {len(dataset.cache)} training videos into RAM in {time.time() - t:.0f} s "
+                   f"({n_bad} unreadable)")
+            bad.add(sorted(dataset.unreadable.items()), skipped=0)  # a corpus too broken stops here
+    bad = bad or BadVideos(len(dataset), cfg.max_bad_videos, print0, log)
+    bad.load(ckpt.get("bad_videos", bad.state()))
+    if len(dataset) // dist.world_size < cfg.batch_size:  # full batches only: none could ever be drawn
+        raise SystemExit(f"error: {len(dataset)} training clips over {dist.world_size} rank(s), fewer than "
+                         f"--batch_size={cfg.batch_size} per rank: no batch can be drawn; lower --batch_size")
+    if skipped_rows():
+        log.log({"bad_rows": skipped_rows()})
     terms = LOSS_TERMS[cfg.oa_loss]
     weights = dict(w_main=cfg.w_main, w_tags=cfg.w_tags, w_regions=cfg.w_regions)
     if objects and cfg.distractor and cfg.oa_loss == "release":
@@ -1134,7 +1204,10 @@ def main(argv=None):
 
     # --- loop
     batches, loader_frames = None, None
-    skipped, t0, clips_seen = 0, time.time(), 0
+    stream = ckpt.get("stream", {})  # the data stream at the checkpoint: frames, seed, batches drawn
+    if ckpt.get("rng"):  # random draws continue as in the interrupted run (exact with num_workers=0)
+        set_rng_states(ckpt["rng"])
+    t0, clips_seen = time.time(), 0
     wait, wait_total, t_start = 0.0, 0.0, time.time()  # seconds blocked on the data loader (interval, run)
     pbar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
     while True:
@@ -1146,18 +1219,29 @@ def main(argv=None):
                    f"MdR {val['retrieval/t2v_MdR']:.0f}")
             if dist.is_main:
                 save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                 "config": config_to_dict(cfg)}, ckpt_path)
+                                 "config": config_to_dict(cfg), "paper": "oa_trans", "stream": dict(stream),
+                                 "rng": rng_states(), "bad_videos": bad.state()}, ckpt_path)
         if last_step:
             break
 
         frames = frames_at(step, cfg)
         if frames != loader_frames:  # (re)start the data stream; the curriculum switches the frame count once
             dataset.num_frames = loader_frames = frames
-            batches = infinite_batches(dataset, functools.partial(collate, tokenizer=tokenizer, cfg=cfg), cfg, dist.world_size, dist.rank, cfg.seed + step)
+            if stream.get("frames") != frames:  # a new stream (a resumed one continues where it was)
+                stream = dict(frames=frames, seed=cfg.seed + step, drawn=0)
+            batches = infinite_batches(dataset, functools.partial(collate, tokenizer=tokenizer, cfg=cfg), cfg,
+                                       dist.world_size, dist.rank, stream["seed"], skip=stream["drawn"])
         t_wait = time.time()
-        batch = to_device(next(batches), device)
+        for empty in range(len(dataset) // cfg.batch_size + 2):  # a batch of unreadable clips only is skipped
+            batch = next(batches)
+            stream["drawn"] += 1
+            bad.add(batch.pop("bad_videos"), batch.pop("skipped"))
+            if "video" in batch:
+                break
+        else:
+            raise SystemExit(f"error: {empty + 1} batches in a row held no readable video (see the warnings)")
+        batch = to_device(batch, device)
         wait += time.time() - t_wait
-        skipped += batch.pop("skipped")
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -1166,6 +1250,7 @@ def main(argv=None):
             emb = model(**{k: v for k, v in batch.items() if k in ("video", "text") or objects})
         emb = {k: all_gather_with_grad(v.float()) for k, v in emb.items()}  # negatives from every rank
         loss, parts = oa_trans_loss(emb, terms, weights, cfg.temperature)
+        check_finite(step, loss=loss, **parts)  # NaN / inf stops the run here, before backward() reaches the weights
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))  # inf: measure only
@@ -1178,7 +1263,7 @@ def main(argv=None):
             dt = time.time() - t0
             rec = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "lr": lr,
                    "grad_norm": grad_norm.item(), "frames": frames, "ms_per_step": 1000 * dt / cfg.log_every, "clips_per_s": clips_seen / dt,
-                   "data_wait_pct": 100 * wait / dt, "skipped_videos": skipped}
+                   "data_wait_pct": 100 * wait / dt, "bad_videos": len(bad.errors), "skipped_clips": bad.skipped}
             log.log(rec)
             pbar.write(f"step {step} | loss {rec['loss']:.3f} ("
                        + ", ".join(f"{k} {v.item():.3f}" for k, v in parts.items())
@@ -1189,10 +1274,14 @@ def main(argv=None):
     train_seconds = time.time() - t_start  # the loop, with its validation passes and checkpoints
 
     metrics = evaluate_retrieval(raw_model, test_clips, tokenizer, cfg, device)
-    metrics["train/skipped_videos"] = skipped
+    metrics.update(bad.metrics("train"))  # distinct unreadable training videos, clips dropped from batches
+    metrics["data/bad_rows"] = len(skipped_rows())
     metrics["train/data_wait_pct"] = 100 * (wait_total + wait) / max(1e-9, train_seconds)
     metrics["retrieval/unreadable_videos"] = test_clips.unreadable
     if dist.is_main:
+        if bad.errors or skipped_rows():
+            print0(f"skipped: {len(bad.errors)} unreadable training videos ({bad.skipped} clips), "
+                   f"{len(skipped_rows())} bad annotation rows (named above and in the log)")
         write_metrics(cfg.out_dir, metrics)
         log.log({"step": step, **{f"test_{k}": v for k, v in metrics.items()}})
         print0(format_table(metrics, f"test retrieval ({'fine-tuned' if finetuning else 'zero-shot'}, object streams dropped)"))

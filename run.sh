@@ -13,6 +13,8 @@
 #                          the benchmark table, and a summary (clips/s, loss fall, seconds to the first logged step)
 #
 # Set PYTHON to choose the interpreter (default: python3). Outputs go to runs/<paper>/ (each paper file's default out_dir).
+# A paper file refuses to write into an out_dir holding another run's files unless given --resume (continue it) or
+# --overwrite (replace it); the jobs below pass --overwrite, so running them again replaces their earlier outputs.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -43,15 +45,15 @@ data() {
 # multiple choice and masked motion words at the end. Ablation: --temporal=mean.
 #   one GPU:   python all_in_one.py --pretrain --device=cuda
 #   many GPUs: torchrun --standalone --nproc_per_node=8 all_in_one.py --pretrain
-run_all_in_one() { $PY all_in_one.py --pretrain "$@"; }
+run_all_in_one() { $PY all_in_one.py --pretrain --overwrite "$@"; }
 
 # EgoVLP: Frozen-style dual encoder on EgoClip pairs with EgoNCE; EgoMCQ and EPIC-MIR at the end.
 # Ablation (InfoNCE): --positives=self --negatives=none
-run_egovlp() { $PY egovlp.py --pretrain "$@"; }
+run_egovlp() { $PY egovlp.py --pretrain --overwrite "$@"; }
 
 # OA-Trans: dual encoder plus object regions on an anchor frame and object tags; zero-shot MSR-VTT-style retrieval.
 # Ablation (plain Frozen): --objects=off
-run_oa_trans() { $PY oa_trans.py --pretrain "$@"; }
+run_oa_trans() { $PY oa_trans.py --pretrain --overwrite "$@"; }
 
 # --- the central ablations (common/ablate.py; the variants are each paper file's ABLATION, next to its presets):
 #   bash run.sh ablate all_in_one     temporal=roll | mean | shift, and rolling in the video-only pass
@@ -63,7 +65,7 @@ run_ablate() { $PY -m common.ablate "$@"; }
 # --- on a GPU: every default and every paper-size preset in bf16 for a few hundred steps, then the benchmark
 gpu() {
   mkdir -p runs/gpu
-  local common=(--device=cuda --precision=bf16 --num_workers="${GPU_WORKERS:-8}" --log_every=25)
+  local common=(--device=cuda --precision=bf16 --num_workers="${GPU_WORKERS:-8}" --log_every=25 --overwrite)
   timed() { local out=$1; shift; date +%s.%N > "runs/gpu/$out.start"; "$@" --out_dir="runs/gpu/$out"; }
   for paper in all_in_one egovlp oa_trans; do
     timed "$paper" $PY "$paper.py" --pretrain "${common[@]}" --max_steps=300

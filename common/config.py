@@ -12,6 +12,9 @@ the paper's value). `parse_config` turns a command line into an instance:
   first, in the order given, and explicit `--key=value` overrides win whatever their position.
 - Unknown keys are an error that suggests the closest field names; `--help` lists every field with its default
   and its comment, read from the dataclass source.
+- `choices` ({field: allowed values}) and `ranges` ({field: (low, high)}, inclusive, None = open) declared next to
+  the dataclass are checked on the final values (presets included): `--objects=maybe` or `--batch_size=0` is a
+  one-line error naming the field and what it accepts, never a bare assertion deep in the run.
 """
 
 import dataclasses
@@ -83,7 +86,22 @@ def format_help(cfg_cls, presets=None, prog=None):
     return "\n".join(lines)
 
 
-def parse_config(cfg_cls, argv=None, presets=None):
+def check_values(cfg, choices=None, ranges=None):
+    """SystemExit naming the first field whose value is not among its `choices` or outside its `ranges`."""
+    for name, allowed in (choices or {}).items():
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"error: --{name} must be one of {', '.join(repr(a) for a in allowed)}; "
+                             f"got {getattr(cfg, name)!r}")
+    for name, (low, high) in (ranges or {}).items():
+        value = getattr(cfg, name)
+        if (low is not None and value < low) or (high is not None and value > high):
+            want = (f"between {low} and {high}" if low is not None and high is not None
+                    else f">= {low}" if low is not None else f"<= {high}")
+            raise SystemExit(f"error: --{name} must be {want}; got {value}")
+    return cfg
+
+
+def parse_config(cfg_cls, argv=None, presets=None, choices=None, ranges=None):
     """Build a `cfg_cls` instance from `argv` (defaults to sys.argv[1:]); see the module docstring."""
     argv = sys.argv[1:] if argv is None else list(argv)
     presets = presets or {}
@@ -122,7 +140,7 @@ def parse_config(cfg_cls, argv=None, presets=None):
     unknown = set(values) - set(fields)
     if unknown:  # a preset naming a field that does not exist is a bug in the paper file
         raise ValueError(f"presets set unknown fields: {sorted(unknown)}")
-    return cfg_cls(**values)
+    return check_values(cfg_cls(**values), choices, ranges)
 
 
 def config_to_dict(cfg):

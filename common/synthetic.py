@@ -1313,7 +1313,13 @@ def ensure_corpus(root="data/synth", size: str = "default", seed: int = 0, frame
 
 def _generate_and_swap(root: Path, keep_existing: bool = True, **kwargs):
     """Generate into a temporary sibling of `root`, then rename it into place. With keep_existing, a complete
-    current corpus that appeared meanwhile (another process won the race) is kept and ours is discarded."""
+    current corpus that appeared meanwhile (another process won the race) is kept and ours is discarded. A folder
+    without DONE is not one this generator wrote (it renames a finished corpus into place, DONE included): it is
+    never replaced, and nothing is generated."""
+    if root.exists() and not (root / "DONE").exists() and any(root.iterdir()):
+        raise SystemExit(f"error: {root} exists without the DONE file that the synthetic corpus generator writes: it "
+                         f"is not a corpus this code wrote, so it is left alone. Use it with --data_root=<its path>, "
+                         f"or move it away to have the synthetic corpus generated there")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,10 @@
 """Training helpers that teach nothing about a paper: device, seeding, mixed precision, the lr schedule,
-optimizer parameter groups, atomic checkpoints, the JSONL log and metrics.json."""
+optimizer parameter groups, atomic checkpoints, the JSONL log and metrics.json, and the run's safety rails (an
+out_dir that is not silently reused, the random states an exact --resume needs, a non-finite loss that stops the
+run, a count of unreadable videos with a limit)."""
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -148,11 +151,21 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
+PARTIAL = ".partial-"  # prefix of a checkpoint being written; a kill mid-write leaves one, the next start removes it
+
+
 def save_checkpoint(state, path):
-    """torch.save to a temporary file in the same folder, then os.replace: a crash never leaves half a file."""
+    """torch.save to `.partial-*.tmp` in the same folder, then os.replace: a kill mid-write never leaves half a
+    checkpoint (the previous one stays whole). Weights that are not finite are never written: the last good
+    checkpoint is kept and the run stops (a NaN checkpoint would be resumed from, or evaluated, later)."""
+    bad = [k for k, v in state.get("model", {}).items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SystemExit(f"error: step {state.get('step')}: {len(bad)} weight tensors are not finite (first: "
+                         f"{bad[0]}); {path} was not overwritten and keeps the last good weights. Lower --lr?")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=PARTIAL, suffix=".tmp")
     os.close(fd)
     try:
         torch.save(state, tmp)
@@ -162,10 +175,114 @@ def save_checkpoint(state, path):
             os.remove(tmp)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+def load_checkpoint(path, paper=None, need=()):
+    """A checkpoint read with weights_only=True: no pickled code runs (common/weights.py; classes it names become
+    inert placeholders). `paper` = the reading file's tag: a checkpoint another paper file wrote is refused; `need`
+    = keys it must hold (--resume: model, optimizer, step), else a message instead of a KeyError later."""
+    from common.weights import read_checkpoint
+    try:
+        ck = read_checkpoint(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # a pickle weights_only refuses, a truncated or foreign file
+        raise SystemExit(f"error: cannot read {path} as a checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
+    check_paper(ck, paper, path)
+    missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise SystemExit(f"error: {path} is not a checkpoint this code wrote (no {', '.join(missing)})")
+    return ck  # on the CPU; load_state_dict copies to the model's device
+
+
+def check_paper(ck, paper, path):
+    """A checkpoint tagged by another paper file (ours carry "paper") is refused: its tensors would not fit."""
+    if paper and isinstance(ck, dict) and ck.get("paper") not in (None, paper):
+        raise SystemExit(f"error: {path} is a checkpoint of {ck['paper']}.py, not of {paper}.py")
+
+
+def prepare_out_dir(out_dir, resume=False, overwrite=False):
+    """Make out_dir safe to write: remove half-written checkpoints a killed run left (.partial-*.tmp); refuse to
+    write over another run's files unless --resume (continue it) or --overwrite (start afresh, its files removed)."""
+    os.makedirs(out_dir, exist_ok=True)
+    for tmp in glob.glob(os.path.join(out_dir, PARTIAL + "*.tmp")):
+        os.remove(tmp)
+        print(f"removed {tmp}: a checkpoint write that a killed run left unfinished")
+    used = [f for f in ("ckpt.pt", "best.pt", "metrics.json", "log.jsonl") if os.path.exists(os.path.join(out_dir, f))]
+    if resume:
+        if not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+            raise SystemExit(f"error: --resume, but {out_dir}/ckpt.pt does not exist")
+    elif used and not overwrite:
+        raise SystemExit(f"error: {out_dir} holds another run's files ({', '.join(used)}); pass --resume to continue "
+                         f"that run, --overwrite to replace it, or choose another --out_dir")
+    elif used:
+        for f in used:
+            os.remove(os.path.join(out_dir, f))
+        print(f"--overwrite: removed {', '.join(used)} from {out_dir}")
+
+
+def rng_states():
+    """Every random state the loop draws from (python, numpy, torch, cuda), as plain tensors / lists so that a
+    checkpoint holding them still loads with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    random.setstate(_tuples(states["python"]))
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _tuples(x):  # random.setstate wants the nested tuples that a save may have turned into lists
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def check_finite(step, **losses):
+    """Stop the run at the step a loss term turns NaN / inf, naming every term, before backward() can spread the
+    non-finite values into the weights (the last checkpoint stays the last good one)."""
+    values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
+    if not all(math.isfinite(v) for v in values.values()):
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        raise SystemExit(f"error: non-finite loss at step {step + 1}: {terms}. The run stops here; the last "
+                         f"checkpoint is kept as it was. Lower --lr (or raise --warmup_steps)?")
+
+
+class BadVideos:
+    """Distinct unreadable video files met by a run (missing, empty, truncated, not a video, too few frames).
+
+    Each is named once in the log and on the console; `skipped` counts the clips dropped from batches. When more
+    than `max_share` of the `total` training videos is unreadable the run stops, naming the first files: a corpus
+    that bad needs fixing, not training on."""
+
+    def __init__(self, total, max_share, log=print, logger=None):
+        self.total, self.max_share, self.log, self.logger = total, max_share, log, logger
+        self.errors, self.skipped = {}, 0  # path -> first error; clips dropped
+
+    def add(self, failures, skipped=None):
+        """failures: (path, error) pairs of one batch (or of a preload pass)."""
+        self.skipped += len(failures) if skipped is None else skipped
+        for path, error in failures:
+            if path not in self.errors:
+                self.errors[path] = error
+                self.log(f"warning: unreadable video {path}: {error} (skipped; {len(self.errors)} so far)")
+                if self.logger:
+                    self.logger.log({"bad_video": path, "error": error})
+        if len(self.errors) > self.max_share * self.total:
+            first = "\n  ".join(f"{p}: {e}" for p, e in list(self.errors.items())[:10])
+            raise SystemExit(f"error: {len(self.errors)} of {self.total} training videos are unreadable, more than "
+                             f"--max_bad_videos={self.max_share} of them. First ones:\n  {first}")
+
+    def state(self):
+        return {"errors": dict(self.errors), "skipped": self.skipped}
+
+    def load(self, state):
+        self.errors, self.skipped = dict(state["errors"]), state["skipped"]
+
+    def metrics(self, prefix):
+        return {f"{prefix}/bad_videos": len(self.errors), f"{prefix}/skipped_clips": self.skipped}
 
 
 class JsonlLogger:
@@ -176,6 +293,14 @@ class JsonlLogger:
         self.path, self.enabled = path, enabled
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def truncate_after(self, step):
+        """On --resume: drop the records a killed run wrote after its last checkpoint (step > `step`), so that the
+        resumed run's records are not duplicated."""
+        if self.enabled and os.path.exists(self.path):
+            keep = [line for line in open(self.path) if line.strip() and json.loads(line).get("step", 0) <= step]
+            with open(self.path, "w") as f:
+                f.writelines(keep)
 
     def log(self, record):
         if self.enabled:

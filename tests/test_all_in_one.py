@@ -322,14 +322,24 @@ def test_ddp_vtc_matches_single_process():
 
 
 def test_malformed_annotation_rows_name_file_and_line(tmp_path):
+    from common.annotations import set_strict, skipped_rows
     (tmp_path / "qa.jsonl").write_text('{"video_id": "video1", "question": "q", "answer": "a"}\n{"video_id": \n')
-    with pytest.raises(ValueError, match=r"qa\.jsonl, line 2"):
-        aio.read_jsonl(tmp_path / "qa.jsonl")
     (tmp_path / "webvid").mkdir()
     (tmp_path / "webvid" / "results_train.csv").write_text(
         "videoid,contentUrl,duration,page_dir,name\n1,u,PT00H00M02S,1_50,a red ball\n2,u,PT00H00M02S\n")
-    with pytest.raises(ValueError, match=r"results_train\.csv, line 3"):
-        aio.read_webvid(tmp_path, "train")
+    try:
+        set_strict(False)  # the default: the bad row is skipped, counted and named
+        assert len(aio.read_jsonl(tmp_path / "qa.jsonl")) == 1
+        assert [r["id"] for r in aio.read_webvid(tmp_path, "train")] == ["1"]
+        assert [m.split(":")[0] for m in skipped_rows()] == [f"{tmp_path / 'qa.jsonl'}, line 2",
+                                                             f"{tmp_path / 'webvid' / 'results_train.csv'}, line 3"]
+        set_strict(True)  # --strict: an error naming the file and the line
+        with pytest.raises(SystemExit, match=r"qa\.jsonl, line 2"):
+            aio.read_jsonl(tmp_path / "qa.jsonl")
+        with pytest.raises(SystemExit, match=r"results_train\.csv, line 3"):
+            aio.read_webvid(tmp_path, "train")
+    finally:
+        set_strict(False)
 
 
 # --- presets and the CPU-default vs paper table -----------------------------------------------------------------

@@ -246,10 +246,18 @@ def test_read_egoclip_parses_rows_and_names_malformed_lines(tmp_path):
     assert rows[0]["tag_noun"] == [5, 12] and rows[0]["clip_start"] == -0.2
     bad_rows = ["\t".join(["1", "v1", "100", "narration_pass_1", "1", "oops", "1", "2", "#C C drops it", "[1]", "[2]"]),
                 "\t".join(["2", "v1", "100", "narration_pass_1", "2", "9", "8", "10", "#C C x", "os.system('x')", "[2]"])]
+    from common.annotations import set_strict, skipped_rows
     for bad in bad_rows:
         (tmp_path / "bad.csv").write_text("\n".join(["\t".join(cols), good, bad]) + "\n")
-        with pytest.raises(ValueError, match=r"bad\.csv, line 3"):
-            egovlp.read_egoclip(tmp_path / "bad.csv")
+        try:
+            set_strict(False)  # default: skipped, counted, named with file and line
+            assert len(egovlp.read_egoclip(tmp_path / "bad.csv")) == 1
+            assert len(skipped_rows()) == 1 and "bad.csv, line 3" in skipped_rows()[0]
+            set_strict(True)
+            with pytest.raises(SystemExit, match=r"bad\.csv, line 3"):
+                egovlp.read_egoclip(tmp_path / "bad.csv")
+        finally:
+            set_strict(False)
 
 
 def _rows():
