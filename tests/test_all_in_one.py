@@ -250,10 +250,10 @@ def test_pretrain_then_resume_end_to_end(tiny_corpus, tmp_path):
     for key in ("retrieval/t2v_R@1", "retrieval/t2v_R@5", "retrieval/t2v_MdR", "mc/acc", "mc_order/acc",
                 "mlm_motion/acc"):
         assert key in m
-    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["step"] == 2
     m2 = aio.main(common + ["--max_steps=4", "--resume"])
-    ck2 = torch.load(out / "ckpt.pt", weights_only=False)
+    ck2 = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck2["step"] == 4
     steps = [r["step"] for r in read_log(out / "log.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4]  # the resumed run continued the step counter

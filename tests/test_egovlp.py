@@ -511,12 +511,12 @@ def test_main_pretrain_then_resume_then_finetune_and_eval(tiny_corpus, tmp_path)
     metrics = egovlp.main(common + ["--max_steps=2", "--ckpt_every=1"])
     for key in ("egomcq/inter_acc", "egomcq/intra_acc", "epic_mir/mAP_avg", "epic_mir/nDCG_avg", "charades/mAP"):
         assert key in metrics and 0 <= metrics[key] <= 100, key
-    ckpt = torch.load(tmp_path / "pt" / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "pt" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["positives"] == "verb_and_noun"
     saved = {k: v.clone() for k, v in ckpt["model"].items()}
 
     egovlp.main(common + ["--max_steps=3", "--resume"])  # one more step from the checkpoint
-    ckpt = torch.load(tmp_path / "pt" / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "pt" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3
     assert any(not torch.equal(saved[k], ckpt["model"][k]) for k in saved)
     steps = [json.loads(line)["step"] for line in open(tmp_path / "pt" / "log.jsonl") if "loss" in line]

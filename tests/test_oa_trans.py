@@ -415,11 +415,11 @@ def test_main_pretrain_resume_finetune(tiny_corpus, tmp_path):
               "--precision=fp32", "--eval_batch_size=8"]
     m = oa.main(common + ["--max_steps=2"])
     assert {"retrieval/t2v_R@1", "retrieval/t2v_R@5", "retrieval/t2v_MdR", "retrieval_small/t2v_R@1"} <= m.keys()
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 2
     before = {k: v.clone() for k, v in ckpt["model"].items()}
     oa.main(common + ["--max_steps=4", "--resume"])
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 4
     assert any(not torch.equal(before[k], ckpt["model"][k]) for k in before)  # it trained on from the checkpoint
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl")) if "loss" in line]
