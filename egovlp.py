@@ -1355,14 +1355,8 @@ def main(argv: list[str] | None = None) -> dict:
             break
 
         t_wait = time.time()
-        for empty in range(len(dataset) // cfg.batch_size + 2):  # a batch of unreadable clips only is skipped
-            batch = next(batches)
-            drawn += 1
-            bad.add(batch.pop("bad_videos"), batch.pop("skipped"))
-            if "video" in batch:
-                break
-        else:
-            raise SystemExit(f"error: {empty + 1} batches in a row held no readable video (see the warnings)")
+        batch, n = bad.next_batch(batches, len(dataset) // cfg.batch_size + 2)  # unreadable-only batches skipped
+        drawn += n
         # every tensor of the batch to the device once: clips, EgoNCE tags, MI-MM relevancy
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         wait += time.time() - t_wait

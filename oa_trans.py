@@ -1232,14 +1232,8 @@ def main(argv=None):
             batches = infinite_batches(dataset, functools.partial(collate, tokenizer=tokenizer, cfg=cfg), cfg,
                                        dist.world_size, dist.rank, stream["seed"], skip=stream["drawn"])
         t_wait = time.time()
-        for empty in range(len(dataset) // cfg.batch_size + 2):  # a batch of unreadable clips only is skipped
-            batch = next(batches)
-            stream["drawn"] += 1
-            bad.add(batch.pop("bad_videos"), batch.pop("skipped"))
-            if "video" in batch:
-                break
-        else:
-            raise SystemExit(f"error: {empty + 1} batches in a row held no readable video (see the warnings)")
+        batch, n = bad.next_batch(batches, len(dataset) // cfg.batch_size + 2)  # unreadable-only batches skipped
+        stream["drawn"] += n
         batch = to_device(batch, device)
         wait += time.time() - t_wait
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule)

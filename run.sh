@@ -43,7 +43,7 @@ data() {
 # --- the default jobs: CPU-sized models trained from scratch on the synthetic corpus, a few minutes each ---
 # All-in-one: one single-stream transformer, temporal token rolling, VTM + MLM + VTC; zero-shot retrieval,
 # multiple choice and masked motion words at the end. Ablation: --temporal=mean.
-#   one GPU:   python all_in_one.py --pretrain --device=cuda
+#   one GPU:   python all_in_one.py --pretrain --device=cuda --num_workers=8
 #   many GPUs: torchrun --standalone --nproc_per_node=8 all_in_one.py --pretrain
 run_all_in_one() { $PY all_in_one.py --pretrain --overwrite "$@"; }
 

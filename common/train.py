@@ -275,6 +275,16 @@ class BadVideos:
             raise SystemExit(f"error: {len(self.errors)} of {self.total} training videos are unreadable, more than "
                              f"--max_bad_videos={self.max_share} of them. First ones:\n  {first}")
 
+    def next_batch(self, batches, max_empty):
+        """-> (the next batch from `batches` that holds a readable clip, batches drawn for it). Each draw's
+        unreadable files are added here; `max_empty` batches in a row without a readable clip stop the run."""
+        for drawn in range(1, max_empty + 1):
+            batch = next(batches)
+            self.add(batch.pop("bad_videos"), batch.pop("skipped"))
+            if "video" in batch:
+                return batch, drawn
+        raise SystemExit(f"error: {max_empty} batches in a row held no readable video (see the warnings)")
+
     def state(self):
         return {"errors": dict(self.errors), "skipped": self.skipped}
 
