@@ -14,6 +14,11 @@ clip always in the same fold; chance is 50%.
     frames_concat  the video-only pass per frame, pooled per frame and concatenated in time order (T*D): a control
                    that sees order by construction; if it fails, the frames themselves carry too little signal
 
+Caveat: the synthetic world is closed under time reversal (every motion has its reversed twin among the forward
+clips), so features of the video alone (joint_video, video, frames_concat) cannot tell forward from reversed even in
+principle; only joint_cls, which sees the caption, is a fair test. (Default run of 2026-12-02: 50.1 / 50.0 / 50.0 /
+49.3%.)
+
 `--random_init` probes the same architecture with random weights (what the features give before any training).
 Not collected by pytest; the numbers go to the issue, not to a test.
 """
