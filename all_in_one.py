@@ -700,6 +700,23 @@ def decode_clip(path, cfg, train, rng=None, sample=None):
     return video
 
 
+def preload_clips(paths, threads):
+    """Decode these whole clips into _CLIP_CACHE now, before the loop (as egovlp and oa_trans preload theirs): the
+    first epoch then samples from memory instead of waiting for the decoder. -> {path: error} of the unreadable ones
+    (skipped and counted when drawn)."""
+    from concurrent.futures import ThreadPoolExecutor
+    unreadable = {}
+
+    def decode(path):
+        try:
+            _CLIP_CACHE[path] = read_frames(path, range(video_meta(path).num_frames))
+        except VideoReadError as e:
+            unreadable[path] = str(e)
+    with ThreadPoolExecutor(threads) as pool:  # PyAV decodes outside the GIL
+        list(pool.map(decode, sorted(set(paths))))
+    return unreadable
+
+
 def read_webvid(root, split):
     """WebVid CSV (videoid, contentUrl, duration, page_dir, name[, reverse_of]) -> list of dict(path, text, twin).
     Rows without an id, with an empty caption, a repeated id or a path leaving the corpus are bad rows
@@ -1296,6 +1313,12 @@ def main(argv=None):
             build_task_items(cfg, sub, split, answer_vocab)
     loader = make_loader(dataset, Collate(tok, cfg, task), cfg, dist, True, twin)
     bad = BadVideos(len(dataset), cfg.max_bad_videos, log=print0, logger=logger)
+    if cfg.cache_clips and cfg.num_workers == 0:  # (workers would each fill their own cache)
+        t = time.time()
+        unreadable = preload_clips([it["path"] for it in dataset.items], threads=min(8, os.cpu_count() or 1))
+        print0(f"decoded {len(dataset.items)} training clips into RAM in {time.time() - t:.0f} s "
+               f"({len(unreadable)} unreadable)")
+        bad.add(sorted(unreadable.items()), skipped=0)  # a corpus too broken stops here
     if skipped_rows():
         logger.log({"bad_rows": skipped_rows()})
     print0(f"task={task}: {len(dataset)} training items; contrastive batch = {cfg.batch_size} x {dist.world_size} "
