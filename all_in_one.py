@@ -133,7 +133,8 @@ from common.text import Tokenizer, whole_word_mask
 from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
-from common.video import VideoReadError, VideoTransform, load_clip, read_frames, sample_frame_indices, video_meta
+from common.video import (VideoReadError, VideoTransform, decode_videos, load_clip, read_frames,
+                          sample_frame_indices, video_meta)
 from common.weights import find_state_dict, load_into
 
 
@@ -698,23 +699,6 @@ def decode_clip(path, cfg, train, rng=None, sample=None):
         frames, _ = load_clip(path, cfg.num_frames, sample, rng=rng)
     video, _ = VideoTransform(cfg.img_size, train, scale=(0.7, 1.0), flip=False)(frames, rng=rng)
     return video
-
-
-def preload_clips(paths, threads):
-    """Decode these whole clips into _CLIP_CACHE now, before the loop (as egovlp and oa_trans preload theirs): the
-    first epoch then samples from memory instead of waiting for the decoder. -> {path: error} of the unreadable ones
-    (skipped and counted when drawn)."""
-    from concurrent.futures import ThreadPoolExecutor
-    unreadable = {}
-
-    def decode(path):
-        try:
-            _CLIP_CACHE[path] = read_frames(path, range(video_meta(path).num_frames))
-        except VideoReadError as e:
-            unreadable[path] = str(e)
-    with ThreadPoolExecutor(threads) as pool:  # PyAV decodes outside the GIL
-        list(pool.map(decode, sorted(set(paths))))
-    return unreadable
 
 
 def read_webvid(root, split):
@@ -1315,7 +1299,8 @@ def main(argv=None):
     bad = BadVideos(len(dataset), cfg.max_bad_videos, log=print0, logger=logger)
     if cfg.cache_clips and cfg.num_workers == 0:  # (workers would each fill their own cache)
         t = time.time()
-        unreadable = preload_clips([it["path"] for it in dataset.items], threads=min(8, os.cpu_count() or 1))
+        frames, unreadable = decode_videos([it["path"] for it in dataset.items], threads=min(8, os.cpu_count() or 1))
+        _CLIP_CACHE.update(frames)  # the first epoch then samples from memory instead of waiting for the decoder
         print0(f"decoded {len(dataset.items)} training clips into RAM in {time.time() - t:.0f} s "
                f"({len(unreadable)} unreadable)")
         bad.add(sorted(unreadable.items()), skipped=0)  # a corpus too broken stops here

@@ -145,7 +145,7 @@ from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose
                           format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir, rng_states,
                           save_checkpoint, seed_everything, set_rng_states, write_metrics)
 from common.weights import find_state_dict, load_into
-from common.video import (IMAGENET_MEAN, IMAGENET_STD, VideoReadError, VideoTransform, load_clip, read_frames,
+from common.video import (IMAGENET_MEAN, IMAGENET_STD, VideoReadError, VideoTransform, decode_videos, load_clip, read_frames,
                           sample_frame_indices, video_meta)
 
 
@@ -764,17 +764,8 @@ class WebVidObjects(torch.utils.data.Dataset):
         """Decode every video whole into the cache, in the main process before the DataLoader forks its workers
         (they share the one copy, and it outlives the loader that the frame curriculum rebuilds). At every step the
         frames are then sampled from memory exactly as they would be decoded. Returns the number unreadable."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        def decode(path):
-            try:
-                self.cache[path] = read_frames(path, range(video_meta(path).num_frames))
-                return True
-            except VideoReadError as e:
-                self.unreadable[path] = str(e)
-                return False  # skipped and counted when sampled
-        with ThreadPoolExecutor(threads) as pool:  # PyAV decodes outside the GIL
-            return sum(not ok for ok in pool.map(decode, [self.video_path(r) for r in self.rows]))
+        self.cache, self.unreadable = decode_videos([self.video_path(r) for r in self.rows], threads)
+        return len(self.unreadable)  # skipped and counted when sampled
 
     def read(self, path, indices):
         """Frames `indices` of a video: from the cache when preloaded, else decoded now."""

@@ -170,6 +170,22 @@ def read_frames(path, indices):
         container.close()
 
 
+def decode_videos(paths, threads):
+    """Decode whole videos ahead of training, `threads` at a time (PyAV decodes outside the GIL).
+    -> ({path: uint8 (F, H, W, 3)}, {path: error} of the unreadable ones)."""
+    from concurrent.futures import ThreadPoolExecutor
+    frames, unreadable = {}, {}
+
+    def decode(path):
+        try:
+            frames[path] = read_frames(path, range(video_meta(path).num_frames))
+        except VideoReadError as e:
+            unreadable[path] = str(e)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(decode, sorted(set(paths))))
+    return frames, unreadable
+
+
 def load_clip(path, n, mode, start_sec=None, end_sec=None, rng=None):
     """Sample and decode n frames of a whole video, or of the window [start_sec, end_sec].
 
