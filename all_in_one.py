@@ -1222,7 +1222,7 @@ def main(argv=None):
     print0(why)
     seed_everything(cfg.seed + dist.rank)
     if cfg.data_root == Config.data_root:  # the built-in corpus: written on first use, rewritten when outdated
-        from common.synthetic import ensure_corpus
+        from data.synthetic import ensure_corpus
         if dist.is_main:
             ensure_corpus(cfg.data_root)
         barrier()

@@ -37,7 +37,7 @@ setup() {
 }
 
 data() {
-  $PY -m common.synthetic --out data/synth --seed 0 --size default
+  $PY -m data.synthetic --out data/synth --seed 0 --size default
 }
 
 # --- the default jobs: CPU-sized models trained from scratch on the synthetic corpus, a few minutes each ---

@@ -1,2 +1,2 @@
 """Paper-agnostic plumbing shared by oa_trans.py, all_in_one.py and egovlp.py: config parsing, video decoding,
-tokenization, metrics, distributed helpers, training helpers and the synthetic corpus."""
+tokenization, metrics, distributed helpers, training helpers, pretrained weights, ablations and pictures."""

@@ -5,7 +5,7 @@ session into a temporary directory; returns its root Path (same layout as data/s
 """
 import pytest
 
-from common.synthetic import ensure_corpus
+from data.synthetic import ensure_corpus
 
 
 @pytest.fixture(scope="session")

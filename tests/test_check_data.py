@@ -1,4 +1,4 @@
-"""common/check_data.py finds every problem planted in a copy of the tiny corpus, and nothing on the clean one.
+"""data/check.py finds every problem planted in a copy of the tiny corpus, and nothing on the clean one.
 
     python -m pytest -q tests/test_check_data.py
 """
@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from common.check_data import check, main
+from data.check import check, main
 
 
 def write_video(path, frames):

@@ -343,7 +343,7 @@ def test_out_dir_of_another_run_is_kept_unless_resume_or_overwrite(tiny_corpus, 
 
 
 def test_the_corpus_generator_never_replaces_a_folder_it_did_not_write(tmp_path):
-    from common.synthetic import ensure_corpus
+    from data.synthetic import ensure_corpus
     mine = tmp_path / "synth"
     mine.mkdir()
     (mine / "my_video.mp4").write_bytes(b"precious")

@@ -1,4 +1,4 @@
-"""Tests of the synthetic corpus (common/synthetic.py) on its tiny size.
+"""Tests of the synthetic corpus (data/synthetic.py) on its tiny size.
 
 Run: cd /work/main && python -m pytest -q tests/test_synthetic.py
 The `tiny_corpus` fixture (tests/conftest.py) generates the corpus once per session; one test generates it a
@@ -16,7 +16,7 @@ import av
 import numpy as np
 import pytest
 
-from common.synthetic import CORPUS_VERSION, EGO_FPS, SIZES, build_egoclip, build_msrvtt, done_info, ensure_corpus
+from data.synthetic import CORPUS_VERSION, EGO_FPS, SIZES, build_egoclip, build_msrvtt, done_info, ensure_corpus
 
 ANNOTATION_SUFFIXES = {".csv", ".json", ".jsonl", ".txt", ".list", ".npy", ".npz"}
 

@@ -47,9 +47,9 @@ fixed options (macroblock-tree off, see write_video), so the same seed gives byt
 and videos alike, whatever the number of worker processes or the order in which they take jobs.
 
 Usage:
-    python -m common.synthetic --out data/synth --seed 0 --size default     # ~1.5 min on 2 idle cores
-    python -m common.synthetic --out /tmp/synth_tiny --size tiny             # a few seconds, used by the tests
-    from common.synthetic import ensure_corpus; root = ensure_corpus("data/synth")
+    python -m data.synthetic --out data/synth --seed 0 --size default     # ~1.5 min on 2 idle cores
+    python -m data.synthetic --out /tmp/synth_tiny --size tiny             # a few seconds, used by the tests
+    from data.synthetic import ensure_corpus; root = ensure_corpus("data/synth")
 """
 from __future__ import annotations
 

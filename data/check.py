@@ -1,8 +1,8 @@
 """Check a dataset before spending GPU hours on it: annotations parsed row by row, videos opened and decoded.
 
-    python -m common.check_data --root /data --format webvid --split train          # a sample of 200 videos
-    python -m common.check_data --root /data --format egoclip --all                 # every video
-    python -m common.check_data --root data/synth --format msrvtt --split test
+    python -m data.check --root /data --format webvid --split train          # a sample of 200 videos
+    python -m data.check --root /data --format egoclip --all                 # every video
+    python -m data.check --root data/synth --format msrvtt --split test
 
 --root is the same directory the paper files take as --data_root (layouts in data/README.md). Formats:
   webvid    webvid/results_<split>.csv -> webvid/videos/<page_dir>/<videoid>.mp4
