@@ -121,8 +121,7 @@ def map_relevancy(sim, relevancy, precision: str = "graded", chunk: int = 1024) 
             "graded" (the release's `utils/mAP.py`, the number the papers quote): the *sum of the graded
                 relevancies* of the top k items, so a half-relevant item (0.5) above a relevant one counts as half
                 a hit: P@k = sum_{r<=k} relevancy(r) / k.
-            "binary" (textbook AP): the number of items with relevancy == 1 in the top k. Never above "graded";
-                on EPIC-like relevancies it comes out a few points lower (2-4.5 in the comparison of issue 12).
+            "binary" (textbook AP): the number of items with relevancy == 1 in the top k. Never above "graded".
     Per row: rank items by descending score, AP = sum_{k: relevancy(k) == 1} P@k / #relevant; mAP = mean over the
     rows that have at least one relevant item (rows without any are skipped: their AP is 0/0; EPIC's test set has
     none; the release would return NaN). Raises ValueError if no row has a relevant item. Rows are processed

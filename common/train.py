@@ -96,8 +96,8 @@ def autocast(device, precision):
     for bf16), or nothing for fp32. Similarities and losses should still be computed in fp32 by the caller.
 
     On CPU, bf16 attention also takes SDPA's plain math backend: the fused CPU flash kernel's bf16 backward is
-    slow for our short (17-100 token) sequences — a default all_in_one step took ~0.6 s of CPU time with it and
-    ~0.42 s with the math path (tests/bench.py). CUDA keeps the fused kernels. The returned object can be
+    slower than the math path for our short (17-100 token) sequences (tests/bench.py shows the step time).
+    CUDA keeps the fused kernels. The returned object can be
     entered again and again, like torch.autocast."""
     if precision == "fp32":
         return contextlib.nullcontext()
