@@ -53,23 +53,17 @@ The file, in reading order
   Pretrained weights     key maps for our checkpoints, the release's, timm's ViT and Hugging Face's DistilBERT
   Training               the model and training-set builders, then main(): the step loop
 
-What is reproduced
-------------------
-- The model, with module names that map one to one onto the release's checkpoint keys (`video_model.*`,
-  `text_model.*` in Hugging Face DistilBERT naming, `txt_proj.1`, `vid_proj.0`); `--paper` builds the paper's
-  ViT-B/16 + DistilBERT-base with 180,925,184 parameters (4-frame temporal embedding; 180,934,400 with the
-  release's 16 rows, `--paper --num_frames=16`).
-- EgoNCE with `positives = verb_and_noun | verb | noun | self` and `negatives = scene | none` (Table 3 rows).
-- The EgoClip loader (tab-separated CSV, tags parsed with ast.literal_eval, clamped windows, robust in-window
-  sampling, verbatim text; whole videos or the release's 600-s chunk layout with `--chunk_seconds=600`).
-- EgoMCQ (accuracy per type), EPIC-KITCHENS-100 multi-instance retrieval (mAP / nDCG, both directions and their
-  mean, optional dual-softmax), zero-shot Charades-Ego-style action recognition (mAP over classes), and EPIC-MIR
-  fine-tuning with the multi-instance max-margin loss (margin 0.2, or the adaptive 0.4 * relevancy margin).
-What is not: Ego4D itself (the default data is the synthetic corpus in data/synth, written in the same formats);
-the ImageNet-21k ViT and DistilBERT initial weights (not shipped: the CPU default trains from scratch; the paper's
-start is `--init_video=<timm jx_vit_base_p16_224 .pth> --init_text=<distilbert-base-uncased .bin or .safetensors>
---vocab_file=<its vocab.txt>`, and `--init` reads our checkpoints and the release's); the NLQ / MQ / OSCC / PNR
-heads.
+What is reproduced, and what is not
+-----------------------------------
+The model (module names map one to one onto the release's checkpoint keys; `--paper` builds ViT-B/16 + DistilBERT-
+base, 180,925,184 parameters with a 4-frame temporal embedding, 180,934,400 with the release's 16 rows), EgoNCE with
+its Table 3 variants, the EgoClip loader (whole videos or the release's 600-s chunks, `--chunk_seconds=600`),
+EgoMCQ, EPIC-KITCHENS-100 multi-instance retrieval (mAP / nDCG, optional dual-softmax), zero-shot Charades-Ego, and
+EPIC-MIR fine-tuning with the multi-instance max-margin loss (margin 0.2, or the adaptive 0.4 x relevancy).
+Not here: Ego4D itself (the default data is the synthetic corpus in data/synth, in the same formats); the
+ImageNet-21k ViT and DistilBERT weights (not shipped: the CPU default trains from scratch; the paper's start is
+`--init_video=<timm jx_vit_base_p16_224 .pth> --init_text=<distilbert-base-uncased .bin or .safetensors>
+--vocab_file=<its vocab.txt>`, and `--init` reads our checkpoints and the release's); the NLQ / MQ / OSCC / PNR heads.
 
 Departures from the release (and why)
 -------------------------------------
