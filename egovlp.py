@@ -782,7 +782,7 @@ class FrozenInTime(nn.Module):
 #     L = -1/|B~| sum_i log( sum_{j in P_i} exp(S_ij / tau) / sum_{k in B~} exp(S_ik / tau) )   (+ video -> text)
 #
 # Two changes to InfoNCE, both here in reading order:
-#   1. scene-aware negatives enlarge B~: each anchor brings one clip of the same video from its 60-s bucket
+#   1. scene-aware negatives enlarge B~: each anchor brings one clip of the same video from its neg_window bucket
 #      (scene_buckets, EgoClipDataset.scene_negative); collate_pairs lays the batch out as [anchors | negatives],
 #      so pair i (text i, video i) stays on the diagonal and every added clip is a hard negative for the others;
 #   2. action-aware positives: P_i holds i and every clip sharing a verb AND a noun class (action_positive_mask).
@@ -804,9 +804,10 @@ def scene_buckets(rows: list[dict], window: float) -> dict[tuple, list[int]]:
 
 
 class EgoClipDataset(torch.utils.data.Dataset):
-    """EgoClip pairs. Item = (anchor, scene negative or None); each is dict(video (T, 3, S, S), text, verb (Cv,),
-    noun (Cn,)). Returns dict(bad_video=uid, error) when a video cannot be read (the collate skips it, the loop names
-    and counts it)."""
+    """EgoClip pairs as EgoNCE sees them. Item i = (anchor i, its scene negative, or None with --negatives=none);
+    each is dict(video (T, 3, S, S), text, verb (Cv,), noun (Cn,)), read with the data section's ClipReader and
+    flips. Returns dict(bad_video=uid, error) when a video cannot be read (the collate skips it, the loop names and
+    counts it)."""
 
     def __init__(self, root, cfg: Config, rows: list[dict], verb_names: list[str], num_nouns: int):
         self.cfg, self.rows, self.num_verbs, self.num_nouns = cfg, rows, len(verb_names), num_nouns
@@ -819,7 +820,7 @@ class EgoClipDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def scene_negative(self, i: int, rng=random) -> int:
-        """One clip from the anchor's 60-s bucket, drawn uniformly; the anchor itself only if it is alone."""
+        """One clip from the anchor's neg_window bucket, drawn uniformly; the anchor itself only if it is alone."""
         r = self.rows[i]
         pool = self.buckets[(r["video_uid"], int(r["narration_time"] // self.cfg.neg_window))]
         others = [j for j in pool if j != i]
@@ -1270,6 +1271,8 @@ def training_set(cfg: Config, root: Path, logger):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Train (EgoNCE pre-training, or EPIC-MIR fine-tuning with --finetune) or only evaluate (--eval); returns the
+    final metrics."""
     cfg = parse_config(Config, argv, PRESETS, CHOICES, RANGES)
     set_strict(cfg.strict)
     dist = setup_distributed(cfg.device)
