@@ -8,109 +8,100 @@ Release: github.com/showlab/EgoVLP (model code from m-bain/frozen-in-time).
 The idea
 --------
 Video-language models pre-trained on third-person web video transfer poorly to first-person ("egocentric")
-video: the camera moves with the wearer, the hands and the objects they touch fill the frame, and what matters
-is the *action* (verb + noun), not the scene. EgoVLP contributes three things, all of them here:
+video: the camera moves with the wearer, hands and the objects they touch fill the frame, and what matters is the
+*action* (verb + noun), not the scene. EgoVLP keeps the Frozen-in-Time dual encoder (a divided space-time ViT for
+video, DistilBERT for text, a linear head each to 256-d, cosine similarity) and changes what it learns from:
 
 1. **EgoClip**, pre-training pairs cut out of Ego4D's timestamped narrations ("#C C picks a bag from the floor").
-   A narration at time t_i gets the *contextual, variable-length* window (paper Eq. 1)
+   The narration at time t_i gets the contextual, variable-length window (paper Eq. 1)
 
        [t_i - beta_i / (2 alpha),  t_i + beta_i / (2 alpha)]
 
-   with beta_i the mean gap between consecutive narrations of that video and alpha the mean of beta over all
-   videos (4.9 s). The window is precomputed in the CSV (`clip_start`, `clip_end`); this file reads it.
+   beta_i the mean gap between consecutive narrations of that video, alpha the mean of beta over all videos
+   (4.9 s). The window is precomputed in the CSV (`clip_start`, `clip_end`); this file reads it.
 
-2. **EgoNCE** (paper Eq. 3), InfoNCE with egocentric-aware positives and negatives. With cosine similarities
-   S (texts x videos) over a batch B~ and temperature tau,
+2. **EgoNCE** (paper Eq. 3), InfoNCE with egocentric-aware positives and negatives. With cosine similarities S
+   (texts x videos) over the batch B~ and temperature tau,
 
        L_t2v = -1/|B~| sum_i log( sum_{j in P_i} exp(S_ij / tau) / sum_{k in B~} exp(S_ik / tau) )
 
    and symmetrically L_v2t; L = L_t2v + L_v2t.
-   *Action-aware positives*: P_i = {i} plus every clip j sharing at least one verb class AND one noun class with
-   i (from the narration's verb/noun tags). *Scene-aware negatives*: for each clip, one more clip from the same
-   video within a minute is added to the batch (B~ = B u N(B)); it shares the scene but (usually) not the action,
-   so the model has to look at the action rather than the background. With P_i = {i} and no added clips EgoNCE
-   is InfoNCE (`--positives=self --negatives=none`).
+   *Action-aware positives*: P_i = {i} plus every clip sharing at least one verb AND one noun class with i.
+   *Scene-aware negatives*: each clip brings one more clip of the same video, nearby in time (B~ = B u N(B)); it
+   shares the scene but usually not the action, so the model must look at the action, not the background.
+   With P_i = {i} and no added clips, EgoNCE is InfoNCE (`--positives=self --negatives=none`).
 
 3. **EgoMCQ**, a development benchmark: a narration and 5 candidate clips, pick the matching one. "Inter-video"
    questions (type 1) draw the 5 clips from 5 videos; "intra-video" questions (type 2) draw 5 contiguous clips of
    one video, so the scene gives nothing away.
 
-The model is the Frozen-in-Time dual encoder unchanged: a divided space-time ViT (temporal attention, then
-spatial attention, then MLP) for video, DistilBERT for text, a linear head each to 256-d, cosine similarity.
-
 Shapes legend: B batch (clips), T frames per clip, N patches per frame, L text tokens, D width, H heads,
 M contrastive pool size (world x local batch, x2 with scene negatives), Cv / Cn verb / noun classes.
 
-What is reproduced
-------------------
-- The model, with module names that map one to one onto the release's checkpoint keys (`video_model.*`,
-  `text_model.*` in Hugging Face DistilBERT naming, `txt_proj.1`, `vid_proj.0`); `--paper` builds the paper's
-  ViT-B/16 + DistilBERT-base with 180,925,184 parameters (4-frame temporal embedding; 180,934,400 with the
-  release's 16 rows, `--paper --num_frames=16`).
-- EgoNCE with `positives = verb_and_noun | verb | noun | self` and `negatives = scene | none` (Table 3 rows).
-- The EgoClip loader (tab-separated CSV, tags parsed with ast.literal_eval, clamped windows, robust in-window
-  sampling, verbatim text; whole videos or the release's 600-s chunk layout with `--chunk_seconds=600`).
-- EgoMCQ (accuracy per type), EPIC-KITCHENS-100 multi-instance retrieval (mAP / nDCG, both directions and their
-  mean, optional dual-softmax), zero-shot Charades-Ego-style action recognition (mAP over classes), and EPIC-MIR
-  fine-tuning with the multi-instance max-margin loss (margin 0.2, or the adaptive 0.4 * relevancy margin).
-What is not: Ego4D itself (the default data is the synthetic corpus in data/synth written in the same formats),
-the ImageNet-21k ViT and DistilBERT initial weights are not shipped (the CPU default trains from scratch; the
-paper's start is `--init_video=<timm jx_vit_base_p16_224 .pth> --init_text=<distilbert-base-uncased .bin or
-.safetensors> --vocab_file=<its vocab.txt>`, and `--init` reads our checkpoints and the release's, see "Pretrained
-weights" below and the README), the NLQ / MQ / OSCC / PNR heads.
+The file, in reading order
+--------------------------
+  Config                 every field with its meaning and paper value; PRESETS (--pretrain, --paper, --paper_epic),
+                         ABLATION (Table 3), CHOICES / RANGES
+  Data                   EgoClip rows, the clip reader (whole videos or the release's 600-s chunks), the flips,
+                         the epoch sampler; EPIC-MIR fine-tuning pairs
+  Model                  SpaceTimeTransformer (video), DistilBertModel (text), FrozenInTime (the dual encoder)
+  EgoNCE (the paper's idea) and the other loss
+                         scene negatives and the batch layout (EgoClipDataset, collate_pairs), the positive mask,
+                         egonce_loss, pretrain_loss; MI-MM for EPIC-MIR fine-tuning (mi_mm_loss, finetune_loss)
+  Evaluation             EgoMCQ, EPIC-KITCHENS-100 multi-instance retrieval, Charades-Ego zero-shot
+  Pictures               `--eval=egomcq --init=<ckpt> --pictures`
+  Pretrained weights     key maps for our checkpoints, the release's, timm's ViT and Hugging Face's DistilBERT
+  Training               the model and training-set builders, then main(): the step loop
+
+What is reproduced, and what is not
+-----------------------------------
+The model (module names map one to one onto the release's checkpoint keys; `--paper` builds ViT-B/16 + DistilBERT-
+base, 180,925,184 parameters with a 4-frame temporal embedding, 180,934,400 with the release's 16 rows), EgoNCE with
+its Table 3 variants, the EgoClip loader (whole videos or the release's 600-s chunks, `--chunk_seconds=600`),
+EgoMCQ, EPIC-KITCHENS-100 multi-instance retrieval (mAP / nDCG, optional dual-softmax), zero-shot Charades-Ego, and
+EPIC-MIR fine-tuning with the multi-instance max-margin loss (margin 0.2, or the adaptive 0.4 x relevancy).
+Not here: Ego4D itself (the default data is the synthetic corpus in data/synth, in the same formats); the
+ImageNet-21k ViT and DistilBERT weights (not shipped: the CPU default trains from scratch; the paper's start is
+`--init_video=<timm jx_vit_base_p16_224 .pth> --init_text=<distilbert-base-uncased .bin or .safetensors>
+--vocab_file=<its vocab.txt>`, and `--init` reads our checkpoints and the release's); the NLQ / MQ / OSCC / PNR heads.
 
 Departures from the release (and why)
 -------------------------------------
-- Scene-aware negatives are ON by default (the release's config ships `neg_param: false`, but the paper model
-  used them, run name `..._Neg_Seg_60`). The negative is drawn from the release's fixed bucket
-  floor(narration_time / 60 s) of the same video, but never the anchor itself when the bucket has another clip
-  (the release may draw the anchor, which then sits in the batch as its own "negative").
-- Constant learning rate after warm-up as the paper says (3e-5 for `--paper`); the release resets the lr to
-  `learning_rate1` = 2e-4 after the first epoch, a bug. The CPU default trains from scratch with a warm-up and a
-  cosine decay, because it has no pre-trained weights to protect, at a peak of 3e-4. At 1e-3 the post-LN text
-  encoder collapsed within 100 steps (every narration embedded at the same point, cosine 0.9995) and stayed
-  there for 300-700 steps depending on the seed, so EgoMCQ swung by 15 points between seeds (README).
+- Scene-aware negatives are ON by default: the release's config ships `neg_param: false`, but the paper model used
+  them (run name `..._Neg_Seg_60`). The negative comes from the release's bucket floor(narration_time / 60 s) of
+  the same video, but is never the anchor itself when the bucket has another clip (the release may draw it).
+- Constant learning rate after warm-up, as the paper says (3e-5 for `--paper`); the release resets the lr to
+  `learning_rate1` = 2e-4 after the first epoch, a bug.
 - In-window frame sampling never crashes on clips shorter than 2 x T frames (the release's `'rand'` sampler
   raises and silently returns a black clip); unreadable videos are skipped and counted, never blacked out.
 - Chunked videos use the chunk's real frame rate, not an assumed 30 fps.
-- Temporal-attention init (`time_init`). The release zeroes qkv and sets proj.weight to all ones. Its output is
-  then the same in every channel, LN1 removes it, and qkv's gradient is exactly zero up to float noise, so the
-  temporal branch barely trains. With pre-trained weights and lr 3e-5 that hardly matters. Trained from
-  scratch, it does: the CPU default uses "live" (proj ~ N(0, 0.02), still an image ViT at step 0), and
-  `--paper` keeps "release".
-- Text feature (`text_pool`). The release takes DistilBERT's [CLS] output, which works with pre-trained
-  weights. A 2-layer post-LN text encoder trained from scratch kept every narration at the same point: after
-  400 steps of the CPU default with [CLS], the text-text cosine was 0.998 and EgoMCQ was at chance. So the CPU
-  default mean-pools the tokens; `--paper` keeps "cls".
-- The CPU default keeps decoded training videos in RAM (`cache_videos`) and trains from scratch with AdamW
-  (weight decay 0.01, grad clip 1, warm-up + cosine). `--paper` uses the release's optimiser settings.
-- `precision="auto"` (the CPU default) runs bf16 autocast where a start-up matmul probe finds bf16 faster than
-  fp32 (a CPU with AVX512-BF16 / AMX, a recent GPU), else fp32; the paper trains in fp32 and `--paper` keeps fp32.
-  Similarities and losses stay in fp32.
-- No horizontal flip in the CPU default (`hflip="off"`). The release flips half the training clips and keeps the
-  narration, so a flipped "moves the cup to the left" shows a move to the right; on Ego4D that is minor noise,
-  but in the synthetic corpus "left" / "right" moves are 2 of the 8 verb classes. `hflip="mirror"` flips and
-  swaps left and right in the narration and verb tags, a label-preserving version of the release's flip; neither
-  flip helped here (README). `--paper` keeps the release's flip (`hflip="release"`).
 - EgoMCQ accuracies are labelled by type id (1 = inter, 2 = intra); the release prints them swapped.
 - MI-MM's adaptive margin is wired in (`--adaptive_margin`); the release defines it but never passes relevancy.
+- `precision="auto"` runs bf16 autocast where a start-up matmul probe finds it faster; the paper trains in fp32
+  (`--paper` keeps it). Similarities and losses always stay in fp32.
+- The CPU default trains from scratch, and three release choices fail there (`--paper` keeps all three):
+  `time_init="release"` (an all-ones temporal proj gives qkv no gradient, so the temporal branch barely trains;
+  "live" draws proj ~ N(0, 0.02)), `text_pool="cls"` (a small post-LN text encoder trained from scratch puts every
+  narration at one point; "mean" pools the tokens), and the release's flip, which keeps the narration, so a
+  flipped "moves the cup to the left" shows a move to the right (in the synthetic corpus left / right are 2 of the
+  8 verbs). `hflip="mirror"` is a label-preserving flip: it swaps left and right in the narration and verb tags.
 
 CPU default vs paper (`--paper`)
 --------------------------------
 | field | CPU default | paper / release | why the default differs |
 |---|---|---|---|
 | `img_size` | 64 | 224 | the synthetic corpus is 64x64 |
-| `vit_width` / `vit_depth` / `vit_heads` | 128 / 3 / 2 | 768 / 12 / 12 (ViT-B/16) | minutes on 2 CPU cores |
-| `text_width` / `text_layers` / `text_heads` / `text_ffn` | 128 / 2 / 2 / 512 | 768 / 6 / 12 / 3072 | small model |
+| `vit_width` / `vit_depth` / `vit_heads` | 128 / 3 / 2 | 768 / 12 / 12 (ViT-B/16) | a model that trains on a CPU |
+| `text_width` / `text_layers` / `text_heads` / `text_ffn` | 128 / 2 / 2 / 512 | 768 / 6 / 12 / 3072 | same |
 | `text_positions` / `max_text_len` / `vocab_size` | 64 / 32 / 0 (vocab.txt) | 512 / 64 / 30522 | synthetic text |
 | `time_init` | live | release | from scratch the release's init starves the temporal branch |
-| `text_pool` | mean | cls | from scratch [CLS] kept every narration at one point |
+| `text_pool` | mean | cls | from scratch [CLS] puts every narration at one point |
 | `batch_size` / `num_workers` | 32 / 1 | 16 per GPU x 32 GPUs / 16 | one CPU process |
-| `max_steps` | 1200 | 75k (~10 epochs at 512) | minutes, not days |
+| `max_steps` | 1200 | 75k (~10 epochs at 512) | a short run |
 | `lr` / `warmup_steps` / `schedule` | 3e-4 / 50 / cosine | 3e-5 / 0 / constant | from scratch, no weights to protect |
 | `weight_decay` / `grad_clip` | 0.01 / 1 | 0 / off | stabilises the from-scratch run |
-| `hflip` | off | release (flip, narration kept) | "left" / "right" are 2 of the 8 synthetic verbs |
-| `precision` | bf16 | fp32 | ~1.4x faster steps on this CPU |
+| `hflip` | off | release (flip, narration kept) | "left" / "right" are synthetic verbs |
+| `precision` | auto (bf16 where faster) | fp32 | speed |
 | `cache_videos` | True | False | a small corpus fits in RAM |
 | `eval_every` / `ckpt_every` / `eval_batch_size` | 0 (end) / 200 / 64 | 7500 / 7500 / 32 | cadence of a short run |
 | `charades_frames` | 0 (= num_frames, 4) | 16 (frames 5-16 get a zero temporal embedding, as the release) | speed |
@@ -121,19 +112,23 @@ Commands
   python egovlp.py --pretrain --positives=self --negatives=none --out_dir=runs/egovlp_infonce   # InfoNCE (Table 3)
   python egovlp.py --finetune=epic_mir --init=runs/egovlp/ckpt.pt --out_dir=runs/egovlp_epic --max_steps=300 --lr=3e-4
   python egovlp.py --eval=all --init=runs/egovlp/ckpt.pt --out_dir=runs/egovlp_eval
+  python egovlp.py --eval=egomcq --init=runs/egovlp/ckpt.pt --pictures --out_dir=runs/egovlp_pictures
   python egovlp.py --paper --device=cuda --precision=bf16 --data_root=/data/egoclip \
       --init_video=/w/jx_vit_base_p16_224-80ecf9dd.pth --init_text=/w/distilbert-base-uncased/pytorch_model.bin \
       --vocab_file=/w/distilbert-base-uncased/vocab.txt                                     # one GPU, paper init
   python egovlp.py --paper --eval=all --init=/w/egovlp.pth --vocab_file=/w/vocab.txt --data_root=/data/egoclip
   torchrun --nproc_per_node=8 egovlp.py --paper --precision=bf16 --data_root=/data/egoclip  # 8 GPUs
+  python egovlp.py --help                                       # every field, its default and its meaning
 """
 from __future__ import annotations
 
 import ast
+import copy
 import os
 import random
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +137,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from tqdm import tqdm
+
+from common import pictures as P
+from common.annotations import BadRow, inside, read_json, read_rows, set_strict, skipped_rows, text_field
+from common.config import config_to_dict, parse_config
+from common.dist import all_gather_nograd, all_gather_with_grad, barrier, cleanup, print0, setup_distributed
+from common.metrics import map_relevancy, multilabel_map, ndcg_relevancy
+from common.text import Tokenizer
+from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, count_parameters,
+                          format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir, rng_states,
+                          save_checkpoint, seed_everything, set_rng_states, write_metrics)
+from common.video import (VideoReadError, VideoTransform, load_clip, read_frames, sample_frame_indices, video_meta,
+                          window_to_frames)
+from common.weights import find_state_dict, load_into
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,13 +158,13 @@ from einops import rearrange, repeat
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class Config:
-    # run
-    out_dir: str = "runs/egovlp"  # checkpoints, log.jsonl, metrics.json
+    # --- run
+    out_dir: str = "runs/egovlp"  # checkpoints, log.jsonl, metrics.json (and pictures/)
     data_root: str = "data/synth"  # corpus root (egoclip/ below it); the default is generated on first use
     device: str = "auto"  # "auto" (cuda, then mps, then cpu) | "cpu" | "cuda" | "mps"
-    precision: str = "auto"  # "auto" (bf16 where a start-up probe finds it faster, else fp32) | "bf16" | "fp32";
-    #   paper fp32 (--paper keeps it)
+    precision: str = "auto"  # "auto" (bf16 where a start-up probe finds it faster) | "bf16" | "fp32"; paper fp32
     seed: int = 0  # python / numpy / torch seed
+    max_steps: int = 1200  # optimiser steps; paper ~10 epochs x 7.5K = 75K at global batch 512
     init: str = ""  # a whole model to start from: a pre-training run's ckpt.pt, or the release's EgoVLP_PT_BEST.pth
     init_video: str = ""  # a timm ViT state dict for the video encoder's spatial part; paper: jx_vit_base_p16_224
     init_text: str = ""  # a Hugging Face DistilBERT state dict for the text encoder; paper: distilbert-base-uncased
@@ -166,7 +175,8 @@ class Config:
     max_bad_videos: float = 0.1  # stop when more than this share of the training videos is unreadable (1 = never)
     finetune: str = ""  # "" = EgoNCE pre-training on EgoClip | "epic_mir" = EPIC-MIR fine-tuning with MI-MM
     eval: str = ""  # "" = train | "egomcq" | "epic_mir" | "charades" | "all": evaluate only, no training
-    # video encoder (Frozen-in-Time SpaceTimeTransformer)
+    pictures: bool = False  # with --eval: draw EgoMCQ questions with the model's scores + the training curves
+    # --- model: video encoder (Frozen-in-Time SpaceTimeTransformer)
     img_size: int = 64  # input frame side; paper 224
     patch_size: int = 16  # ViT patch side; paper 16
     num_frames: int = 4  # frames per clip = rows of the temporal embedding; paper 4 (pre-train), 16 (fine-tune)
@@ -174,9 +184,8 @@ class Config:
     vit_depth: int = 3  # blocks; paper 12
     vit_heads: int = 2  # heads; paper 12 (head dim 64)
     vit_mlp_ratio: float = 4.0  # MLP hidden = ratio x D; paper 4
-    time_init: str = "live"  # temporal attention init, both start as an image ViT (qkv = 0): "release" = proj.weight
-    #   all ones (LN1 erases its channel-constant output, so qkv gets no gradient) | "live" = proj.weight ~ N(0, .02)
-    # text encoder (DistilBERT architecture)
+    time_init: str = "live"  # temporal attention init: "release" (proj.weight = 1) | "live" (proj.weight ~ N(0, .02))
+    # --- model: text encoder (DistilBERT architecture) and heads
     vocab_size: int = 0  # 0 = size of the tokenizer's vocab.txt; paper 30522 (BERT uncased)
     text_width: int = 128  # paper 768
     text_layers: int = 2  # paper 6
@@ -184,50 +193,42 @@ class Config:
     text_ffn: int = 512  # paper 3072
     text_positions: int = 64  # position-embedding rows; paper 512
     text_dropout: float = 0.1  # hidden and attention dropout, active in training as in the release; paper 0.1
-    max_text_len: int = 32  # tokens per text incl. [CLS]/[SEP]; batches pad to the longest
+    max_text_len: int = 32  # tokens per text incl. [CLS]/[SEP]; batches pad to the longest; paper 64
     embed_dim: int = 256  # shared embedding size of txt_proj / vid_proj; paper 256
     text_pool: str = "mean"  # text feature: "cls" = last_hidden_state[:, 0] (release) | "mean" over real tokens
-    # EgoNCE (paper Sec. 4.2, Table 3)
+    # --- loss: EgoNCE (paper Sec. 4.2, Table 3) and MI-MM (EPIC-MIR fine-tuning, Table 4)
     positives: str = "verb_and_noun"  # "verb_and_noun" (EgoNCE) | "verb" | "noun" | "self" (= InfoNCE)
     negatives: str = "scene"  # "scene" = + one same-video clip within neg_window per anchor (EgoNCE) | "none"
     neg_window: float = 60.0  # seconds; scene bucket floor(narration_time / neg_window); release 60
     temperature: float = 0.05  # tau, fixed; paper 0.05
-    # data
+    margin: float = 0.2  # MI-MM margin; paper 0.2
+    adaptive_margin: bool = False  # MI-MM margin 0.4 x relevancy of the sampled caption (EgoVLP+ entry)
+    # --- data
     chunk_seconds: float = 0.0  # 0 = read videos/<uid>.mp4 whole; 600 = release layout videos/<uid>/<k>.mp4
     cache_videos: bool = True  # keep decoded training videos in RAM (small corpora); False = seek per clip (release)
     batch_size: int = 32  # clips per device before scene negatives; paper 16 per GPU x 32 GPUs = 512
     num_workers: int = 1  # DataLoader worker processes; paper 16 per GPU
     crop_scale: float = 0.5  # RandomResizedCrop min scale (max 1.0); paper 0.5
-    hflip: str = "off"  # flip half the training clips: "off" | "release" (text kept) | "mirror" (left/right swapped in
-    #   the narration and verb tags, so a flipped "moves it to the left" still matches its video)
-    # optimisation (AdamW, no decay on biases / norms / embeddings)
-    max_steps: int = 1200  # optimiser steps; paper ~10 epochs x 7.5K = 75K at global batch 512
-    lr: float = 3e-4  # peak learning rate; paper 3e-5 (pre-trained init), constant; 1e-3 collapsed the text side
+    hflip: str = "off"  # flip half the training clips: "off" | "release" (text kept) | "mirror" (left/right swapped)
+    rel_threshold: float = 0.1  # EPIC-MIR: captions sampled among sentences with relevancy > this; release 0.1
+    # --- optimisation (AdamW, no decay on biases / norms / embeddings)
+    lr: float = 3e-4  # peak learning rate; paper 3e-5 (pre-trained init), constant; higher collapses the text side
     weight_decay: float = 0.01  # paper 0 (transformers.AdamW default)
     adam_eps: float = 1e-6  # paper 1e-6
     warmup_steps: int = 50  # linear warm-up; paper 0
     schedule: str = "cosine"  # "cosine" | "linear" | "constant" after warm-up; paper constant
     grad_clip: float = 1.0  # max grad norm, 0 = off; paper off
-    # evaluation / logging
+    # --- evaluation and logging
     eval_every: int = 0  # steps between evaluations (0 = only at the end); the release evaluates every epoch
     log_every: int = 25  # steps between log lines
     ckpt_every: int = 200  # steps between checkpoints (also written at the end)
-    eval_batch_size: int = 64  # clips per forward pass at evaluation
+    eval_batch_size: int = 64  # clips per forward pass at evaluation; paper 32
     max_eval_items: int = 0  # cap on EgoMCQ questions per type / EPIC clips / Charades videos, 0 = all
     eval_cache_gb: float = 2.0  # keep an eval set's decoded clips in RAM up to this size, else decode per evaluation
     dual_softmax: bool = False  # EPIC-MIR: re-weight similarities by dual-softmax (release test_epic.py default)
     dual_softmax_temp: float = 500.0  # release: softmax(S / 500) over videos, times S, softmax over texts
-    dual_softmax_over: str = "clips"  # texts the 2nd softmax runs over: "clips" = one caption per test clip,
-    #   duplicates included (release) | "sentences" = the unique sentences
-    charades_frames: int = 0  # frames per Charades video at zero-shot eval, 0 = num_frames; paper 16 (from the
-    #   4-frame model: frames past its temporal embedding's rows get zeros, as in the release)
-    # EPIC-MIR fine-tuning (paper Sec. 5, Table 4)
-    margin: float = 0.2  # MI-MM margin; paper 0.2
-    adaptive_margin: bool = False  # margin 0.4 x relevancy of the sampled caption (EgoVLP+ entry)
-    rel_threshold: float = 0.1  # captions sampled among sentences with relevancy > this; release 0.1
-    # pictures
-    pictures: bool = False  # with --eval: also draw an EgoMCQ question of each type with the model's scores, and the
-    #   training curves (the --init run's log.jsonl), into out_dir/pictures
+    dual_softmax_over: str = "clips"  # texts of the 2nd softmax: "clips" (one per test clip, release) | "sentences"
+    charades_frames: int = 0  # frames per Charades video at zero-shot eval, 0 = num_frames; paper 16
 
 
 PRESETS = {
@@ -273,6 +274,231 @@ RANGES = dict(img_size=(1, None), patch_size=(1, None), num_frames=(1, None), vi
               log_every=(1, None), ckpt_every=(1, None), eval_batch_size=(1, None), max_eval_items=(0, None),
               eval_cache_gb=(0, None), dual_softmax_temp=(1e-6, None), charades_frames=(0, None), margin=(0, None),
               rel_threshold=(0, 1), max_bad_videos=(0, 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: EgoClip annotations, the clip reader, the flips, the sampler
+# ---------------------------------------------------------------------------------------------------------------
+def parse_tags(text: str) -> list[int]:
+    """'[5, 12]' -> [5, 12]. EgoClip stores tags as stringified lists; ast.literal_eval parses literals only
+    (the release calls eval on file contents). Empty or missing cells are untagged."""
+    text = (text or "").strip()
+    if text in ("", "nan", "[]"):
+        return []
+    value = ast.literal_eval(text)
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def multi_hot(ids: list[int], size: int) -> torch.Tensor:
+    out = torch.zeros(size)
+    out[[i for i in ids if 0 <= i < size]] = 1.0
+    return out
+
+
+def read_egoclip(path) -> list[dict]:
+    """egoclip.csv (tab-separated, EgoClip's columns) -> rows. A malformed line (a missing column, a tag list that
+    is not a list of ints, an empty narration, a window ending before it starts, a video_uid leaving the videos
+    folder) is a bad row, named with its file and line: skipped and counted, or an error with --strict
+    (common/annotations.py; the release's pandas `error_bad_lines=False` drops such lines silently)."""
+    videos = str(Path(path).parent / "videos")
+
+    def parse(r):
+        row = dict(video_uid=text_field(r, "video_uid"), narration_time=float(r["narration_time"]),
+                   clip_start=float(r["clip_start"]), clip_end=float(r["clip_end"]),
+                   clip_text=text_field(r, "clip_text"), tag_verb=parse_tags(r["tag_verb"]),
+                   tag_noun=parse_tags(r["tag_noun"]))
+        inside(videos, row["video_uid"])
+        if not row["clip_end"] >= row["clip_start"]:  # (also false for NaN)
+            raise BadRow(f"clip window [{row['clip_start']}, {row['clip_end']}] ends before it starts")
+        return row
+    return read_rows(path, parse, "tsv")
+
+
+def read_csv(path) -> list[dict]:
+    """The rows of an EPIC / Charades CSV; a row with too few or too many cells, or bytes that are not UTF-8, is a
+    bad row (common/annotations.py)."""
+    return read_rows(path, lambda row: row)
+
+
+def hms_to_seconds(stamp: str) -> float:
+    """EPIC-KITCHENS timestamps 'HH:MM:SS.fff' -> seconds."""
+    h, m, s = stamp.split(":")
+    return 3600 * int(h) + 60 * int(m) + float(s)
+
+
+def chunk_frame(g: int, frames_per_chunk: int) -> tuple[int, int]:
+    """Global frame index -> (chunk k, frame inside chunk k) for the release's fixed-length chunk layout."""
+    return g // frames_per_chunk, g % frames_per_chunk
+
+
+class ClipReader:
+    """Decodes T frames of the window [start, end] (seconds) of a long video, clamped to the video.
+
+    chunk_seconds = 0: videos/<uid>.mp4 whole (PyAV seeks to the window).
+    chunk_seconds > 0: the release's layout videos/<uid>/<k>.mp4, chunk k holding [k*chunk, (k+1)*chunk) s, so a
+    clip is read from one or two short files; frame indices are global and mapped with chunk_frame().
+    cache = True: decode each whole video once and keep its frames in RAM (for small corpora like data/synth,
+    where seeking per clip would cost more than the model's step); sampling is unchanged. Call preload() before a
+    DataLoader forks its workers, or each worker fills its own copy.
+    Raises common.video.VideoReadError for missing or corrupt files.
+    """
+
+    def __init__(self, video_dir, chunk_seconds: float = 0.0, cache: bool = False):
+        self.video_dir, self.chunk_seconds, self.cache = Path(video_dir), chunk_seconds, cache
+        self._chunks: dict[str, list] = {}  # uid -> [VideoMeta of chunk 0, 1, ...]
+        self._frames: dict[str, tuple] = {}  # uid -> (all frames uint8 (num_frames, H, W, 3), fps)
+        self.unreadable: dict[str, str] = {}  # uid -> error, of the videos preload() could not decode
+
+    def chunk_metas(self, uid: str):
+        if uid not in self._chunks:
+            folder = self.video_dir / uid
+            paths = sorted(folder.glob("*.mp4"), key=lambda p: int(p.stem)) if folder.is_dir() else []
+            if not paths:
+                raise VideoReadError(f"no chunks {folder}/<k>.mp4")
+            self._chunks[uid] = [video_meta(p) for p in paths]
+        return self._chunks[uid]
+
+    def whole_video(self, uid: str):
+        if uid not in self._frames:
+            path = self.video_dir / f"{uid}.mp4"
+            meta = video_meta(path)
+            self._frames[uid] = read_frames(path, range(meta.num_frames)), meta.fps
+        return self._frames[uid]
+
+    def preload(self, uids, threads: int = 8) -> int:
+        """Decode these whole videos into the cache now. Called in the main process before the DataLoader forks
+        its workers, so they share one copy (a cache filled inside each worker would decode every video once per
+        worker). Returns how many could not be read (their clips are skipped and counted when sampled); their
+        errors are kept in self.unreadable (uid -> message)."""
+
+        def decode(uid) -> bool:
+            try:
+                self.whole_video(uid)
+                return True
+            except VideoReadError as e:
+                self.unreadable[uid] = str(e)
+                return False
+        with ThreadPoolExecutor(threads) as pool:  # PyAV decodes outside the GIL
+            return sum(not ok for ok in pool.map(decode, sorted(set(uids))))
+
+    def __call__(self, uid, start, end, n, mode, rng=None) -> np.ndarray:  # -> uint8 (n, H, W, 3)
+        start, end = max(start, 0.0), max(end, start)  # EgoClip windows may start before 0
+        if not self.chunk_seconds:
+            if not self.cache:
+                return load_clip(self.video_dir / f"{uid}.mp4", n, mode, start, end, rng)[0]
+            frames, fps = self.whole_video(uid)
+            a, b = window_to_frames(start, end, fps, len(frames))
+            return frames[sample_frame_indices(len(frames), n, mode, a, b, rng)]
+        metas = self.chunk_metas(uid)
+        fps = metas[0].fps  # the chunk's real rate (the release assumes 30)
+        per_chunk = int(round(self.chunk_seconds * fps))
+        total = per_chunk * (len(metas) - 1) + metas[-1].num_frames
+        a, b = window_to_frames(start, end, fps, total)
+        frames = []
+        for g in sample_frame_indices(total, n, mode, a, b, rng):
+            k, local = chunk_frame(g, per_chunk)
+            local = min(local, metas[k].num_frames - 1)
+            frames.append(read_frames(self.video_dir / uid / f"{k}.mp4", [local])[0])
+        return np.stack(frames)
+
+
+def mirror_text(text: str) -> str:
+    """The narration of a horizontally mirrored clip: "left" and "right" swap ("C slides the cup to the left" ->
+    "... to the right", "in his left hand" -> "in his right hand"); lower-case words only."""
+    return re.sub(r"\b(left|right)(?=(wards?)?\b)", lambda m: "right" if m.group(1) == "left" else "left", text)
+
+
+def mirror_classes(names: list[str]) -> list[int]:
+    """Class index -> the index of its mirror image (move_left <-> move_right); classes without one map to
+    themselves. Names use "_" for spaces, as EgoClip's verb_classes."""
+    index = {n: i for i, n in enumerate(names)}
+    return [index.get(mirror_text(n.replace("_", " ")).replace(" ", "_"), i) for i, n in enumerate(names)]
+
+
+def random_flip(video, text: str, mode: str, rng=random):
+    """Flip half the training clips horizontally (video (T, 3, S, S)). mode "off": never; "release": the text is
+    kept, so a flipped "moves it to the left" shows a move to the right; "mirror": left and right swap in the
+    text too. Returns (video, text, flipped)."""
+    if mode == "off" or rng.random() >= 0.5:
+        return video, text, False
+    return video.flip(-1), mirror_text(text) if mode == "mirror" else text, True
+
+
+def drop_unreadable(items) -> tuple[list, dict]:
+    """A batch's items -> (the readable ones, dict(skipped, bad_videos=[(uid, error)]) for the loop's count). An
+    unreadable item is the dict(bad_video=uid, error) a dataset returns when it cannot read a video."""
+    ok = [it for it in items if not (isinstance(it, dict) and "error" in it)]
+    bad = [it for it in items if isinstance(it, dict) and "error" in it]
+    return ok, dict(skipped=len(bad), bad_videos=[(it.get("bad_video", "?"), it["error"]) for it in bad])
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Endless shuffled indices, a new permutation every epoch, split across ranks (rank::world). `skip` indices are
+    passed over first: a resumed run continues the interrupted run's order."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, skip: int = 0):
+        self.n, self.seed, self.rank, self.world, self.skip = n, seed, rank, world, skip
+
+    def __iter__(self):
+        epoch, skip = 0, self.skip
+        while True:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n, generator=g)[self.rank::self.world].tolist()
+            yield from order[skip:]
+            skip, epoch = max(0, skip - len(order)), epoch + 1
+
+
+# --- EPIC-KITCHENS-100 multi-instance retrieval: the fine-tuning pairs (the test split is in "Evaluation") ---------
+def read_epic_split(root: Path, split: str) -> tuple[list[dict], list[str], np.ndarray]:
+    """EPIC_100_retrieval_<split>.csv (clips), its _sentence.csv (the unique sentences) and the relevancy matrix
+    (clips, sentences) in [0, 1]. Rows align by position, so a skipped bad row stops here with a clear error."""
+    clips = read_csv(root / f"EPIC_100_retrieval_{split}.csv")
+    sentences = [r["narration"] for r in read_csv(root / f"EPIC_100_retrieval_{split}_sentence.csv")]
+    relevancy = np.load(root / f"caption_relevancy_EPIC_100_retrieval_{split}.npy")
+    if relevancy.shape != (len(clips), len(sentences)):
+        raise SystemExit(f"error: {root}: the relevancy matrix is {tuple(relevancy.shape)}, the CSVs hold "
+                         f"{len(clips)} clips x {len(sentences)} sentences (a bad row?)")
+    return clips, sentences, relevancy
+
+
+class EpicMIRTrain(torch.utils.data.Dataset):
+    """EPIC-MIR training pairs, multi-instance sampling: the caption of clip i is drawn uniformly among the
+    sentences with relevancy(i, s) > rel_threshold (its own narration if none); the pair's relevancy is kept for
+    the adaptive margin."""
+
+    def __init__(self, root, cfg: Config):
+        root = Path(root)
+        self.cfg = cfg
+        self.clips, self.sentences, self.relevancy = read_epic_split(root, "train")
+        self.reader = ClipReader(root / "videos")
+        self.transform = VideoTransform(cfg.img_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        c = self.clips[i]
+        candidates = np.flatnonzero(self.relevancy[i] > self.cfg.rel_threshold)
+        if len(candidates):
+            s = int(random.choice(candidates))
+            text, rel = self.sentences[s], float(self.relevancy[i, s])
+        else:
+            text, rel = c["narration"], 1.0
+        try:
+            frames = self.reader(c["video_id"], hms_to_seconds(c["start_timestamp"]),
+                                 hms_to_seconds(c["stop_timestamp"]), self.cfg.num_frames, "rand")
+        except VideoReadError as e:
+            return dict(bad_video=c["video_id"], error=str(e))
+        video, text, _ = random_flip(self.transform(frames)[0], text, self.cfg.hflip)
+        return dict(video=video, text=text, relevancy=rel)
+
+
+def collate_epic(items) -> dict:
+    ok, bad = drop_unreadable(items)
+    if not ok:
+        return bad  # no "video": the loop draws the next batch
+    return dict(video=torch.stack([it["video"] for it in ok]), text=[it["text"] for it in ok],
+                relevancy=torch.tensor([it["relevancy"] for it in ok]), **bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -548,35 +774,88 @@ class FrozenInTime(nn.Module):
         return self.encode_text(input_ids, attention_mask), self.encode_video(video)
 
 
-# Pretrained weights: key maps for common/weights.py, which reads a file without running its pickled code and
-# fails, listing the keys, on any tensor or parameter left unaccounted for (see its docstring).
-#   FULL_MODEL: one of our checkpoints, or the release's (its "state_dict", DDP's "module." stripped); the
-#       release's 16-row temporal_embed is cut to num_frames (or zero-padded when fine-tuning at more frames).
-#   VIT_INIT: a timm ViT / DeiT state dict (`vit_base_patch16_224`, the release's jx ViT-B/16) -> video_model.*,
-#       names unchanged; the ImageNet head is dropped; pos_embed is resampled for another image size; the temporal
-#       branch (timeattn, norm3, temporal_embed) is new and keeps init_weights' values, so with qkv = 0 the
-#       encoder starts as the image ViT on every frame.
-#   DISTILBERT_INIT: Hugging Face `distilbert-base-uncased` (DistilBertModel names, or DistilBertForMaskedLM's
-#       under "distilbert." with its MLM head dropped) -> text_model.*; 512 position rows cut to text_positions.
-PAPER_INIT = ("the paper starts from ImageNet-21k ViT-B/16 (--init_video=jx_vit_base_p16_224-80ecf9dd.pth) and "
-              "distilbert-base-uncased (--init_text, with --vocab_file=its vocab.txt)")
-FULL_MODEL = dict(rules=[], drop=[r"position_ids$"], new=[])
-VIT_INIT = dict(rules=[(r"^", "video_model.")], drop=[r"^head\.", r"^head_dist\.", r"^pre_logits\.", r"^dist_token$"],
-                new=[r"^(?!video_model\.)", r"\.timeattn\.", r"\.norm3\.", r"\.temporal_embed$"])
-DISTILBERT_INIT = dict(rules=[(r"^distilbert\.", ""), (r"^", "text_model.")],
-                       drop=[r"^vocab_(transform|layer_norm|projector)\.", r"position_ids$"],
-                       new=[r"^(?!text_model\.)"])
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Losses
+# EgoNCE (the paper's idea), and MI-MM: every loss of this file
 # ---------------------------------------------------------------------------------------------------------------
+# EgoNCE (paper Eq. 3) is InfoNCE over a batch B~ with a set of positives P_i per text i:
+#
+#     L = -1/|B~| sum_i log( sum_{j in P_i} exp(S_ij / tau) / sum_{k in B~} exp(S_ik / tau) )   (+ video -> text)
+#
+# Two changes to InfoNCE, both here in reading order:
+#   1. scene-aware negatives enlarge B~: each anchor brings one clip of the same video from its neg_window bucket
+#      (scene_buckets, EgoClipDataset.scene_negative); collate_pairs lays the batch out as [anchors | negatives],
+#      so pair i (text i, video i) stays on the diagonal and every added clip is a hard negative for the others;
+#   2. action-aware positives: P_i holds i and every clip sharing a verb AND a noun class (action_positive_mask).
+# pretrain_loss gathers the batch from every rank and applies egonce_loss. MI-MM (EPIC-MIR fine-tuning) closes it.
 def sim_matrix(a, b, eps: float = 1e-8):
     """Cosine similarity of every row of a (P, E) with every row of b (Q, E) -> (P, Q), in fp32."""
     a, b = a.float(), b.float()
     a = a / a.norm(dim=1, keepdim=True).clamp_min(eps)
     b = b / b.norm(dim=1, keepdim=True).clamp_min(eps)
     return a @ b.t()
+
+
+def scene_buckets(rows: list[dict], window: float) -> dict[tuple, list[int]]:
+    """Scene-aware negative pools: the release's segment_id = video_uid + floor(narration_time / window)."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        buckets.setdefault((r["video_uid"], int(r["narration_time"] // window)), []).append(i)
+    return buckets
+
+
+class EgoClipDataset(torch.utils.data.Dataset):
+    """EgoClip pairs as EgoNCE sees them. Item i = (anchor i, its scene negative, or None with --negatives=none);
+    each is dict(video (T, 3, S, S), text, verb (Cv,), noun (Cn,)), read with the data section's ClipReader and
+    flips. Returns dict(bad_video=uid, error) when a video cannot be read (the collate skips it, the loop names and
+    counts it)."""
+
+    def __init__(self, root, cfg: Config, rows: list[dict], verb_names: list[str], num_nouns: int):
+        self.cfg, self.rows, self.num_verbs, self.num_nouns = cfg, rows, len(verb_names), num_nouns
+        self.verb_mirror = mirror_classes(verb_names)  # for hflip="mirror": move_left <-> move_right
+        self.reader = ClipReader(Path(root) / "videos", cfg.chunk_seconds, cfg.cache_videos)
+        self.buckets = scene_buckets(rows, cfg.neg_window)
+        self.transform = VideoTransform(cfg.img_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def scene_negative(self, i: int, rng=random) -> int:
+        """One clip from the anchor's neg_window bucket, drawn uniformly; the anchor itself only if it is alone."""
+        r = self.rows[i]
+        pool = self.buckets[(r["video_uid"], int(r["narration_time"] // self.cfg.neg_window))]
+        others = [j for j in pool if j != i]
+        return rng.choice(others) if others else i
+
+    def load(self, i: int) -> dict:
+        r = self.rows[i]
+        frames = self.reader(r["video_uid"], r["clip_start"], r["clip_end"], self.cfg.num_frames, "rand")
+        video, text, flipped = random_flip(self.transform(frames)[0], r["clip_text"], self.cfg.hflip)
+        verbs = r["tag_verb"]
+        if flipped and self.cfg.hflip == "mirror":
+            verbs = [self.verb_mirror[v] for v in verbs]
+        return dict(video=video, text=text,  # verbatim narration, "#C C ..." included (mirrored if flipped)
+                    verb=multi_hot(verbs, self.num_verbs), noun=multi_hot(r["tag_noun"], self.num_nouns))
+
+    def __getitem__(self, i):
+        try:  # the scene negative comes from the same video
+            anchor = self.load(i)
+            negative = self.load(self.scene_negative(i)) if self.cfg.negatives == "scene" else None
+        except VideoReadError as e:
+            return dict(bad_video=self.rows[i]["video_uid"], error=str(e))
+        return anchor, negative
+
+
+def collate_pairs(items) -> dict:
+    """Stack the anchors, then their scene negatives: the batch B~ = B u N(B) is [a_1 .. a_b | n_1 .. n_b] (2b clips
+    when negatives are on, text i with video i); each member brings its text and tags, so a negative is also a
+    pair of its own. Unreadable items are dropped and counted."""
+    ok, bad = drop_unreadable(items)
+    if not ok:
+        return bad  # no "video": the loop draws the next batch
+    members = [a for a, _ in ok] + [n for _, n in ok if n is not None]
+    return dict(video=torch.stack([m["video"] for m in members]), text=[m["text"] for m in members],
+                verb=torch.stack([m["verb"] for m in members]), noun=torch.stack([m["noun"] for m in members]),
+                **bad)
 
 
 def action_positive_mask(verb, noun, positives: str):
@@ -620,6 +899,16 @@ def egonce_loss(sim, pos_mask, temperature: float):
     return -t2v.mean() - v2t.mean()
 
 
+def pretrain_loss(text_emb, video_emb, batch, cfg: Config):
+    """EgoNCE over the batch gathered from every rank (negatives from all ranks; tags gathered alongside).
+    Returns (loss, the positive mask (M, M))."""
+    text_all, video_all = all_gather_with_grad(text_emb), all_gather_with_grad(video_emb)  # (M, E)
+    verb, noun = all_gather_nograd(batch["verb"]), all_gather_nograd(batch["noun"])  # (M, Cv), (M, Cn)
+    pos = action_positive_mask(verb, noun, cfg.positives)  # (M, M)
+    return egonce_loss(sim_matrix(text_all, video_all), pos, cfg.temperature), pos
+
+
+# --- MI-MM: the loss of EPIC-MIR fine-tuning (paper Sec. 5, Table 4) ----------------------------------------------
 def mi_mm_loss(sim, margin):
     """Multi-instance max-margin ranking loss (EPIC-MIR fine-tuning; Wray et al.). sim (M, M) cosines with the
     matched pairs on the diagonal; margin a float or a (M,) tensor (adaptive MI-MM: 0.4 x relevancy of pair i).
@@ -639,230 +928,15 @@ def mi_mm_loss(sim, margin):
     return torch.cat([rows, cols]).mean()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Data: EgoClip
-# ---------------------------------------------------------------------------------------------------------------
-def parse_tags(text: str) -> list[int]:
-    """'[5, 12]' -> [5, 12]. EgoClip stores tags as stringified lists; ast.literal_eval parses literals only
-    (the release calls eval on file contents). Empty or missing cells are untagged."""
-    text = (text or "").strip()
-    if text in ("", "nan", "[]"):
-        return []
-    value = ast.literal_eval(text)
-    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-
-
-def multi_hot(ids: list[int], size: int) -> torch.Tensor:
-    out = torch.zeros(size)
-    out[[i for i in ids if 0 <= i < size]] = 1.0
-    return out
-
-
-def read_egoclip(path) -> list[dict]:
-    """egoclip.csv (tab-separated, EgoClip's columns) -> rows. A malformed line (a missing column, a tag list that
-    is not a list of ints, an empty narration, a window ending before it starts, a video_uid leaving the videos
-    folder) is a bad row, named with its file and line: skipped and counted, or an error with --strict
-    (common/annotations.py; the release's pandas `error_bad_lines=False` drops such lines silently)."""
-    from common.annotations import BadRow, inside, read_rows, text_field
-    videos = str(Path(path).parent / "videos")
-
-    def parse(r):
-        row = dict(video_uid=text_field(r, "video_uid"), narration_time=float(r["narration_time"]),
-                   clip_start=float(r["clip_start"]), clip_end=float(r["clip_end"]),
-                   clip_text=text_field(r, "clip_text"), tag_verb=parse_tags(r["tag_verb"]),
-                   tag_noun=parse_tags(r["tag_noun"]))
-        inside(videos, row["video_uid"])
-        if not row["clip_end"] >= row["clip_start"]:  # (also false for NaN)
-            raise BadRow(f"clip window [{row['clip_start']}, {row['clip_end']}] ends before it starts")
-        return row
-    return read_rows(path, parse, "tsv")
-
-
-def scene_buckets(rows: list[dict], window: float) -> dict[tuple, list[int]]:
-    """Scene-aware negative pools: the release's segment_id = video_uid + floor(narration_time / window)."""
-    buckets: dict[tuple, list[int]] = {}
-    for i, r in enumerate(rows):
-        buckets.setdefault((r["video_uid"], int(r["narration_time"] // window)), []).append(i)
-    return buckets
-
-
-def chunk_frame(g: int, frames_per_chunk: int) -> tuple[int, int]:
-    """Global frame index -> (chunk k, frame inside chunk k) for the release's fixed-length chunk layout."""
-    return g // frames_per_chunk, g % frames_per_chunk
-
-
-class ClipReader:
-    """Decodes T frames of the window [start, end] (seconds) of a long video, clamped to the video.
-
-    chunk_seconds = 0: videos/<uid>.mp4 whole (PyAV seeks to the window).
-    chunk_seconds > 0: the release's layout videos/<uid>/<k>.mp4, chunk k holding [k*chunk, (k+1)*chunk) s, so a
-    clip is read from one or two short files; frame indices are global and mapped with chunk_frame().
-    cache = True: decode each whole video once and keep its frames in RAM (for small corpora like data/synth,
-    where seeking per clip would cost more than the model's step); sampling is unchanged. Call preload() before a
-    DataLoader forks its workers, or each worker fills its own copy.
-    Raises common.video.VideoReadError for missing or corrupt files.
-    """
-
-    def __init__(self, video_dir, chunk_seconds: float = 0.0, cache: bool = False):
-        self.video_dir, self.chunk_seconds, self.cache = Path(video_dir), chunk_seconds, cache
-        self._chunks: dict[str, list] = {}  # uid -> [VideoMeta of chunk 0, 1, ...]
-        self._frames: dict[str, tuple] = {}  # uid -> (all frames uint8 (num_frames, H, W, 3), fps)
-        self.unreadable: dict[str, str] = {}  # uid -> error, of the videos preload() could not decode
-
-    def chunk_metas(self, uid: str):
-        from common.video import VideoReadError, video_meta
-        if uid not in self._chunks:
-            folder = self.video_dir / uid
-            paths = sorted(folder.glob("*.mp4"), key=lambda p: int(p.stem)) if folder.is_dir() else []
-            if not paths:
-                raise VideoReadError(f"no chunks {folder}/<k>.mp4")
-            self._chunks[uid] = [video_meta(p) for p in paths]
-        return self._chunks[uid]
-
-    def whole_video(self, uid: str):
-        from common.video import read_frames, video_meta
-        if uid not in self._frames:
-            path = self.video_dir / f"{uid}.mp4"
-            meta = video_meta(path)
-            self._frames[uid] = read_frames(path, range(meta.num_frames)), meta.fps
-        return self._frames[uid]
-
-    def preload(self, uids, threads: int = 8) -> int:
-        """Decode these whole videos into the cache now. Called in the main process before the DataLoader forks
-        its workers, so they share one copy (a cache filled inside each worker would decode every video once per
-        worker). Returns how many could not be read (their clips are skipped and counted when sampled); their
-        errors are kept in self.unreadable (uid -> message)."""
-        from concurrent.futures import ThreadPoolExecutor
-        from common.video import VideoReadError
-
-        def decode(uid) -> bool:
-            try:
-                self.whole_video(uid)
-                return True
-            except VideoReadError as e:
-                self.unreadable[uid] = str(e)
-                return False
-        with ThreadPoolExecutor(threads) as pool:  # PyAV decodes outside the GIL
-            return sum(not ok for ok in pool.map(decode, sorted(set(uids))))
-
-    def __call__(self, uid, start, end, n, mode, rng=None) -> np.ndarray:  # -> uint8 (n, H, W, 3)
-        from common.video import load_clip, read_frames, sample_frame_indices, window_to_frames
-        start, end = max(start, 0.0), max(end, start)  # EgoClip windows may start before 0
-        if not self.chunk_seconds:
-            if not self.cache:
-                return load_clip(self.video_dir / f"{uid}.mp4", n, mode, start, end, rng)[0]
-            frames, fps = self.whole_video(uid)
-            a, b = window_to_frames(start, end, fps, len(frames))
-            return frames[sample_frame_indices(len(frames), n, mode, a, b, rng)]
-        metas = self.chunk_metas(uid)
-        fps = metas[0].fps  # the chunk's real rate (the release assumes 30)
-        per_chunk = int(round(self.chunk_seconds * fps))
-        total = per_chunk * (len(metas) - 1) + metas[-1].num_frames
-        a, b = window_to_frames(start, end, fps, total)
-        frames = []
-        for g in sample_frame_indices(total, n, mode, a, b, rng):
-            k, local = chunk_frame(g, per_chunk)
-            local = min(local, metas[k].num_frames - 1)
-            frames.append(read_frames(self.video_dir / uid / f"{k}.mp4", [local])[0])
-        return np.stack(frames)
-
-
-def mirror_text(text: str) -> str:
-    """The narration of a horizontally mirrored clip: "left" and "right" swap ("C slides the cup to the left" ->
-    "... to the right", "in his left hand" -> "in his right hand"); lower-case words only."""
-    return re.sub(r"\b(left|right)(?=(wards?)?\b)", lambda m: "right" if m.group(1) == "left" else "left", text)
-
-
-def mirror_classes(names: list[str]) -> list[int]:
-    """Class index -> the index of its mirror image (move_left <-> move_right); classes without one map to
-    themselves. Names use "_" for spaces, as EgoClip's verb_classes."""
-    index = {n: i for i, n in enumerate(names)}
-    return [index.get(mirror_text(n.replace("_", " ")).replace(" ", "_"), i) for i, n in enumerate(names)]
-
-
-def random_flip(video, text: str, mode: str, rng=random):
-    """Flip half the training clips horizontally (video (T, 3, S, S)). mode "off": never; "release": the text is
-    kept, so a flipped "moves it to the left" shows a move to the right; "mirror": left and right swap in the
-    text too. Returns (video, text, flipped)."""
-    if mode == "off" or rng.random() >= 0.5:
-        return video, text, False
-    return video.flip(-1), mirror_text(text) if mode == "mirror" else text, True
-
-
-class EgoClipDataset(torch.utils.data.Dataset):
-    """EgoClip pairs. Item = (anchor, scene negative or None); each is dict(video (T, 3, S, S), text, verb (Cv,),
-    noun (Cn,)). Returns dict(bad_video=uid, error) when a video cannot be read (the collate skips it, the loop names
-    and counts it)."""
-
-    def __init__(self, root, cfg: Config, rows: list[dict], verb_names: list[str], num_nouns: int):
-        self.cfg, self.rows, self.num_verbs, self.num_nouns = cfg, rows, len(verb_names), num_nouns
-        self.verb_mirror = mirror_classes(verb_names)  # for hflip="mirror": move_left <-> move_right
-        self.reader = ClipReader(Path(root) / "videos", cfg.chunk_seconds, cfg.cache_videos)
-        self.buckets = scene_buckets(rows, cfg.neg_window)
-        from common.video import VideoTransform
-        self.transform = VideoTransform(cfg.img_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def scene_negative(self, i: int, rng=random) -> int:
-        """One clip from the anchor's 60-s bucket, drawn uniformly; the anchor itself only if it is alone."""
-        r = self.rows[i]
-        pool = self.buckets[(r["video_uid"], int(r["narration_time"] // self.cfg.neg_window))]
-        others = [j for j in pool if j != i]
-        return rng.choice(others) if others else i
-
-    def load(self, i: int) -> dict:
-        r = self.rows[i]
-        frames = self.reader(r["video_uid"], r["clip_start"], r["clip_end"], self.cfg.num_frames, "rand")
-        video, text, flipped = random_flip(self.transform(frames)[0], r["clip_text"], self.cfg.hflip)
-        verbs = r["tag_verb"]
-        if flipped and self.cfg.hflip == "mirror":
-            verbs = [self.verb_mirror[v] for v in verbs]
-        return dict(video=video, text=text,  # verbatim narration, "#C C ..." included (mirrored if flipped)
-                    verb=multi_hot(verbs, self.num_verbs), noun=multi_hot(r["tag_noun"], self.num_nouns))
-
-    def __getitem__(self, i):
-        from common.video import VideoReadError
-        try:  # the scene negative comes from the same video
-            anchor = self.load(i)
-            negative = self.load(self.scene_negative(i)) if self.cfg.negatives == "scene" else None
-        except VideoReadError as e:
-            return dict(bad_video=self.rows[i]["video_uid"], error=str(e))
-        return anchor, negative
-
-
-def collate_pairs(items) -> dict:
-    """Stack anchors, then their scene negatives: the batch B~ = B u N(B) (2b clips when negatives are on)."""
-    ok = [it for it in items if not isinstance(it, dict)]
-    bad = dict(skipped=len(items) - len(ok),  # unreadable videos: (uid, error) for the loop's count
-               bad_videos=[(it.get("bad_video", "?"), it["error"]) for it in items if isinstance(it, dict)])
-    if not ok:
-        return bad  # no "video": the loop draws the next batch
-    members = [a for a, _ in ok] + [n for _, n in ok if n is not None]
-    return dict(video=torch.stack([m["video"] for m in members]), text=[m["text"] for m in members],
-                verb=torch.stack([m["verb"] for m in members]), noun=torch.stack([m["noun"] for m in members]),
-                **bad)
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Endless shuffled indices, a new permutation every epoch, split across ranks (rank::world). `skip` indices are
-    passed over first: a resumed run continues the interrupted run's order."""
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, skip: int = 0):
-        self.n, self.seed, self.rank, self.world, self.skip = n, seed, rank, world, skip
-
-    def __iter__(self):
-        epoch, skip = 0, self.skip
-        while True:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.n, generator=g)[self.rank::self.world].tolist()
-            yield from order[skip:]
-            skip, epoch = max(0, skip - len(order)), epoch + 1
+def finetune_loss(text_emb, video_emb, batch, cfg: Config):
+    """MI-MM over the gathered batch; adaptive MI-MM scales the margin by each pair's relevancy (0.4 * r)."""
+    sim = sim_matrix(all_gather_with_grad(text_emb), all_gather_with_grad(video_emb))  # (M, M)
+    rel = all_gather_nograd(batch["relevancy"])
+    return mi_mm_loss(sim, 0.4 * rel if cfg.adaptive_margin else cfg.margin)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation
+# Evaluation: EgoMCQ, EPIC-KITCHENS-100 multi-instance retrieval, Charades-Ego zero-shot
 # ---------------------------------------------------------------------------------------------------------------
 class ClipBank:
     """One benchmark's clips (T uniform frames = bin midpoints, centre crop), embedded on demand.
@@ -874,7 +948,6 @@ class ClipBank:
     are counted (`skipped`) and marked missing (`ok`), and embed to zeros."""
 
     def __init__(self, reader: ClipReader, cfg: Config, windows: list[tuple], num_frames: int):
-        from common.video import VideoTransform
         self.reader, self.windows, self.num_frames = reader, list(windows), num_frames
         self.transform = VideoTransform(cfg.img_size, train=False)
         self.num_workers, self.videos = cfg.num_workers, None
@@ -885,7 +958,6 @@ class ClipBank:
         return len(self.windows)
 
     def __getitem__(self, i: int):  # -> bf16 (T, 3, S, S), or None when the clip cannot be read
-        from common.video import VideoReadError
         uid, start, end = self.windows[i]
         try:
             video, _ = self.transform(self.reader(uid, start, end, self.num_frames, "uniform"))
@@ -937,12 +1009,21 @@ def clip_window(c: dict) -> tuple:
     return c["video_uid"], float(c["clip_start"]), float(c["clip_end"])
 
 
+def mcq_accuracy(sim, answer, types) -> dict:
+    """sim (Q, 5) query-choice cosines, answer (Q,), types (Q,) -> percent correct per type (argmax choice)."""
+    correct = (sim.argmax(1) == answer).float()  # (Q,)
+    out = {}
+    for t, name in ((1, "inter_acc"), (2, "intra_acc")):  # type 1 = inter-video, type 2 = intra-video
+        if (types == t).any():
+            out[f"egomcq/{name}"] = 100.0 * correct[types == t].mean().item()
+    return out
+
+
 class EgoMCQ:
     """EgoMCQ: a narration and 5 clips; predict argmax cosine. Accuracy per type: 1 = inter-video (5 videos),
     2 = intra-video (5 contiguous clips of one video). The release prints the two labels swapped."""
 
     def __init__(self, root, cfg: Config):
-        from common.annotations import read_json
         questions = list(read_json(Path(root) / "egomcq.json").values())
         if cfg.max_eval_items:  # the first questions of each type
             questions = [q for t in (1, 2) for q in [q for q in questions if int(q["types"]) == t][:cfg.max_eval_items]]
@@ -958,34 +1039,14 @@ class EgoMCQ:
         self.bank = ClipBank(ClipReader(Path(root) / "videos", cfg.chunk_seconds), cfg, list(windows),
                              cfg.num_frames)
 
-    def __call__(self, model, tokenizer, cfg, device, ctx) -> dict:
+    def scores(self, model, tokenizer, cfg, device, ctx):  # -> (Q, 5) cosine of each query with its 5 choices
         text = embed_texts(model, tokenizer, self.queries, cfg, device, ctx)  # (Q, E)
         video = self.bank.embed(model, device, cfg.eval_batch_size, ctx)  # (clips, E)
-        sim = torch.einsum("qe,qke->qk", F.normalize(text, dim=-1), F.normalize(video, dim=-1)[self.choices])
+        return torch.einsum("qe,qke->qk", F.normalize(text, dim=-1), F.normalize(video, dim=-1)[self.choices])
+
+    def __call__(self, model, tokenizer, cfg, device, ctx) -> dict:
+        sim = self.scores(model, tokenizer, cfg, device, ctx)
         return {**mcq_accuracy(sim, self.answer, self.types), "egomcq/skipped_clips": float(self.bank.skipped)}
-
-
-def mcq_accuracy(sim, answer, types) -> dict:
-    """sim (Q, 5) query-choice cosines, answer (Q,), types (Q,) -> percent correct per type (argmax choice)."""
-    correct = (sim.argmax(1) == answer).float()  # (Q,)
-    out = {}
-    for t, name in ((1, "inter_acc"), (2, "intra_acc")):  # type 1 = inter-video, type 2 = intra-video
-        if (types == t).any():
-            out[f"egomcq/{name}"] = 100.0 * correct[types == t].mean().item()
-    return out
-
-
-def read_csv(path) -> list[dict]:
-    """The rows of an EPIC / Charades CSV; a row with too few or too many cells, or bytes that are not UTF-8, is a
-    bad row (common/annotations.py)."""
-    from common.annotations import read_rows
-    return read_rows(path, lambda row: row)
-
-
-def hms_to_seconds(stamp: str) -> float:
-    """EPIC-KITCHENS timestamps 'HH:MM:SS.fff' -> seconds."""
-    h, m, s = stamp.split(":")
-    return 3600 * int(h) + 60 * int(m) + float(s)
 
 
 def dual_softmax(sim, temp: float, caption_rows=None):
@@ -996,8 +1057,8 @@ def dual_softmax(sim, temp: float, caption_rows=None):
     caption_rows (C,) long = the sentence index of each test clip's own caption. The release embeds one caption
     per clip (C rows, a sentence shared by k clips appears k times), takes the softmax over those rows, and only
     then keeps one column per unique sentence; so a duplicated sentence weighs k times in the denominator. With
-    caption_rows this function does the same; None normalises over the S unique sentences instead (this file's
-    earlier order, `--dual_softmax_over=sentences`), which moves text->video nDCG when captions repeat."""
+    caption_rows this function does the same; None normalises over the S unique sentences instead
+    (`--dual_softmax_over=sentences`), which moves text->video nDCG when captions repeat."""
     s1 = F.softmax(sim / temp, dim=1) * sim  # (S, V)
     rows = s1 if caption_rows is None else s1[caption_rows]  # (C, V): the rows the text softmax runs over
     return torch.exp(s1 - torch.logsumexp(rows, dim=0, keepdim=True))
@@ -1010,7 +1071,6 @@ def epic_mir_metrics(sim_vt, relevancy) -> dict:
     `mAP_*` is the release's definition (utils/mAP.py, the number papers quote): hits are the items with
     relevancy == 1, but P@k sums the *graded* relevancies of the top k. `mAP_binary_*` is textbook AP (P@k counts
     only the hits); it is never higher, a few points lower on EPIC-like relevancies. nDCG is graded (top K_q)."""
-    from common.metrics import map_relevancy, ndcg_relevancy
     out = {}
     for name, precision in (("mAP", "graded"), ("mAP_binary", "binary")):
         out[f"epic_mir/{name}_v2t"] = map_relevancy(sim_vt, relevancy, precision)
@@ -1028,12 +1088,8 @@ class EpicMIR:
 
     def __init__(self, root, cfg: Config):
         root = Path(root)
-        clips = read_csv(root / "EPIC_100_retrieval_test.csv")
-        self.sentences = [r["narration"] for r in read_csv(root / "EPIC_100_retrieval_test_sentence.csv")]
-        self.relevancy = torch.from_numpy(np.load(root / "caption_relevancy_EPIC_100_retrieval_test.npy"))
-        if self.relevancy.shape != (len(clips), len(self.sentences)):  # rows align: a skipped row breaks it
-            raise SystemExit(f"error: {root}: the relevancy matrix is {tuple(self.relevancy.shape)}, the CSVs hold "
-                             f"{len(clips)} clips x {len(self.sentences)} sentences (a bad row?)")
+        clips, self.sentences, relevancy = read_epic_split(root, "test")
+        self.relevancy = torch.from_numpy(relevancy)
         if cfg.max_eval_items:
             clips, self.relevancy = clips[:cfg.max_eval_items], self.relevancy[:cfg.max_eval_items]
         windows = [(c["video_id"], hms_to_seconds(c["start_timestamp"]), hms_to_seconds(c["stop_timestamp"]))
@@ -1058,55 +1114,6 @@ class EpicMIR:
                 "epic_mir/skipped_clips": float(self.bank.skipped)}
 
 
-class EpicMIRTrain(torch.utils.data.Dataset):
-    """EPIC-MIR training pairs, multi-instance sampling: the caption of clip i is drawn uniformly among the
-    sentences with relevancy(i, s) > rel_threshold (its own narration if none); the pair's relevancy is kept for
-    the adaptive margin."""
-
-    def __init__(self, root, cfg: Config):
-        from common.video import VideoTransform
-        root = Path(root)
-        self.cfg = cfg
-        self.clips = read_csv(root / "EPIC_100_retrieval_train.csv")
-        self.sentences = [r["narration"] for r in read_csv(root / "EPIC_100_retrieval_train_sentence.csv")]
-        self.relevancy = np.load(root / "caption_relevancy_EPIC_100_retrieval_train.npy")
-        if self.relevancy.shape != (len(self.clips), len(self.sentences)):  # rows align: a skipped row breaks it
-            raise SystemExit(f"error: {root}: the relevancy matrix is {self.relevancy.shape}, the CSVs hold "
-                             f"{len(self.clips)} clips x {len(self.sentences)} sentences (a bad row?)")
-        self.reader = ClipReader(root / "videos")
-        self.transform = VideoTransform(cfg.img_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
-
-    def __len__(self):
-        return len(self.clips)
-
-    def __getitem__(self, i):
-        from common.video import VideoReadError
-        c = self.clips[i]
-        candidates = np.flatnonzero(self.relevancy[i] > self.cfg.rel_threshold)
-        if len(candidates):
-            s = int(random.choice(candidates))
-            text, rel = self.sentences[s], float(self.relevancy[i, s])
-        else:
-            text, rel = c["narration"], 1.0
-        try:
-            frames = self.reader(c["video_id"], hms_to_seconds(c["start_timestamp"]),
-                                 hms_to_seconds(c["stop_timestamp"]), self.cfg.num_frames, "rand")
-        except VideoReadError as e:
-            return dict(bad_video=c["video_id"], error=str(e))
-        video, text, _ = random_flip(self.transform(frames)[0], text, self.cfg.hflip)
-        return dict(video=video, text=text, relevancy=rel)
-
-
-def collate_epic(items) -> dict:
-    ok = [it for it in items if "error" not in it]
-    bad = dict(skipped=len(items) - len(ok), bad_videos=[(it["bad_video"], it["error"]) for it in items
-                                                         if "error" in it])
-    if not ok:
-        return bad  # no "video": the loop draws the next batch
-    return dict(video=torch.stack([it["video"] for it in ok]), text=[it["text"] for it in ok],
-                relevancy=torch.tensor([it["relevancy"] for it in ok]), **bad)
-
-
 class CharadesEgo:
     """Zero-shot Charades-Ego-style action recognition: each test video (T uniform frames over the whole video)
     scored against the class-name texts by cosine; mAP over classes (multi-label)."""
@@ -1128,32 +1135,11 @@ class CharadesEgo:
                              frames)
 
     def __call__(self, model, tokenizer, cfg, device, ctx) -> dict:
-        from common.metrics import multilabel_map
         text = embed_texts(model, tokenizer, self.class_texts, cfg, device, ctx)  # (C, E)
         video = self.bank.embed(model, device, cfg.eval_batch_size, ctx)  # (V, E)
         keep = torch.tensor(self.bank.ok)
         return {"charades/mAP": multilabel_map(sim_matrix(video, text)[keep], self.labels[keep]),
                 "charades/skipped_videos": float(self.bank.skipped)}
-
-
-def finetune_loss(text_emb, video_emb, batch, cfg: Config):
-    """MI-MM over the gathered batch; adaptive MI-MM scales the margin by each pair's relevancy (0.4 * r)."""
-    from common.dist import all_gather_nograd, all_gather_with_grad
-    sim = sim_matrix(all_gather_with_grad(text_emb), all_gather_with_grad(video_emb))  # (M, M)
-    rel = all_gather_nograd(batch["relevancy"])
-    return mi_mm_loss(sim, 0.4 * rel if cfg.adaptive_margin else cfg.margin)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------------------
-def pretrain_loss(text_emb, video_emb, batch, cfg: Config):
-    """EgoNCE over the batch gathered from every rank (negatives from all ranks; tags gathered alongside)."""
-    from common.dist import all_gather_nograd, all_gather_with_grad
-    text_all, video_all = all_gather_with_grad(text_emb), all_gather_with_grad(video_emb)  # (M, E)
-    verb, noun = all_gather_nograd(batch["verb"]), all_gather_nograd(batch["noun"])  # (M, Cv), (M, Cn)
-    pos = action_positive_mask(verb, noun, cfg.positives)  # (M, M)
-    return egonce_loss(sim_matrix(text_all, video_all), pos, cfg.temperature), pos
 
 
 def build_evaluators(tasks: list[str], root: Path, cfg: Config) -> dict:
@@ -1184,15 +1170,11 @@ def evaluate(model, evaluators: dict, tokenizer, cfg, device, ctx) -> dict:
 def draw_pictures(model, tokenizer, cfg, device, ctx, root) -> list:
     """The first EgoMCQ question of each type: the narration, its 5 candidate clips with the model's cosines (green:
     the answer; red: the model's pick when wrong); and the training curves -> out_dir/pictures."""
-    import copy
-    from common import pictures as P
     model.eval()
     first = copy.copy(cfg)
     first.max_eval_items = 1  # the first question of each type
     mcq = EgoMCQ(Path(root) / "egoclip", first)
-    text = embed_texts(model, tokenizer, mcq.queries, first, device, ctx)           # (Q, E)
-    video = mcq.bank.embed(model, device, first.eval_batch_size, ctx)                # (clips, E)
-    sim = torch.einsum("qe,qke->qk", F.normalize(text, dim=-1), F.normalize(video, dim=-1)[mcq.choices])  # (Q, 5)
+    sim = mcq.scores(model, tokenizer, first, device, ctx)  # (Q, 5)
     blocks = [P.text_image(f"EgoVLP (positives={cfg.positives}, negatives={cfg.negatives}): EgoMCQ, the model "
                            f"picks the clip of highest cosine", size=13)]
     for q in range(len(mcq.queries)):
@@ -1220,17 +1202,77 @@ def draw_pictures(model, tokenizer, cfg, device, ctx, root) -> list:
     return written
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from common.annotations import set_strict, skipped_rows
-    from common.config import config_to_dict, parse_config
-    from common.dist import all_gather_nograd, barrier, cleanup, get_rank, print0, setup_distributed
-    from common.text import Tokenizer
-    from common.weights import find_state_dict, load_into
-    from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, count_parameters,
-                              format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir, rng_states,
-                              save_checkpoint, seed_everything, set_rng_states, write_metrics)
-    from tqdm import tqdm
+# ---------------------------------------------------------------------------------------------------------------
+# Pretrained weights: key maps for common/weights.py
+# ---------------------------------------------------------------------------------------------------------------
+# common/weights.py reads a file without running its pickled code and
+# fails, listing the keys, on any tensor or parameter left unaccounted for (see its docstring).
+#   FULL_MODEL: one of our checkpoints, or the release's (its "state_dict", DDP's "module." stripped); the
+#       release's 16-row temporal_embed is cut to num_frames (or zero-padded when fine-tuning at more frames).
+#   VIT_INIT: a timm ViT / DeiT state dict (`vit_base_patch16_224`, the release's jx ViT-B/16) -> video_model.*,
+#       names unchanged; the ImageNet head is dropped; pos_embed is resampled for another image size; the temporal
+#       branch (timeattn, norm3, temporal_embed) is new and keeps init_weights' values, so with qkv = 0 the
+#       encoder starts as the image ViT on every frame.
+#   DISTILBERT_INIT: Hugging Face `distilbert-base-uncased` (DistilBertModel names, or DistilBertForMaskedLM's
+#       under "distilbert." with its MLM head dropped) -> text_model.*; 512 position rows cut to text_positions.
+PAPER_INIT = ("the paper starts from ImageNet-21k ViT-B/16 (--init_video=jx_vit_base_p16_224-80ecf9dd.pth) and "
+              "distilbert-base-uncased (--init_text, with --vocab_file=its vocab.txt)")
+FULL_MODEL = dict(rules=[], drop=[r"position_ids$"], new=[])
+VIT_INIT = dict(rules=[(r"^", "video_model.")], drop=[r"^head\.", r"^head_dist\.", r"^pre_logits\.", r"^dist_token$"],
+                new=[r"^(?!video_model\.)", r"\.timeattn\.", r"\.norm3\.", r"\.temporal_embed$"])
+DISTILBERT_INIT = dict(rules=[(r"^distilbert\.", ""), (r"^", "text_model.")],
+                       drop=[r"^vocab_(transform|layer_norm|projector)\.", r"position_ids$"],
+                       new=[r"^(?!text_model\.)"])
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: the model and the training set, then main() with the step loop
+# ---------------------------------------------------------------------------------------------------------------
+def build_model(cfg: Config, root: Path, device):
+    """The tokenizer and the dual encoder, initialised, then loaded from --init_video / --init_text / --init."""
+    tokenizer = Tokenizer(cfg.vocab_file or str(root / "vocab.txt"))
+    vocab = cfg.vocab_size or tokenizer.vocab_size
+    assert vocab >= tokenizer.vocab_size, f"vocab_size {vocab} < tokenizer's {tokenizer.vocab_size}"
+    model = FrozenInTime(cfg, vocab).init_weights(cfg.time_init)
+    for path, key_map in ((cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)):
+        if path:  # ours: {"model": ...}; the release's: {"state_dict": ...}; timm / HF: the tensors themselves
+            print0(load_into(model, find_state_dict(load_checkpoint(path, paper="egovlp")), **key_map, source=path))
+    if cfg.vit_width == 768 and not (cfg.init or cfg.init_video or cfg.init_text):
+        print0(f"note: paper-size model from random weights; {PAPER_INIT}")
+    model = model.to(device)
+    print0(f"EgoVLP dual encoder: {count_parameters(model):,} parameters")
+    return tokenizer, model
+
+
+def training_set(cfg: Config, root: Path, logger):
+    """-> (dataset, collate, the evaluations run during training, clips per item in the contrastive batch, the
+    unreadable-video counter). EgoClip's training videos are decoded into RAM here (cache_videos), before the
+    DataLoader forks its workers."""
+    if cfg.finetune == "epic_mir":
+        dataset = EpicMIRTrain(root / "egoclip" / "epic_mir", cfg)
+        bad = BadVideos(len({c["video_id"] for c in dataset.clips}), cfg.max_bad_videos, print0, logger)
+        return dataset, collate_epic, ["epic_mir"], 1, bad
+    rows = read_egoclip(root / "egoclip" / "egoclip.csv")
+    with open(root / "egoclip" / "verb_classes.txt") as f:
+        verb_names = [line.strip() for line in f]
+    with open(root / "egoclip" / "noun_classes.txt") as f:
+        num_nouns = sum(1 for _ in f)
+    dataset = EgoClipDataset(root / "egoclip", cfg, rows, verb_names, num_nouns)
+    uids = {r["video_uid"] for r in rows}
+    bad = BadVideos(len(uids), cfg.max_bad_videos, print0, logger)
+    if cfg.cache_videos and not cfg.chunk_seconds:
+        t0 = time.time()
+        n_bad = dataset.reader.preload(uids, threads=min(8, os.cpu_count() or 1))
+        print0(f"decoded {len(uids) - n_bad} training videos into RAM in {time.time() - t0:.0f} s"
+               + (f" ({n_bad} unreadable: their clips are skipped and counted)" if n_bad else ""))
+        bad.add(sorted(dataset.reader.unreadable.items()), skipped=0)  # a corpus too broken stops here
+    print0(f"EgoClip: {len(rows)} pairs, {len(verb_names)} verbs, {num_nouns} nouns")
+    return dataset, collate_pairs, ["egomcq", "epic_mir", "charades"], 2 if cfg.negatives == "scene" else 1, bad
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train (EgoNCE pre-training, or EPIC-MIR fine-tuning with --finetune) or only evaluate (--eval); returns the
+    final metrics."""
     cfg = parse_config(Config, argv, PRESETS, CHOICES, RANGES)
     set_strict(cfg.strict)
     dist = setup_distributed(cfg.device)
@@ -1252,17 +1294,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger = JsonlLogger(out_dir / "log.jsonl", enabled=dist.is_main)
 
     # --- model
-    tokenizer = Tokenizer(cfg.vocab_file or str(root / "vocab.txt"))
-    vocab = cfg.vocab_size or tokenizer.vocab_size
-    assert vocab >= tokenizer.vocab_size, f"vocab_size {vocab} < tokenizer's {tokenizer.vocab_size}"
-    model = FrozenInTime(cfg, vocab).init_weights(cfg.time_init)
-    for path, key_map in ((cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)):
-        if path:  # ours: {"model": ...}; the release's: {"state_dict": ...}; timm / HF: the tensors themselves
-            print0(load_into(model, find_state_dict(load_checkpoint(path, paper="egovlp")), **key_map, source=path))
-    if cfg.vit_width == 768 and not (cfg.init or cfg.init_video or cfg.init_text):
-        print0(f"note: paper-size model from random weights; {PAPER_INIT}")
-    model = model.to(device)
-    print0(f"EgoVLP dual encoder: {count_parameters(model):,} parameters")
+    tokenizer, model = build_model(cfg, root, device)
 
     # --- evaluation only
     tasks = {"": [], "all": ["egomcq", "epic_mir", "charades"]}.get(cfg.eval, [cfg.eval])
@@ -1294,28 +1326,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                           else None)
 
     # --- data
-    if cfg.finetune == "epic_mir":
-        dataset = EpicMIRTrain(root / "egoclip" / "epic_mir", cfg)
-        collate, eval_tasks, per_clip = collate_epic, ["epic_mir"], 1
-        bad = BadVideos(len({c["video_id"] for c in dataset.clips}), cfg.max_bad_videos, print0, logger)
-    else:
-        rows = read_egoclip(root / "egoclip" / "egoclip.csv")
-        with open(root / "egoclip" / "verb_classes.txt") as f:
-            verb_names = [line.strip() for line in f]
-        with open(root / "egoclip" / "noun_classes.txt") as f:
-            num_nouns = sum(1 for _ in f)
-        dataset = EgoClipDataset(root / "egoclip", cfg, rows, verb_names, num_nouns)
-        uids = {r["video_uid"] for r in rows}
-        bad = BadVideos(len(uids), cfg.max_bad_videos, print0, logger)
-        if cfg.cache_videos and not cfg.chunk_seconds:
-            t0 = time.time()
-            n_bad = dataset.reader.preload(uids, threads=min(8, os.cpu_count() or 1))
-            print0(f"decoded {len(uids) - n_bad} training videos into RAM in {time.time() - t0:.0f} s"
-                   + (f" ({n_bad} unreadable: their clips are skipped and counted)" if n_bad else ""))
-            bad.add(sorted(dataset.reader.unreadable.items()), skipped=0)  # a corpus too broken stops here
-        collate, eval_tasks = collate_pairs, ["egomcq", "epic_mir", "charades"]
-        per_clip = 2 if cfg.negatives == "scene" else 1
-        print0(f"EgoClip: {len(rows)} pairs, {len(verb_names)} verbs, {num_nouns} nouns")
+    dataset, collate, eval_tasks, per_clip, bad = training_set(cfg, root, logger)
     if len(dataset) < cfg.batch_size:  # a batch would repeat clips: duplicates are false negatives for EgoNCE
         raise SystemExit(f"error: {len(dataset)} training items, fewer than --batch_size={cfg.batch_size}; use "
                          f"--batch_size={len(dataset)} or less")
