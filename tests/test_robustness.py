@@ -255,7 +255,7 @@ def save_or_kill(obj, path, *a, **k):  # SIGKILL halfway through the kill_in_sav
         open(path, "wb").write(b"half a checkpoint")
         os.kill(os.getpid(), signal.SIGKILL)
     return save(obj, path, *a, **k)
-paper.lr_at = common.train.lr_at = lr_or_kill  # (egovlp imports it inside main)
+paper.lr_at = common.train.lr_at = lr_or_kill  # the paper file's name and common's
 common.train.torch.save = save_or_kill
 paper.main(sys.argv[1:])
 """
