@@ -349,9 +349,7 @@ def read_jsonl(path):
     return read_rows(path, lambda row: row, "jsonl")
 
 
-
 ACTION_PROMPT = "a person is doing [MASK]"  # the release's K400 prompt (without its "persion" typo)
-
 
 
 def build_task_items(cfg, task, split, answer_vocab=None):
@@ -519,9 +517,10 @@ def make_loader(dataset, collate, cfg, dist, train, twin=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Temporal token rolling (the paper's idea, Fig. 2), in four parts: the band size, the roll itself, the random slot
-# order that decides which patches sit in the band, and the placement before every block. Then the baselines of the
-# paper's comparison (`temporal=`): the release's token shift and a TSM channel shift; `mean` moves nothing.
+# Temporal token rolling (the paper's idea, Fig. 2): roll_band (how many slots move), temporal_roll (the roll), the
+# baselines of the paper's comparison (the release's token shift, a TSM channel shift; `mean` moves nothing),
+# shuffle_patches (which patches sit in the rolled slots), temporal_mix (the layer `temporal=` picks) and
+# before_block (where it sits: before every block). The model below only calls shuffle_patches and before_block.
 
 def roll_band(n, roll_fraction):
     """k, the patch slots rolled per direction out of n: the release rolls L // 8 of the L = 1+N tokens each way
@@ -573,7 +572,6 @@ def channel_shift(v, fold_div=8):
     out[:, :-1, :, c:2 * c] = p[:, 1:, :, c:2 * c]                   # from the next frame
     out[:, :, :, 2 * c:] = p[:, :, :, 2 * c:]
     return torch.cat([cls, out], dim=2)
-
 
 
 def shuffle_patches(x, cfg):
@@ -835,7 +833,6 @@ class AllInOne(nn.Module):
         return step_losses(self, batch, task)
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Losses: plain functions of tensors, then the losses of one training step per task
 
@@ -875,7 +872,6 @@ def mc_scores(model, batch, head=None):
     return score.float().view(B, O)
 
 
-
 def pretrain_losses(model, batch, cfg):
     """One pre-training step: VTC on the whole batch (two unimodal passes) and, on the first
     round(joint_fraction * B) rows, one joint pass holding both the VTM pairs (unmasked text, half the videos
@@ -905,7 +901,6 @@ def pretrain_losses(model, batch, cfg):
     out = {k: v.detach() for k, v in out.items()}
     out["loss"] = loss  # the only entry with a graph
     return out
-
 
 
 def step_losses(model, batch, task):
