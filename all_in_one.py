@@ -2,7 +2,7 @@
 
 A single-file re-implementation: the model, the three pre-training losses, the data loaders (WebVid CSV,
 MSR-VTT JSON, MSRVTT-QA / MSRVTT-MC JSON lines, K400-style lists), the downstream tasks and a training loop for
-CPU, one GPU or many (torchrun). Read it top to bottom: config -> model -> losses -> data -> evaluation -> main().
+CPU, one GPU or many (torchrun).
 
 The idea
 --------
@@ -11,7 +11,7 @@ plain ViT for everything: text tokens (BERT word embeddings) and video patch tok
 so "only the light text tokenizer and the task head add extra parameters". The hard part is time: a ViT sees
 images, and attending jointly over all T·N patch tokens (or adding temporal attention) costs compute or
 parameters. The paper's answer is the **temporal token rolling** layer, parameter-free and FLOP-free: before
-every block, a band of each frame's patch tokens is swapped with the neighbouring frames,
+every block, a band of each frame's patch tokens is swapped with the neighbouring frames (Fig. 2),
 
     out[:, t, band_fwd] = x[:, t-1, band_fwd]        # an eighth of the slots take the previous frame's tokens
     out[:, t, band_bwd] = x[:, t+1, band_bwd]        # and an eighth the next frame's (circular in t)
@@ -19,12 +19,13 @@ every block, a band of each frame's patch tokens is swapped with the neighbourin
 
 so that, layer after layer, every frame's self-attention also sees content from the other frames. The baseline
 it replaces is "time average": frames processed independently and averaged at the end (`temporal="mean"`).
+All of it (the band, the random slot order, where the layer sits) is the section "Temporal token rolling".
 
 The joint pass follows the release: the text is replicated per frame, each frame gets its own sequence
 `[text (L) ; frame CLS + N patches]`, rolling moves visual tokens across the T sequences, and the T copies are
 averaged after the final LayerNorm. The pooled text [CLS] (`tanh(W x_0 + b)`) feeds the matching / QA heads.
 
-Pre-training objectives (summed; each has a real weight here)
+Pre-training objectives (summed, each with its weight; the section "Losses")
     VTM  video-text matching: half of the joint rows get another clip's video; CE of Linear(D, 2) on the pooled CLS.
     MLM  masked language modelling on the joint pass: whole-word, 15%, 80/10/10, CE on masked tokens.
     VTC  video-text contrastive on unimodal passes:  S_ij = <t_i, v_j> / tau  (cosine, tau = 0.05),
@@ -37,46 +38,52 @@ Downstream (`--finetune=<task>` trains, `--eval=<task>` evaluates a checkpoint o
     mc         multiple choice: zero-shot by the VTM match logit of each option, or fine-tuned MLP D->256->1
     action     probe on frozen joint features with the fixed prompt "a person is doing [MASK]" (MLP, as released)
 
-Shapes legend: B batch, T frames, N patches per frame, L text tokens, D width, V vocab, K classes, P proj dim.
+Shapes legend: B batch, T frames, N patches per frame, L text tokens, D width, V vocab, K classes, P embed_dim.
+
+The file, in order
+------------------
+    Config          the dataclass of every field (`--help`), presets, the ablation, allowed values
+    Data            annotation readers, clip decoding, the batch sampler (twins), the collate (MLM masks, VTM pairs)
+    Temporal token rolling (the paper's idea)   band size, roll, slot shuffle, the baselines, placement per block
+    Model           one pre-LN ViT shared by text and video: the joint, text-only and video-only passes
+    Losses          VTC, VTM, MLM, the pre-training step, the fine-tuning losses
+    Evaluation      retrieval, MC (and its order probe), QA, masked motion words, the action probe
+    Pictures        retrieval gallery, token moves, training curves (`--pictures`)
+    Weights         key maps for the release's checkpoints, timm ViTs and BERT embeddings
+    Training        helpers, then main(): setup, model, data, optimizer, resume, the loop, the final evaluation
 
 What is reproduced, what is not
 -------------------------------
 Reproduced: the single-stream model with the release's joint-pass layout, temporal token rolling (with the
-release's random-subset behaviour), time average, the release's token shift and a TSM channel shift as one-field
-ablations (`temporal=`),
-VTM + MLM + VTC, the four downstream protocols, Ti / S / B sizes (parameter counts checked in the tests).
-Not reproduced: the ImageNet start of the CPU default (it trains from scratch on the built-in synthetic corpus;
+release's random slot subset), time average, the release's token shift and a TSM channel shift (`temporal=`),
+VTM + MLM + VTC, the four downstream protocols, the Ti / S / B sizes (parameter counts checked in the tests).
+Not reproduced: the ImageNet start of the CPU default (it trains from scratch on the synthetic corpus;
 `--init_video=<timm .pth>` loads the paper's DeiT / ViT weights, `--init=<release .ckpt>` the released models),
-HowTo100M / WebVid-scale training, WPA (word-patch alignment by optimal transport, weight 0.1, inside the
+HowTo100M / WebVid-scale training, WPA (word-patch alignment by optimal transport, weight 0.1 inside the
 release's ITM loss), captioning (no code was released), VCR, image co-training (All-in-one+).
 
 Departures from the release, and why
 ------------------------------------
-1. Joint-pass budget. The release runs two full joint forwards per step (MLM and ITM) on the whole batch and
-   pre-trains with VTC off. Here VTC runs on the whole batch and VTM / MLM on its first eighth
-   (`joint_fraction=0.125`: 8 VTM pairs + 8 masked captions out of 64 clips). Why: a joint row costs T copies of
-   text + frame, so on this CPU (default model, one thread, CPU time per step) a step costs 0.33 s at 0.125,
-   0.48 s at 0.25 and 1.09 s at `joint_fraction=1`; and in 400-step screening runs 0.125 reached val R@1 9.5%
-   against 6.0% for 0.25. The eighth keeps a real matching / MLM signal (where rolling acts) for a third of the
-   step. `joint_fraction=1` restores the release's layout; `vtc_weight=0` its default task.
-2. Contrastive negatives are gathered across ranks (the release uses per-GPU negatives only) and tau is fixed
-   at 0.05 as released. Gradient accumulation does NOT enlarge the negative pool: each micro-batch is its own
-   contrastive problem (as in the release), the effective contrastive batch is batch_size x world_size.
-3. WPA / optimal transport is omitted (the release silently adds it to ITM with weight 0.1).
-4. VTM negatives are drawn from the videos already in the batch (the release decodes one extra random video per
-   sample). Optionally (`twin_batches=True`) a clip's time-reversed twin is put in the same batch, where it
-   becomes a hard negative for VTC and, preferred over a random clip, for VTM. The twins are a property of the
-   synthetic corpus, not of the paper's data.
-5. The text-only pass runs one copy of the text, not T identical copies (same result without dropout).
-6. Model selection is on val, never test; QA accuracy counts answers outside the train vocabulary as wrong
-   (the release skips them); frames are sampled at bin midpoints for val and test (the release samples val
-   randomly); no horizontal flip (it would turn "moves left" into "moves right"); similarities in fp32.
+1. Joint-pass budget: the release runs two full joint forwards per step (MLM, ITM) and pre-trains with VTC off.
+   Here VTC runs on the whole batch and VTM / MLM on its first `joint_fraction=0.125`: a joint row costs T copies
+   of text + frame, and the eighth keeps a real matching / MLM signal (where rolling acts) at a fraction of the
+   step. `joint_fraction=1` restores the release's layout, `vtc_weight=0` its default task.
+2. Contrastive negatives are gathered across ranks (the release: per GPU); tau is fixed at 0.05 as released.
+   Gradient accumulation does not enlarge the negative pool (as in the release): the contrastive batch is
+   batch_size x world_size.
+3. WPA / optimal transport is omitted.
+4. VTM negatives are other videos of the batch (the release decodes one extra random video per sample).
+   `twin_batches=True` puts a clip's time-reversed twin (a property of the synthetic corpus) in its batch: a hard
+   negative for VTC and, preferred over a random clip, for VTM.
+5. The text-only pass runs one copy of the text, not T identical copies (the same result without dropout).
+6. Model selection on val, never test; QA counts answers outside the train vocabulary as wrong (the release
+   skips them); val / test frames at bin midpoints (the release samples val randomly); no horizontal flip (it
+   would turn "moves left" into "moves right"); similarities in fp32.
 7. Zero-shot MC scores each option with the raw match logit, as released (not softmax).
 8. The DeiT-S distillation token is not modelled (384 parameters); the temporal embedding is used for every size.
-9. VTC pools the tokens (`vtc_pool="mean"`: the mean over the text's real tokens and over all visual tokens of all
-   frames) instead of taking the [CLS] tokens as released. Why: trained from scratch, [CLS] pooling sat on a
-   plateau (val R@1 8.5% at step 300 of a 400-step run) where mean pooling had reached 20.0% (same run
-   otherwise). `vtc_pool="cls"` restores the release. The joint pass still uses the text [CLS], as released.
+9. VTC pools the tokens (`vtc_pool="mean"`: the text's real tokens, all visual tokens of all frames) instead of
+   the release's [CLS]: trained from scratch, [CLS] pooling stalled on a plateau. `vtc_pool="cls"` restores the
+   release; the joint pass uses the text [CLS] either way.
 
 CPU default vs paper (`--paper --B` = the release's pre-training recipe at the paper's size)
 ------------------------------------------------------------------------------------------
@@ -85,15 +92,15 @@ CPU default vs paper (`--paper --B` = the release's pre-training recipe at the p
 | `width` / `depth` / `heads` | 128 / 4 / 2 | 768 / 12 / 12 (B; Ti 192/3, S 384/6) | minutes on 2 CPU cores |
 | `img_size` / `max_text_len` | 64 / 32 | 224 / 40 | the synthetic corpus is 64x64, its captions short |
 | `vocab_size` | 0 (the corpus's vocab.txt) | 30522 (bert-base-uncased) | synthetic vocabulary |
-| `proj_dim` | 256 | 512 | smaller model |
-| `dropout` / `drop_path` | 0 / 0 | 0.1 / 0.1 | 1000 steps from scratch underfit; regularising slows them |
+| `embed_dim` | 256 | 512 | smaller model |
+| `dropout` / `drop_path` | 0 / 0 | 0.1 / 0.1 | a short run from scratch underfits; regularising slows it |
 | `vtc_weight` | 1 | 0 (VTC off in pre-training) | zero-shot retrieval needs trained unimodal embeddings (departure 1) |
-| `joint_fraction` | 0.125 | 1.0 | a joint row costs T copies; 0.125 was faster and better here (departure 1) |
-| `vtc_pool` | mean | cls | [CLS] sat on a plateau from scratch (departure 9) |
+| `joint_fraction` | 0.125 | 1.0 | a joint row costs T copies (departure 1) |
+| `vtc_pool` | mean | cls | [CLS] stalled from scratch (departure 9) |
 | `batch_size` / `grad_accum` | 64 / 1 | 16 / 32 per GPU (4096 on 8 GPUs) | one CPU process; no extra negatives |
 | `lr` / `warmup_steps` / `max_steps` | 1e-3 / 30 / 1000 | 1e-4 / 2500 / 200k | from scratch, short schedule |
 | `probe_lr` / `probe_epochs` | 1e-3 / 200 | 3e-4 (K400) or 1e-4 (HMDB51) / 50 | a tiny probe on a few hundred clips |
-| `cache_clips` / `num_workers` | True / 0 | False / 8 | small corpus in RAM; a worker would share 2 cores with the model |
+| `cache_videos` / `num_workers` | True / 0 | False / 8 | small corpus in RAM; a worker shares the 2 cores with the model |
 | `eval_every` / `ckpt_every` / `log_every` | 100 / 100 / 25 | 5000 / 5000 / 100 | cadence of a short run |
 | `precision` | bf16 autocast | fp16 AMP (not set by `--paper`) | bf16 needs no loss scaling; CPU autocast is bf16 |
 
@@ -101,9 +108,9 @@ Commands
 --------
     python all_in_one.py --pretrain                       # CPU default: pre-train on data/synth + zero-shot eval
     python all_in_one.py --tiny --max_steps=20            # seconds, smoke test
-    python all_in_one.py --finetune=qa --init=runs/all_in_one/ckpt.pt --out_dir=runs/all_in_one_qa
-    python all_in_one.py --eval=retrieval --init=runs/all_in_one/ckpt.pt
     python all_in_one.py --pretrain --temporal=mean       # the paper's ablation: time average instead of rolling
+    python all_in_one.py --finetune=qa --init=runs/all_in_one/ckpt.pt --out_dir=runs/all_in_one_qa
+    python all_in_one.py --eval=retrieval --init=runs/all_in_one/ckpt.pt --pictures
     python all_in_one.py --paper --B --device=cuda --data_root=/data                    # one GPU, paper recipe
     torchrun --standalone --nproc_per_node=8 all_in_one.py --paper --B --data_root=/data \
         --init_video=/w/jx_vit_base_p16_224-80ecf9dd.pth --vocab_file=/w/bert-base-uncased/vocab.txt  # paper init
@@ -125,6 +132,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
+from common import pictures
 from common.annotations import BadRow, bad_row, inside, read_json, read_rows, set_strict, skipped_rows, text_field
 from common.config import config_to_dict, parse_config
 from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
@@ -139,7 +147,7 @@ from common.weights import find_state_dict, load_into
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Config
+# Config: every field with its meaning and paper value (`python all_in_one.py --help` prints them)
 
 @dataclass
 class Config:
@@ -147,22 +155,20 @@ class Config:
     out_dir: str = "runs/all_in_one"  # where ckpt.pt, log.jsonl and metrics.json go
     data_root: str = "data/synth"  # corpus root (webvid/, msrvtt/, vocab.txt); generated on first use if default
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
-    precision: str = "auto"  # auto (bf16 where a start-up probe finds it faster, else fp32) | bf16 autocast | fp32;
-    #   similarities and losses are always fp32
+    precision: str = "auto"  # auto (bf16 where a start-up probe finds it faster) | bf16 | fp32; losses always fp32
     seed: int = 0  # random seed
     max_steps: int = 1000  # optimizer steps of the current job (pre-training or fine-tuning); paper 200k
-    init: str = ""  # a whole model to start from: our ckpt.pt (pre-trained, for --finetune / --eval) or a release .ckpt
-    init_video: str = ""  # a timm ViT / DeiT state dict for the backbone; paper: Ti deit_tiny_patch16_224, S
-    #   deit_small_distilled_patch16_224, B vit_base_patch16_224 (the Ti / S / B presets; nothing is downloaded)
-    init_text: str = ""  # a Hugging Face BERT state dict: its word / position / token-type embeddings (not in the paper)
-    vocab_file: str = ""  # "" = data_root/vocab.txt; real data: bert-base-uncased's vocab.txt (the paper's tokenizer)
-    resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt (optimizer, step, random states, data
-    #   order)
+    init: str = ""  # a whole model to start from: our ckpt.pt (for --finetune / --eval) or a release .ckpt
+    init_video: str = ""  # timm ViT / DeiT state dict for the backbone (paper: the Ti / S / B ImageNet weights)
+    init_text: str = ""  # Hugging Face BERT state dict: only its embeddings are loaded (not in the paper)
+    vocab_file: str = ""  # "" = data_root/vocab.txt; real data: bert-base-uncased's vocab.txt (the paper's)
+    resume: bool = False  # continue the run in out_dir from its ckpt.pt (optimizer, step, random states, data order)
     overwrite: bool = False  # let a new run replace the files of an earlier run in out_dir (refused otherwise)
     strict: bool = False  # a malformed annotation row stops the run (default: skipped, counted, named in the log)
     max_bad_videos: float = 0.1  # stop when more than this share of the training videos is unreadable (1 = never)
     finetune: str = ""  # "" (pre-train) | retrieval | qa | mc | action
     eval: str = ""  # "" | zeroshot | retrieval | qa | mc | action: evaluate --init on test, no training
+    pictures: bool = False  # with --eval: retrieval gallery, token moves and training curves into out_dir/pictures
     # --- model (CPU default; paper sizes are the Ti / S / B presets)
     width: int = 128  # D; paper Ti 192 / S 384 / B 768
     depth: int = 4  # transformer blocks; paper 12
@@ -172,27 +178,27 @@ class Config:
     img_size: int = 64  # frame side after crop; paper 224 (the synthetic corpus is 64x64)
     num_frames: int = 3  # T frames per clip; paper 3 (8 for some fine-tunes)
     max_text_len: int = 32  # text positions (with [CLS]/[SEP]); paper 40
-    vocab_size: int = 0  # 0 = size of data_root/vocab.txt; paper 30522 (bert-base-uncased)
-    proj_dim: int = 256  # VTC projection size P; release 512
-    vtc_pool: str = "mean"  # VTC features: mean over tokens | cls (text [CLS], frame CLS averaged; release)
-    dropout: float = 0.0  # dropout on embeddings / projections / MLP; paper 0.1 (0 for short CPU runs)
+    vocab_size: int = 0  # 0 = size of the vocab file; paper 30522 (bert-base-uncased)
+    embed_dim: int = 256  # VTC embedding size P (txt_proj / vid_proj); release 512
+    dropout: float = 0.0  # dropout on embeddings / projections / MLP; paper 0.1 (0: short runs from scratch)
     drop_path: float = 0.0  # stochastic depth, linear up to this; paper 0.1
     tied_mlm_decoder: bool = False  # tie the MLM decoder to the word embeddings; release False (untied)
-    # --- temporal modelling: the paper's idea and its baselines
-    temporal: str = "roll"  # roll (the paper) | mean (time average, the paper's baseline) | shift (the release's
-    #   token shift, TemporalRoll v=3) | tsm (TSM channel shift, not in the release)
-    roll_fraction: float = 0.25  # share of patch tokens rolled, half by +1 frame and half by -1; release 2*24/196
-    roll_tokens: str = "random"  # random (patch slots shuffled per frame, as the release effectively does; roll and
-    #   shift) | fixed
+    temporal: str = "roll"  # roll (the paper) | mean (time average, its baseline) | shift (release token shift) | tsm
+    roll_fraction: float = 0.25  # share of patch slots rolled, half by +1 frame, half by -1; release 2*24/196
+    roll_tokens: str = "random"  # random (slots shuffled per frame, as the release effectively does) | fixed
     roll_unimodal: bool = False  # also roll in the video-only (VTC / retrieval) pass; release False
-    # --- pre-training objectives
+    # --- loss
     vtc_weight: float = 1.0  # video-text contrastive; release: off in pre-training, used for retrieval fine-tuning
     vtm_weight: float = 1.0  # video-text matching; release 1
     mlm_weight: float = 1.0  # masked language modelling; release 1
     temperature: float = 0.05  # VTC softmax temperature tau, fixed; release 0.05
-    joint_fraction: float = 0.125  # share of each batch used for the joint passes (VTM and MLM); release 1.0
+    vtc_pool: str = "mean"  # VTC features: mean over tokens | cls (text [CLS], frame CLS averaged; release)
+    joint_fraction: float = 0.125  # share of each batch in the joint passes (VTM and MLM); release 1.0
     mlm_prob: float = 0.15  # share of words masked; paper 0.15 (whole-word, 80/10/10)
+    # --- data
     twin_batches: bool = False  # put each clip's time-reversed twin in its batch (hard negatives; not in the paper)
+    cache_videos: bool = True  # keep decoded training videos in RAM (small corpora); off for real datasets
+    num_workers: int = 0  # training DataLoader workers; 0 on a small CPU (the videos are cached), 4-8 on a GPU
     # --- optimisation
     batch_size: int = 64  # clips per micro-batch per device (= contrastive negatives per device)
     grad_accum: int = 1  # micro-batches per optimizer step; release accumulates to 4096 (does not add negatives)
@@ -202,10 +208,6 @@ class Config:
     weight_decay: float = 0.01  # AdamW weight decay (none on biases, norms, tokens); paper 0.01
     warmup_steps: int = 30  # linear warmup; paper 2500 (pre-training) / 10% of steps (fine-tuning)
     schedule: str = "linear"  # decay after warmup: linear (the release, to 0) | cosine | constant
-    num_workers: int = 0  # DataLoader workers for training (decoding); evaluation decodes in the main process. 0 on
-    #   a 2-core CPU: with the clips cached, a worker only competes with the model's threads (~0.92 vs ~1.15 s/step
-    #   after the first epoch on the AVX2 kind); use 4-8 on a GPU machine
-    cache_clips: bool = True  # keep decoded clips in RAM (~0.3 MB per 24-frame 64x64 clip); off for real datasets
     # --- evaluation and logging
     eval_every: int = 100  # steps between val evaluations (model selection for fine-tuning)
     ckpt_every: int = 100  # steps between checkpoints (atomic)
@@ -216,33 +218,30 @@ class Config:
     retrieval_views: int = 1  # frame samplings whose similarities are averaged; 1 = bin midpoints; release 3 random
     probe: str = "mlp"  # action probe head: mlp (release: pooler + 2-layer MLP) | linear
     probe_epochs: int = 200  # epochs of the action probe over cached frozen features; release 50 (K400)
-    probe_lr: float = 1e-3  # AdamW lr of the action probe (head, and pooler for probe=mlp); release 3e-4 (K400),
-    #   1e-4 (HMDB51)
-    probe_features: str = "joint"  # joint (release: prompt's joint [CLS]) | video (video-only pass) | frames (per frame)
-    pictures: bool = False  # with --eval: also draw a retrieval gallery, the temporal layer's token moves and the
-    #   training curves (the --init run's log.jsonl) into out_dir/pictures
+    probe_lr: float = 1e-3  # AdamW lr of the action probe (head, and pooler for probe=mlp); release 3e-4 (K400)
+    probe_features: str = "joint"  # joint (release: the prompt's joint [CLS]) | video (video-only pass) | frames
 
 
 PRESETS = {
     # pre-training (the defaults are the CPU recipe; combine with a size: `--pretrain --B`)
     "pretrain": dict(finetune="", eval=""),
     # seconds on a CPU: tests and smoke runs
-    "tiny": dict(width=32, depth=2, heads=2, proj_dim=32, batch_size=8, max_steps=4, eval_every=2, ckpt_every=2,
+    "tiny": dict(width=32, depth=2, heads=2, embed_dim=32, batch_size=8, max_steps=4, eval_every=2, ckpt_every=2,
                  log_every=1, warmup_steps=1, eval_batch_size=8, num_workers=0, probe_epochs=5),
     # paper sizes: 12 layers, patch 16, 224x224, 3 frames, BERT vocab, 40 tokens (Table 1: 12M / 33M / 110M); the paper
     # initialises the ViT from timm's DeiT-Ti / DeiT-S distilled / ViT-B/16 (PAPER_INIT; --init_video), BERT: none
-    "Ti": dict(width=192, depth=12, heads=3, img_size=224, max_text_len=40, vocab_size=30522, proj_dim=512,
+    "Ti": dict(width=192, depth=12, heads=3, img_size=224, max_text_len=40, vocab_size=30522, embed_dim=512,
                dropout=0.1, drop_path=0.1, lr=1e-4, warmup_steps=2500, max_steps=200_000),
-    "S": dict(width=384, depth=12, heads=6, img_size=224, max_text_len=40, vocab_size=30522, proj_dim=512,
+    "S": dict(width=384, depth=12, heads=6, img_size=224, max_text_len=40, vocab_size=30522, embed_dim=512,
               dropout=0.1, drop_path=0.1, lr=1e-4, warmup_steps=2500, max_steps=200_000),
-    "B": dict(width=768, depth=12, heads=12, img_size=224, max_text_len=40, vocab_size=30522, proj_dim=512,
+    "B": dict(width=768, depth=12, heads=12, img_size=224, max_text_len=40, vocab_size=30522, embed_dim=512,
               dropout=0.1, drop_path=0.1, lr=1e-4, warmup_steps=2500, max_steps=200_000),
     # the release's pre-training recipe (combine with a size: `--paper --B`): VTM + MLM on the whole batch, VTC off,
     # [CLS] features, 16 clips per GPU accumulated 32x (= 4096 on 8 GPUs; the release: 16 x 8 GPUs x 4 nodes x 8),
     # AdamW 1e-4, warm-up 2500, linear decay over 200k steps, dropout and drop-path 0.1. Sizes set only the model.
     "paper": dict(joint_fraction=1.0, vtc_weight=0.0, vtm_weight=1.0, mlm_weight=1.0, vtc_pool="cls",
                   batch_size=16, grad_accum=32, lr=1e-4, warmup_steps=2500, max_steps=200_000, schedule="linear",
-                  dropout=0.1, drop_path=0.1, cache_clips=False, num_workers=8, eval_every=5000, ckpt_every=5000,
+                  dropout=0.1, drop_path=0.1, cache_videos=False, num_workers=8, eval_every=5000, ckpt_every=5000,
                   log_every=100, probe_lr=3e-4, probe_epochs=50),
 }
 
@@ -260,9 +259,274 @@ ABLATION = dict(
     metrics=["retrieval/t2v_R@1", "retrieval/t2v_R@5", "mc/acc", "mc_order/acc", "mlm_motion/acc"],
 )
 
+# The values each field accepts, checked by parse_config before anything runs (a one-line error naming the field).
+CHOICES = dict(precision=("auto", "bf16", "fp32"), finetune=("", "retrieval", "qa", "mc", "action"),
+               eval=("", "zeroshot", "retrieval", "qa", "mc", "action"), vtc_pool=("mean", "cls"),
+               temporal=("roll", "mean", "shift", "tsm"), roll_tokens=("random", "fixed"),
+               schedule=("linear", "cosine", "constant"), retrieval_captions=("first", "all"), probe=("mlp", "linear"),
+               probe_features=("joint", "video", "frames"))
+RANGES = dict(max_steps=(1, None), width=(1, None), depth=(1, None), heads=(1, None), mlp_ratio=(0, None),
+              patch_size=(1, None), img_size=(1, None), num_frames=(1, None), max_text_len=(3, None),
+              vocab_size=(0, None), embed_dim=(1, None), dropout=(0, 1), drop_path=(0, 1), roll_fraction=(0, 1),
+              vtc_weight=(0, None), vtm_weight=(0, None), mlm_weight=(0, None), temperature=(1e-6, None),
+              joint_fraction=(0, 1), mlm_prob=(0, 1), batch_size=(1, None), grad_accum=(1, None), lr=(0, None),
+              head_lr_mult=(0, None), weight_decay=(0, None), warmup_steps=(0, None), num_workers=(0, None),
+              eval_every=(1, None), ckpt_every=(1, None), log_every=(1, None), eval_batch_size=(1, None),
+              max_eval_items=(0, None), retrieval_views=(1, None), probe_epochs=(1, None), probe_lr=(0, None),
+              max_bad_videos=(0, 1))
+
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model: temporal mixing (the paper's idea), then a plain pre-LN ViT shared by text and video
+# Data: annotation readers, clip decoding, batches (the twin sampler, MLM masks and VTM pairs)
+
+_CLIP_CACHE = {}  # path -> every decoded frame, uint8 (F, H, W, 3); per process (the training worker, or main)
+
+
+def decode_clip(path, cfg, train, rng=None, sample=None):
+    """Sample T frames (random per bin in training, bin midpoints otherwise; `sample` = "rand" | "uniform" overrides
+    it, e.g. for random evaluation views) -> (T, 3, S, S) float.
+
+    With cache_videos, a clip is decoded once in full and later epochs sample from memory (decoding dominates the
+    step time of a tiny model on 64x64 clips). No flip: it would turn "moves left" into "moves right". The crop
+    scale stands in for the release's resize-to-1.2x-then-random-crop."""
+    sample = sample or ("rand" if train else "uniform")
+    if cfg.cache_videos:
+        if path not in _CLIP_CACHE:
+            _CLIP_CACHE[path] = read_frames(path, range(video_meta(path).num_frames))
+        frames = _CLIP_CACHE[path]
+        frames = frames[sample_frame_indices(len(frames), cfg.num_frames, sample, rng=rng)]
+    else:
+        frames, _ = load_clip(path, cfg.num_frames, sample, rng=rng)
+    video, _ = VideoTransform(cfg.img_size, train, scale=(0.7, 1.0), flip=False)(frames, rng=rng)
+    return video
+
+
+def read_webvid(root, split):
+    """WebVid CSV (videoid, contentUrl, duration, page_dir, name[, reverse_of]) -> list of dict(path, text, twin).
+    Rows without an id, with an empty caption, a repeated id or a path leaving the corpus are bad rows
+    (common/annotations.py: skipped and counted, or an error with --strict)."""
+    path, seen = Path(root) / "webvid" / f"results_{split}.csv", set()
+
+    def parse(r):
+        vid = text_field(r, "videoid")
+        if vid in seen:
+            raise BadRow(f"duplicate videoid {vid!r}")
+        seen.add(vid)
+        return dict(id=vid, text=text_field(r, "name"), reverse_of=r.get("reverse_of") or "",
+                    path=inside(str(Path(root) / "webvid" / "videos"), text_field(r, "page_dir"), f"{vid}.mp4"))
+    rows = read_rows(path, parse)
+    index = {r["id"]: i for i, r in enumerate(rows)}
+    for r in rows:  # twin index, both directions
+        r["twin"] = index.get(r["reverse_of"], -1)
+    for i, r in enumerate(rows):
+        if r["twin"] >= 0 and rows[r["twin"]]["twin"] < 0:
+            rows[r["twin"]]["twin"] = i
+    return rows
+
+
+def msrvtt_video(root, vid):
+    """The path of MSR-VTT video `vid`; an id that would leave the corpus (`../x`, `/etc/x`) is a BadRow."""
+    return inside(str(Path(root) / "msrvtt" / "videos" / "all"), f"{vid}.mp4")
+
+
+def read_msrvtt(root, split):
+    """MSR-VTT: split ids + MSR_VTT.json captions -> list of (video_id, path, [captions]). An annotation without
+    image_id / caption, or with an empty caption, is a bad row (named by its index in "annotations")."""
+    base = Path(root) / "msrvtt"
+    ids = read_rows(base / "splits" / f"{split}_list.txt", lambda line: (line, msrvtt_video(root, line)), "lines")
+    json_path = base / "annotation" / "MSR_VTT.json"
+    caps = {}
+    for n, a in enumerate(read_json(json_path)["annotations"]):
+        try:
+            caps.setdefault(a["image_id"], []).append(text_field(a, "caption"))
+        except (BadRow, KeyError, TypeError) as e:
+            bad_row(json_path, f"annotations[{n}]", str(e) if isinstance(e, BadRow) else f"missing {e}")
+    return [(v, path, caps[v]) for v, path in ids if v in caps]
+
+
+def read_jsonl(path):
+    """JSON lines -> list of dicts; a malformed line is a bad row (skipped and named, or an error with --strict)."""
+    return read_rows(path, lambda row: row, "jsonl")
+
+
+ACTION_PROMPT = "a person is doing [MASK]"  # the release's K400 prompt (without its "persion" typo)
+
+
+def build_task_items(cfg, task, split, answer_vocab=None):
+    """The items of a downstream split, as dicts for ClipTextDataset (text / options / label)."""
+    root = Path(cfg.data_root) / "msrvtt"
+
+    def mc(q):
+        options = q["options"]
+        if not (isinstance(options, list) and options and all(isinstance(o, str) and o.strip() for o in options)):
+            raise BadRow("options must be a list of non-empty texts")
+        if not 0 <= int(q["answer"]) < len(options):
+            raise BadRow(f"answer {q['answer']} is not an option index")
+        return dict(path=msrvtt_video(cfg.data_root, q["clip_name"]), options=options, label=int(q["answer"]),
+                    reversed_option=q["reversed_option"] if q.get("reversed_option") is not None else -1)
+
+    def action(line):
+        rel, label = line.rsplit("\t", 1)
+        return dict(path=inside(str(root), rel), text=ACTION_PROMPT, label=int(label))
+    if task == "retrieval":
+        items = [dict(path=p, text=caps, vid=v) for v, p, caps in read_msrvtt(cfg.data_root, split)]
+    elif task == "qa":  # an answer outside the train answers is label -100: scored wrong, counted as qa/unseen
+        items = read_rows(root / f"msrvtt_qa_{split}.jsonl", lambda q: dict(
+            path=msrvtt_video(cfg.data_root, q["video_id"]), text=text_field(q, "question"),
+            answer=text_field(q, "answer"), label=(answer_vocab or {}).get(q["answer"], -100)), "jsonl")
+    elif task == "mc":
+        items = read_rows(root / f"msrvtt_mc_{split}.jsonl", mc, "jsonl")
+    elif task == "action":
+        items = read_rows(root / "action" / f"{split}.list", action, "lines")
+    else:
+        raise ValueError(task)
+    return items[: cfg.max_eval_items] if cfg.max_eval_items and split != "train" else items
+
+
+class ClipTextDataset(torch.utils.data.Dataset):
+    """(video path, text or texts, extra) items -> dict(video, text, index, ...). A text list means "draw one at
+    random" (MSR-VTT training). An unreadable video returns dict(bad_video=path, error); the collate drops it.
+    view = k (evaluation only): frames drawn at random in each bin with a generator seeded by (seed, k, item), centre
+    crop -- the k-th of the release's retrieval views; None = bin midpoints."""
+
+    def __init__(self, items, cfg, train, view=None):
+        self.items, self.cfg, self.train, self.view = items, cfg, train, view
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        try:
+            if self.view is None:
+                video = decode_clip(item["path"], self.cfg, self.train)
+            else:
+                rng = random.Random(f"{self.cfg.seed}/{self.view}/{i}")
+                video = decode_clip(item["path"], self.cfg, False, rng=rng, sample="rand")
+        except VideoReadError as e:
+            return dict(bad_video=item["path"], error=str(e))  # the collate drops it; the loop names and counts it
+        text = item.get("text", "")
+        if isinstance(text, list):
+            text = random.choice(text) if self.train else text[0]
+        return dict(item, video=video, text=text, index=i)
+
+
+class TwinBatchSampler(torch.utils.data.Sampler):
+    """Endless random batches; with twins=True each clip's time-reversed twin rides in the same batch (as the
+    next row), so the pair are each other's hard negatives. Each rank takes every world-th batch."""
+
+    def __init__(self, twin, batch_size, twins, seed, rank=0, world=1):
+        self.twin, self.batch_size, self.twins = twin, batch_size, twins
+        self.seed, self.rank, self.world = seed, rank, world
+        self.skip = 0  # batches to pass over first: a resumed run continues the interrupted run's data order
+
+    def __iter__(self):
+        epoch, skip = 0, self.skip
+        while True:
+            g = random.Random(self.seed * 1000 + epoch)
+            groups = [[i] + ([self.twin[i]] if self.twins and self.twin[i] >= 0 else [])
+                      for i in range(len(self.twin)) if not (self.twins and 0 <= self.twin[i] < i)]
+            g.shuffle(groups)
+            batches, cur = [], []
+            for grp in groups:
+                if len(cur) + len(grp) > self.batch_size:
+                    batches.append(cur)
+                    cur = []
+                cur += grp
+            for b in batches[self.rank:len(batches) - len(batches) % self.world:self.world]:
+                if skip:
+                    skip -= 1
+                else:
+                    yield b
+            epoch += 1
+
+
+def vtm_negatives(n_joint, batch_size, twin, generator=None):
+    """Choose the VTM pairs for the first n_joint rows of a batch of batch_size clips.
+
+    Exactly floor(n_joint/2) rows, at random, get another clip's video: the row's time-reversed twin when it is in
+    the batch (twin[i] >= 0), else a random other clip. Returns (video_index (n_joint,), labels (n_joint,))."""
+    labels = torch.ones(n_joint, dtype=torch.long)
+    neg = torch.randperm(n_joint, generator=generator)[: n_joint // 2]
+    labels[neg] = 0
+    video_index = torch.arange(n_joint)
+    for i in neg.tolist():
+        if twin[i] >= 0:
+            video_index[i] = int(twin[i])
+        else:
+            j = int(torch.randint(batch_size - 1, (1,), generator=generator))
+            video_index[i] = j + (j >= i)  # any clip but i
+    return video_index, labels
+
+
+class Collate:
+    """List of items -> batch dict: stacked videos, tokenized texts, MLM inputs, VTM pairs (pre-training), labels
+    and options (downstream). Drops the unreadable videos: their (path, error) go to batch["bad_videos"], their
+    number to batch["skipped"]."""
+
+    def __init__(self, tokenizer, cfg, task):
+        self.tok, self.cfg, self.task = tokenizer, cfg, task
+
+    def __call__(self, items):
+        kept = [it for it in items if "bad_video" not in it]
+        batch = {"skipped": len(items) - len(kept),
+                 "bad_videos": [(it["bad_video"], it["error"]) for it in items if "bad_video" in it]}
+        if not kept:
+            return batch
+        batch["video"] = torch.stack([it["video"] for it in kept])       # (B, T, 3, H, W)
+        batch["index"] = torch.tensor([it["index"] for it in kept])       # dataset rows of the kept clips
+        if "options" in kept[0]:                                          # multiple choice
+            O = len(kept[0]["options"])
+            tok = self.tok([o for it in kept for o in it["options"]], self.cfg.max_text_len, pad_to_max=False)
+            batch["option_ids"] = tok["input_ids"].view(len(kept), O, -1)
+            batch["option_mask"] = tok["attention_mask"].view(len(kept), O, -1)
+        else:
+            tok = self.tok([it["text"] for it in kept], self.cfg.max_text_len, pad_to_max=False)
+            batch["text_ids"], batch["text_mask"] = tok["input_ids"], tok["attention_mask"]
+        for key in ("label", "reversed_option"):
+            if key in kept[0]:
+                batch[key] = torch.tensor([it[key] for it in kept])
+        if self.task == "pretrain":
+            batch["mlm_ids"], batch["mlm_labels"] = whole_word_mask(batch["text_ids"], batch["text_mask"], self.tok,
+                                                                    prob=self.cfg.mlm_prob)
+            pos = {it["index"]: r for r, it in enumerate(kept)}             # dataset index -> row in this batch
+            twin = [pos.get(it.get("twin", -1), -1) if self.cfg.twin_batches else -1 for it in kept]
+            n = max(2, round(self.cfg.joint_fraction * len(kept)))
+            batch["vtm_video_index"], batch["vtm_labels"] = vtm_negatives(min(n, len(kept)), len(kept), twin)
+        return batch
+
+
+def num_action_classes(cfg):
+    """The number of action classes: the non-empty lines of msrvtt/action/classes.txt."""
+    classes = (Path(cfg.data_root) / "msrvtt" / "action" / "classes.txt").read_text().split("\n")
+    return len([c for c in classes if c.strip()])
+
+
+def make_loader(dataset, collate, cfg, dist, train, twin=None):
+    """Training: endless batches from TwinBatchSampler; evaluation: one ordered pass (sharded by rank)."""
+    if train:
+        sampler = TwinBatchSampler(twin if twin is not None else [-1] * len(dataset), cfg.batch_size,
+                                   cfg.twin_batches and twin is not None, cfg.seed + 7919 * dist.rank, 0, 1)
+        # each rank draws its own stream (seeded by rank), the DDP equivalent of a shuffled DistributedSampler
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                           num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                                           generator=torch.Generator().manual_seed(cfg.seed))  # not the global one
+
+    # evaluation decodes in the main process, so the clip cache survives from one evaluation to the next
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Temporal token rolling (the paper's idea, Fig. 2): roll_band (how many slots move), temporal_roll (the roll), the
+# baselines of the paper's comparison (the release's token shift, a TSM channel shift; `mean` moves nothing),
+# shuffle_patches (which patches sit in the rolled slots), temporal_mix (the layer `temporal=` picks) and
+# before_block (where it sits: before every block). The model below only calls shuffle_patches and before_block.
+
+def roll_band(n, roll_fraction):
+    """k, the patch slots rolled per direction out of n: the release rolls L // 8 of the L = 1+N tokens each way
+    (24 of 196 at 224 px, roll_fraction = 2*24/196); at least 1 when roll_fraction > 0."""
+    return max(1, int(n * roll_fraction / 2)) if roll_fraction > 0 else 0
+
 
 def temporal_roll(v, k):
     """Temporal token rolling (Fig. 2): roll slots 1..k by +1 frame and the last k slots by -1 frame.
@@ -272,7 +536,7 @@ def temporal_roll(v, k):
     k is capped at N // 2, so the two bands never overlap (a single patch is not rolled at all).
     Departure for tiny grids: the release's band is L // 8 of the L = 1+N tokens, which is 0 below 8 tokens, and
     its `x[:, :, -0:]` then rolls the WHOLE sequence, CLS included, by -1 frame; here the caller's k (at least 1,
-    see AllInOne.temporal_mix) always leaves the CLS in place. At 197 and 17 tokens both roll the same slots.
+    see roll_band) always leaves the CLS in place. At 197 and 17 tokens both roll the same slots.
     """
     k = min(k, (v.shape[2] - 1) // 2)  # at most N // 2 patches per direction
     if k == 0:
@@ -309,6 +573,40 @@ def channel_shift(v, fold_div=8):
     out[:, :, :, 2 * c:] = p[:, :, :, 2 * c:]
     return torch.cat([cls, out], dim=2)
 
+
+def shuffle_patches(x, cfg):
+    """roll_tokens=random: each frame's patch tokens in a fresh random slot order on every pass, as the release's
+    ViLT-style `multinomial(ones(N), N)` patch selection does. Each token keeps its own position embedding, so
+    attention is unaffected, but the fixed rolled slots then hold a random spatial subset of each frame.
+    x: (B, T, N, D) patch tokens (no CLS) -> same shape."""
+    if cfg.temporal in ("roll", "shift") and cfg.roll_tokens == "random":
+        perm = torch.rand(*x.shape[:3], device=x.device).argsort(dim=-1)  # (B, T, N)
+        x = torch.gather(x, 2, perm.unsqueeze(-1).expand_as(x))
+    return x
+
+
+def temporal_mix(v, cfg):
+    """The temporal layer (`temporal=`) on the visual tokens v (B, T, 1+N, D) -> same shape."""
+    if cfg.temporal == "roll":
+        return temporal_roll(v, roll_band(v.shape[2] - 1, cfg.roll_fraction))
+    if cfg.temporal == "shift":
+        return temporal_shift(v)
+    if cfg.temporal == "tsm":
+        return channel_shift(v)
+    assert cfg.temporal == "mean", cfg.temporal
+    return v  # time average: frames never meet before the final mean
+
+
+def before_block(x, T, cfg, text_len=0):
+    """Where the layer sits: before every block, on the visual tokens of the T per-frame sequences x
+    (B*T, text_len+1+N, D); the text tokens in front (joint pass) stay. -> same shape."""
+    vis = temporal_mix(rearrange(x[:, text_len:], "(b t) n d -> b t n d", t=T), cfg)
+    vis = rearrange(vis, "b t n d -> (b t) n d")
+    return torch.cat([x[:, :text_len], vis], dim=1) if text_len else vis
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model: one plain pre-LN ViT shared by text and video
 
 def project(proj, x):
     """VTC projection of token 0, outside autocast: bf16 embeddings make many cosine values tie, which inflates
@@ -395,11 +693,9 @@ class VisualTransformer(nn.Module):
 
 
 class AllInOne(nn.Module):
-    """One transformer for text, video and both.
-
-    forward(batch, task) computes a task's outputs/losses so that DDP sees a single forward per step; the
-    unimodal and joint passes below are also called directly by the evaluation code.
-    """
+    """One transformer for text, video and both: the joint pass (forward_joint), the text-only and video-only
+    passes (text_embedding / video_embedding for VTC and retrieval) and the heads. The evaluation code calls the
+    passes directly; forward(batch, task) returns one training step's losses."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -415,8 +711,8 @@ class AllInOne(nn.Module):
         self.mlm_decoder = nn.Linear(D, cfg.vocab_size)
         if cfg.tied_mlm_decoder:
             self.mlm_decoder.weight = self.text_embeddings.word_embeddings.weight
-        self.txt_proj = nn.Linear(D, cfg.proj_dim)  # VTC projections
-        self.vid_proj = nn.Linear(D, cfg.proj_dim)
+        self.txt_proj = nn.Linear(D, cfg.embed_dim)  # VTC projections
+        self.vid_proj = nn.Linear(D, cfg.embed_dim)
         self.heads = nn.ModuleDict()  # task heads added by add_task_head (QA / MC / action)
         self.apply(self._init_weights)
 
@@ -462,28 +758,10 @@ class AllInOne(nn.Module):
         x = vt.patch_embed.proj(rearrange(video, "b t c h w -> (b t) c h w"))
         x = rearrange(x, "(b t) d gh gw -> b t (gh gw) d", b=B)     # (B, T, N, D)
         x = x + vt.pos_embed[:, 1:].unsqueeze(1) + vt.temporal_embed[:, :T].unsqueeze(2)
-        if self.cfg.temporal in ("roll", "shift") and self.cfg.roll_tokens == "random":
-            # The release keeps patches through ViLT's `multinomial(ones(N), N)`: a fresh random order per frame on
-            # every pass. Each token keeps its own position embedding, so attention is unaffected, but the fixed
-            # rolled slots then hold a random spatial subset of each frame (see temporal_roll).
-            perm = torch.rand(B, T, x.shape[2], device=x.device).argsort(dim=-1)
-            x = torch.gather(x, 2, perm.unsqueeze(-1).expand_as(x))
+        x = shuffle_patches(x, self.cfg)                                # roll_tokens=random
         cls = (vt.cls_token + vt.pos_embed[:, :1]).expand(B * T, 1, -1).reshape(B, T, 1, -1)
         x = vt.pos_drop(torch.cat([cls, x], dim=2))                    # (B, T, 1+N, D)
         return x + self.token_type_embeddings.weight[1]
-
-    def temporal_mix(self, v):
-        """The temporal layer applied before each block to the visual tokens v (B, T, 1+N, D)."""
-        if self.cfg.temporal == "roll":
-            n = v.shape[2] - 1  # k = 24 of 196 per direction for the release (L // 8)
-            k = max(1, int(n * self.cfg.roll_fraction / 2)) if self.cfg.roll_fraction > 0 else 0
-            return temporal_roll(v, k)
-        if self.cfg.temporal == "shift":
-            return temporal_shift(v)
-        if self.cfg.temporal == "tsm":
-            return channel_shift(v)
-        assert self.cfg.temporal == "mean", self.cfg.temporal
-        return v  # time average: frames never meet before the final mean
 
     # --- the three passes
     def joint_frames(self, text_ids, text_mask, video):
@@ -498,9 +776,7 @@ class AllInOne(nn.Module):
                           text_mask.new_ones(B * T, v.shape[2]).bool()], dim=1)
         mask = keep[:, None, None, :]                                     # (B*T, 1, 1, S), True = attend
         for blk in self.transformer.blocks:
-            vis = self.temporal_mix(rearrange(x[:, L:], "(b t) n d -> b t n d", t=T))
-            x = torch.cat([x[:, :L], rearrange(vis, "b t n d -> (b t) n d")], dim=1)
-            x = blk(x, mask)
+            x = blk(before_block(x, T, self.cfg, text_len=L), mask)    # the temporal layer, then the block
         return rearrange(self.transformer.norm(x), "(b t) s d -> b t s d", t=T)
 
     def forward_joint(self, text_ids, text_mask, video):
@@ -530,7 +806,7 @@ class AllInOne(nn.Module):
         x = rearrange(v, "b t n d -> (b t) n d")
         for blk in self.transformer.blocks:
             if self.cfg.roll_unimodal:
-                x = rearrange(self.temporal_mix(rearrange(x, "(b t) n d -> b t n d", t=T)), "b t n d -> (b t) n d")
+                x = before_block(x, T, self.cfg)
             x = blk(x)
         return rearrange(self.transformer.norm(x), "(b t) n d -> b t n d", t=T)
 
@@ -551,28 +827,14 @@ class AllInOne(nn.Module):
     def mlm_logits(self, text_feats):                                 # (..., D) -> (..., V)
         return self.mlm_decoder(self.mlm_transform(text_feats))
 
-    # --- one training step's outputs, per task
     def forward(self, batch, task):
-        if task == "pretrain":
-            return pretrain_losses(self, batch, self.cfg)
-        if task == "retrieval":
-            loss = vtc_loss(all_gather_with_grad(self.text_embedding(batch["text_ids"], batch["text_mask"])),
-                            all_gather_with_grad(self.video_embedding(batch["video"])), self.cfg.temperature)
-            return {"loss": loss, "vtc": loss.detach()}
-        if task == "qa":
-            logits = self.heads["vqa_classifier"](self.forward_joint(batch["text_ids"], batch["text_mask"],
-                                                                     batch["video"])[2]).float()
-            loss = F.cross_entropy(logits, batch["label"], ignore_index=-100)
-            return {"loss": loss, "qa": loss.detach()}
-        if task == "mc":
-            logits = mc_scores(self, batch, self.heads["mc_vqa_classifier"])   # (B, options)
-            loss = F.cross_entropy(logits, batch["label"])
-            return {"loss": loss, "mc": loss.detach()}
-        raise ValueError(task)
+        """One training step's losses, so that DDP sees a single forward per step. The one forward reference of
+        the file: the losses are read in their own section below, `step_losses`."""
+        return step_losses(self, batch, task)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Losses (plain functions of tensors) and the pre-training step
+# Losses: plain functions of tensors, then the losses of one training step per task
 
 def vtc_loss(text_emb, video_emb, temperature):
     """Symmetric InfoNCE on L2-normalised embeddings (B, P); matching pairs on the diagonal.
@@ -598,22 +860,16 @@ def mlm_loss(logits, labels):
     return F.cross_entropy(logits.float(), labels)
 
 
-def vtm_negatives(n_joint, batch_size, twin, generator=None):
-    """Choose the VTM pairs for the first n_joint rows of a batch of batch_size clips.
-
-    Exactly floor(n_joint/2) rows, at random, get another clip's video: the row's time-reversed twin when it is in
-    the batch (twin[i] >= 0), else a random other clip. Returns (video_index (n_joint,), labels (n_joint,))."""
-    labels = torch.ones(n_joint, dtype=torch.long)
-    neg = torch.randperm(n_joint, generator=generator)[: n_joint // 2]
-    labels[neg] = 0
-    video_index = torch.arange(n_joint)
-    for i in neg.tolist():
-        if twin[i] >= 0:
-            video_index[i] = int(twin[i])
-        else:
-            j = int(torch.randint(batch_size - 1, (1,), generator=generator))
-            video_index[i] = j + (j >= i)  # any clip but i
-    return video_index, labels
+def mc_scores(model, batch, head=None):
+    """Score every (video, option) pair with a joint pass. batch: video (B, T, 3, H, W), option_ids / option_mask
+    (B, O, L). head=None -> the VTM match logit (zero-shot, as released); else head(cls) (fine-tuned).
+    Returns (B, O) fp32."""
+    B, O, L = batch["option_ids"].shape
+    video = batch["video"].repeat_interleave(O, dim=0)                 # (B*O, T, 3, H, W)
+    _, _, cls = model.forward_joint(batch["option_ids"].reshape(B * O, L), batch["option_mask"].reshape(B * O, L),
+                                    video)
+    score = model.itm_score(cls)[:, 1] if head is None else head(cls)[:, 0]
+    return score.float().view(B, O)
 
 
 def pretrain_losses(model, batch, cfg):
@@ -647,249 +903,26 @@ def pretrain_losses(model, batch, cfg):
     return out
 
 
-def mc_scores(model, batch, head=None):
-    """Score every (video, option) pair with a joint pass. batch: video (B, T, 3, H, W), option_ids / option_mask
-    (B, O, L). head=None -> the VTM match logit (zero-shot, as released); else head(cls) (fine-tuned).
-    Returns (B, O) fp32."""
-    B, O, L = batch["option_ids"].shape
-    video = batch["video"].repeat_interleave(O, dim=0)                 # (B*O, T, 3, H, W)
-    _, _, cls = model.forward_joint(batch["option_ids"].reshape(B * O, L), batch["option_mask"].reshape(B * O, L),
-                                    video)
-    score = model.itm_score(cls)[:, 1] if head is None else head(cls)[:, 0]
-    return score.float().view(B, O)
-
-
-# The values each field accepts, checked by parse_config before anything runs (a one-line error naming the field).
-CHOICES = dict(precision=("auto", "bf16", "fp32"), finetune=("", "retrieval", "qa", "mc", "action"),
-               eval=("", "zeroshot", "retrieval", "qa", "mc", "action"), vtc_pool=("mean", "cls"),
-               temporal=("roll", "mean", "shift", "tsm"), roll_tokens=("random", "fixed"),
-               schedule=("linear", "cosine", "constant"), retrieval_captions=("first", "all"), probe=("mlp", "linear"),
-               probe_features=("joint", "video", "frames"))
-RANGES = dict(max_steps=(1, None), width=(1, None), depth=(1, None), heads=(1, None), mlp_ratio=(0, None),
-              patch_size=(1, None), img_size=(1, None), num_frames=(1, None), max_text_len=(3, None),
-              vocab_size=(0, None), proj_dim=(1, None), dropout=(0, 1), drop_path=(0, 1), roll_fraction=(0, 1),
-              vtc_weight=(0, None), vtm_weight=(0, None), mlm_weight=(0, None), temperature=(1e-6, None),
-              joint_fraction=(0, 1), mlm_prob=(0, 1), batch_size=(1, None), grad_accum=(1, None), lr=(0, None),
-              head_lr_mult=(0, None), weight_decay=(0, None), warmup_steps=(0, None), num_workers=(0, None),
-              eval_every=(1, None), ckpt_every=(1, None), log_every=(1, None), eval_batch_size=(1, None),
-              max_eval_items=(0, None), retrieval_views=(1, None), probe_epochs=(1, None), probe_lr=(0, None),
-              max_bad_videos=(0, 1))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data
-
-_CLIP_CACHE = {}  # path -> every decoded frame, uint8 (F, H, W, 3); per process (the training worker, or main)
-
-
-def decode_clip(path, cfg, train, rng=None, sample=None):
-    """Sample T frames (random per bin in training, bin midpoints otherwise; `sample` = "rand" | "uniform" overrides
-    it, e.g. for random evaluation views) -> (T, 3, S, S) float.
-
-    With cache_clips, a clip is decoded once in full and later epochs sample from memory (decoding dominates the
-    step time of a tiny model on 64x64 clips). No flip: it would turn "moves left" into "moves right". The crop
-    scale stands in for the release's resize-to-1.2x-then-random-crop."""
-    sample = sample or ("rand" if train else "uniform")
-    if cfg.cache_clips:
-        if path not in _CLIP_CACHE:
-            _CLIP_CACHE[path] = read_frames(path, range(video_meta(path).num_frames))
-        frames = _CLIP_CACHE[path]
-        frames = frames[sample_frame_indices(len(frames), cfg.num_frames, sample, rng=rng)]
-    else:
-        frames, _ = load_clip(path, cfg.num_frames, sample, rng=rng)
-    video, _ = VideoTransform(cfg.img_size, train, scale=(0.7, 1.0), flip=False)(frames, rng=rng)
-    return video
-
-
-def read_webvid(root, split):
-    """WebVid CSV (videoid, contentUrl, duration, page_dir, name[, reverse_of]) -> list of dict(path, text, twin).
-    Rows without an id, with an empty caption, a repeated id or a path leaving the corpus are bad rows
-    (common/annotations.py: skipped and counted, or an error with --strict)."""
-    path, seen = Path(root) / "webvid" / f"results_{split}.csv", set()
-
-    def parse(r):
-        vid = text_field(r, "videoid")
-        if vid in seen:
-            raise BadRow(f"duplicate videoid {vid!r}")
-        seen.add(vid)
-        return dict(id=vid, text=text_field(r, "name"), reverse_of=r.get("reverse_of") or "",
-                    path=inside(str(Path(root) / "webvid" / "videos"), text_field(r, "page_dir"), f"{vid}.mp4"))
-    rows = read_rows(path, parse)
-    index = {r["id"]: i for i, r in enumerate(rows)}
-    for r in rows:  # twin index, both directions
-        r["twin"] = index.get(r["reverse_of"], -1)
-    for i, r in enumerate(rows):
-        if r["twin"] >= 0 and rows[r["twin"]]["twin"] < 0:
-            rows[r["twin"]]["twin"] = i
-    return rows
-
-
-def msrvtt_video(root, vid):
-    """The path of MSR-VTT video `vid`; an id that would leave the corpus (`../x`, `/etc/x`) is a BadRow."""
-    return inside(str(Path(root) / "msrvtt" / "videos" / "all"), f"{vid}.mp4")
-
-
-def read_msrvtt(root, split):
-    """MSR-VTT: split ids + MSR_VTT.json captions -> list of (video_id, path, [captions]). An annotation without
-    image_id / caption, or with an empty caption, is a bad row (named by its index in "annotations")."""
-    base = Path(root) / "msrvtt"
-    ids = read_rows(base / "splits" / f"{split}_list.txt", lambda line: (line, msrvtt_video(root, line)), "lines")
-    json_path = base / "annotation" / "MSR_VTT.json"
-    caps = {}
-    for n, a in enumerate(read_json(json_path)["annotations"]):
-        try:
-            caps.setdefault(a["image_id"], []).append(text_field(a, "caption"))
-        except (BadRow, KeyError, TypeError) as e:
-            bad_row(json_path, f"annotations[{n}]", str(e) if isinstance(e, BadRow) else f"missing {e}")
-    return [(v, path, caps[v]) for v, path in ids if v in caps]
-
-
-def read_jsonl(path):
-    """JSON lines -> list of dicts; a malformed line is a bad row (skipped and named, or an error with --strict)."""
-    return read_rows(path, lambda row: row, "jsonl")
-
-
-class ClipTextDataset(torch.utils.data.Dataset):
-    """(video path, text or texts, extra) items -> dict(video, text, index, ...). A text list means "draw one at
-    random" (MSR-VTT training). An unreadable video returns dict(bad_video=path, error); the collate drops it.
-    view = k (evaluation only): frames drawn at random in each bin with a generator seeded by (seed, k, item), centre
-    crop -- the k-th of the release's retrieval views; None = bin midpoints."""
-
-    def __init__(self, items, cfg, train, view=None):
-        self.items, self.cfg, self.train, self.view = items, cfg, train, view
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        item = self.items[i]
-        try:
-            if self.view is None:
-                video = decode_clip(item["path"], self.cfg, self.train)
-            else:
-                rng = random.Random(f"{self.cfg.seed}/{self.view}/{i}")
-                video = decode_clip(item["path"], self.cfg, False, rng=rng, sample="rand")
-        except VideoReadError as e:
-            return dict(bad_video=item["path"], error=str(e))  # the collate drops it; the loop names and counts it
-        text = item.get("text", "")
-        if isinstance(text, list):
-            text = random.choice(text) if self.train else text[0]
-        return dict(item, video=video, text=text, index=i)
-
-
-class TwinBatchSampler(torch.utils.data.Sampler):
-    """Endless random batches; with twins=True each clip's time-reversed twin rides in the same batch (as the
-    next row), so the pair are each other's hard negatives. Each rank takes every world-th batch."""
-
-    def __init__(self, twin, batch_size, twins, seed, rank=0, world=1):
-        self.twin, self.batch_size, self.twins = twin, batch_size, twins
-        self.seed, self.rank, self.world = seed, rank, world
-        self.skip = 0  # batches to pass over first: a resumed run continues the interrupted run's data order
-
-    def __iter__(self):
-        epoch, skip = 0, self.skip
-        while True:
-            g = random.Random(self.seed * 1000 + epoch)
-            groups = [[i] + ([self.twin[i]] if self.twins and self.twin[i] >= 0 else [])
-                      for i in range(len(self.twin)) if not (self.twins and 0 <= self.twin[i] < i)]
-            g.shuffle(groups)
-            batches, cur = [], []
-            for grp in groups:
-                if len(cur) + len(grp) > self.batch_size:
-                    batches.append(cur)
-                    cur = []
-                cur += grp
-            for b in batches[self.rank:len(batches) - len(batches) % self.world:self.world]:
-                if skip:
-                    skip -= 1
-                else:
-                    yield b
-            epoch += 1
-
-
-class Collate:
-    """List of items -> batch dict: stacked videos, tokenized texts, MLM inputs, VTM pairs (pre-training), labels
-    and options (downstream). Drops the unreadable videos: their (path, error) go to batch["bad_videos"], their
-    number to batch["skipped"]."""
-
-    def __init__(self, tokenizer, cfg, task):
-        self.tok, self.cfg, self.task = tokenizer, cfg, task
-
-    def __call__(self, items):
-        kept = [it for it in items if "bad_video" not in it]
-        batch = {"skipped": len(items) - len(kept),
-                 "bad_videos": [(it["bad_video"], it["error"]) for it in items if "bad_video" in it]}
-        if not kept:
-            return batch
-        batch["video"] = torch.stack([it["video"] for it in kept])       # (B, T, 3, H, W)
-        batch["index"] = torch.tensor([it["index"] for it in kept])       # dataset rows of the kept clips
-        if "options" in kept[0]:                                          # multiple choice
-            O = len(kept[0]["options"])
-            tok = self.tok([o for it in kept for o in it["options"]], self.cfg.max_text_len, pad_to_max=False)
-            batch["option_ids"] = tok["input_ids"].view(len(kept), O, -1)
-            batch["option_mask"] = tok["attention_mask"].view(len(kept), O, -1)
-        else:
-            tok = self.tok([it["text"] for it in kept], self.cfg.max_text_len, pad_to_max=False)
-            batch["text_ids"], batch["text_mask"] = tok["input_ids"], tok["attention_mask"]
-        for key in ("label", "reversed_option"):
-            if key in kept[0]:
-                batch[key] = torch.tensor([it[key] for it in kept])
-        if self.task == "pretrain":
-            batch["mlm_ids"], batch["mlm_labels"] = whole_word_mask(batch["text_ids"], batch["text_mask"], self.tok,
-                                                                    prob=self.cfg.mlm_prob)
-            pos = {it["index"]: r for r, it in enumerate(kept)}             # dataset index -> row in this batch
-            twin = [pos.get(it.get("twin", -1), -1) if self.cfg.twin_batches else -1 for it in kept]
-            n = max(2, round(self.cfg.joint_fraction * len(kept)))
-            batch["vtm_video_index"], batch["vtm_labels"] = vtm_negatives(min(n, len(kept)), len(kept), twin)
-        return batch
-
-
-def make_loader(dataset, collate, cfg, dist, train, twin=None):
-    """Training: endless batches from TwinBatchSampler; evaluation: one ordered pass (sharded by rank)."""
-    if train:
-        sampler = TwinBatchSampler(twin if twin is not None else [-1] * len(dataset), cfg.batch_size,
-                                   cfg.twin_batches and twin is not None, cfg.seed + 7919 * dist.rank, 0, 1)
-        # each rank draws its own stream (seeded by rank), the DDP equivalent of a shuffled DistributedSampler
-        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                           num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                                           generator=torch.Generator().manual_seed(cfg.seed))  # not the global one
-
-    # evaluation decodes in the main process, so the clip cache survives from one evaluation to the next
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate)
-
-
-def build_task_items(cfg, task, split, answer_vocab=None):
-    """The items of a downstream split, as dicts for ClipTextDataset (text / options / label)."""
-    root = Path(cfg.data_root) / "msrvtt"
-
-    def mc(q):
-        options = q["options"]
-        if not (isinstance(options, list) and options and all(isinstance(o, str) and o.strip() for o in options)):
-            raise BadRow("options must be a list of non-empty texts")
-        if not 0 <= int(q["answer"]) < len(options):
-            raise BadRow(f"answer {q['answer']} is not an option index")
-        return dict(path=msrvtt_video(cfg.data_root, q["clip_name"]), options=options, label=int(q["answer"]),
-                    reversed_option=q["reversed_option"] if q.get("reversed_option") is not None else -1)
-
-    def action(line):
-        rel, label = line.rsplit("\t", 1)
-        return dict(path=inside(str(root), rel), text=ACTION_PROMPT, label=int(label))
+def step_losses(model, batch, task):
+    """The losses of one training step of `task` -> dict of detached terms and "loss" (the only entry with a
+    graph). pretrain: VTC + VTM + MLM; retrieval: VTC; qa: CE over the train answers (an unseen answer, -100, is
+    ignored); mc: CE over the options' fine-tuned scores."""
+    if task == "pretrain":
+        return pretrain_losses(model, batch, model.cfg)
     if task == "retrieval":
-        items = [dict(path=p, text=caps, vid=v) for v, p, caps in read_msrvtt(cfg.data_root, split)]
-    elif task == "qa":  # an answer outside the train answers is label -100: scored wrong, counted as qa/unseen
-        items = read_rows(root / f"msrvtt_qa_{split}.jsonl", lambda q: dict(
-            path=msrvtt_video(cfg.data_root, q["video_id"]), text=text_field(q, "question"),
-            answer=text_field(q, "answer"), label=(answer_vocab or {}).get(q["answer"], -100)), "jsonl")
-    elif task == "mc":
-        items = read_rows(root / f"msrvtt_mc_{split}.jsonl", mc, "jsonl")
-    elif task == "action":
-        items = read_rows(root / "action" / f"{split}.list", action, "lines")
-    else:
-        raise ValueError(task)
-    return items[: cfg.max_eval_items] if cfg.max_eval_items and split != "train" else items
-
-
-ACTION_PROMPT = "a person is doing [MASK]"  # the release's K400 prompt (without its "persion" typo)
+        loss = vtc_loss(all_gather_with_grad(model.text_embedding(batch["text_ids"], batch["text_mask"])),
+                        all_gather_with_grad(model.video_embedding(batch["video"])), model.cfg.temperature)
+        return {"loss": loss, "vtc": loss.detach()}
+    if task == "qa":
+        logits = model.heads["vqa_classifier"](model.forward_joint(batch["text_ids"], batch["text_mask"],
+                                                                   batch["video"])[2]).float()
+        loss = F.cross_entropy(logits, batch["label"], ignore_index=-100)
+        return {"loss": loss, "qa": loss.detach()}
+    if task == "mc":
+        logits = mc_scores(model, batch, model.heads["mc_vqa_classifier"])   # (B, options)
+        loss = F.cross_entropy(logits, batch["label"])
+        return {"loss": loss, "mc": loss.detach()}
+    raise ValueError(task)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1109,14 +1142,11 @@ def token_addresses(model, T, N):
     code = torch.zeros(1, T, 1 + N, D)                                   # (1, T, 1+N, D)
     code[..., 0] = torch.arange(T)[:, None] + 1                           # frame + 1 (0 = a zero token)
     code[..., 1] = torch.arange(-1, N) + 2                                # patch + 2 (CLS = -1)
-    if model.cfg.temporal in ("roll", "shift") and model.cfg.roll_tokens == "random":
-        # embed_video's slot shuffle (ViLT's multinomial): each frame's patches in a fresh random slot order
-        perm = torch.rand(1, T, N).argsort(-1) + 1
-        code[:, :, 1:] = torch.gather(code, 2, perm[..., None].expand(-1, -1, -1, D))
+    code[:, :, 1:] = shuffle_patches(code[:, :, 1:], model.cfg)          # embed_video's slot order
     if model.cfg.temporal in ("roll", "shift"):
-        after = model.temporal_mix(code)
+        after = temporal_mix(code, model.cfg)
     else:
-        after = temporal_roll(code, max(1, int(N * model.cfg.roll_fraction / 2)))  # k as in temporal_mix
+        after = temporal_roll(code, roll_band(N, model.cfg.roll_fraction))
     address = lambda x: torch.stack([x[0, ..., 0] - 1, x[0, ..., 1] - 2], dim=-1).round().long()
     return address(code), address(after)
 
@@ -1147,27 +1177,30 @@ def retrieval_examples(model, cfg, tok, device, n_queries=4, top=5):
 
 def draw_pictures(model, cfg, tok, device):
     """Retrieval gallery, the temporal layer's token moves on a test clip, training curves -> out_dir/pictures."""
-    from common import pictures as P
     model.eval()
     out = Path(cfg.out_dir) / "pictures"
     queries, clips = retrieval_examples(model, cfg, tok, device)
-    written = [P.save(P.retrieval_gallery(queries, f"All-in-one ({cfg.temporal}): text -> video retrieval on "
-                                                   f"test, top 5 (green: the caption's own clip)"),
-                      out / "retrieval_gallery.png")]
+    written = [pictures.save(pictures.retrieval_gallery(queries, f"All-in-one ({cfg.temporal}): text -> video "
+                                                                 f"retrieval on test, top 5 (green: the caption's "
+                                                                 f"own clip)"), out / "retrieval_gallery.png")]
     video = clips[0]["video"]                                             # (T, 3, H, W)
     before, after = token_addresses(model, video.shape[0], (cfg.img_size // cfg.patch_size) ** 2)
     what = cfg.temporal if cfg.temporal in ("roll", "shift") else f"roll (this model: temporal={cfg.temporal})"
     title = (f"temporal {what}, roll_fraction={cfg.roll_fraction}, roll_tokens={cfg.roll_tokens}: one application, "
              f"before block 1 of {cfg.depth}, in the joint pass" + (" and the video-only pass" if cfg.roll_unimodal
                                                                     else ""))
-    written.append(P.save(P.token_slots_picture(video, before, after, cfg.patch_size, title), out / "temporal_roll.png"))
+    written.append(pictures.save(pictures.token_slots_picture(video, before, after, cfg.patch_size, title),
+                                 out / "temporal_roll.png"))
     log = Path(cfg.init).parent / "log.jsonl" if cfg.init else Path(cfg.out_dir) / "log.jsonl"
-    written.append(P.save(P.training_curves(log, ["loss", "vtc", "vtm", "mlm"],
-                                            ["val/retrieval/t2v_R@1", "val/retrieval/t2v_R@5"],
-                                            f"All-in-one training curves ({log})"), out / "training_curves.png"))
+    written.append(pictures.save(pictures.training_curves(log, ["loss", "vtc", "vtm", "mlm"],
+                                                          ["val/retrieval/t2v_R@1", "val/retrieval/t2v_R@5"],
+                                                          f"All-in-one training curves ({log})"),
+                                 out / "training_curves.png"))
     model.train()
     print0("pictures: " + ", ".join(map(str, written)))
     return written
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Pretrained weights: key maps for common/weights.py, which reads a file without running its pickled code, adapts
 # temporal_embed (cut / zero-padded to num_frames, the release's `_inflate_positional_embeds`), pos_embed (bicubic
@@ -1206,12 +1239,27 @@ BERT_INIT = dict(rules=[(r"^bert\.", ""), (r"LayerNorm\.gamma$", "LayerNorm.weig
                  new=[r"^(?!text_embeddings\.)"])
 
 ARCH_FIELDS = ("width", "depth", "heads", "mlp_ratio", "patch_size", "img_size", "num_frames", "max_text_len",
-               "vocab_size", "proj_dim", "tied_mlm_decoder", "temporal", "roll_fraction", "roll_tokens",
+               "vocab_size", "embed_dim", "tied_mlm_decoder", "temporal", "roll_fraction", "roll_tokens",
                "roll_unimodal", "vtc_pool")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# main
+# Training: helpers, then main (setup, model, data, optimizer, resume, the loop, final evaluation)
+
+def backbone_parameters(model):
+    """Parameters of the shared transformer + text embeddings + modality embedding + pooler: the paper's count
+    (12M / 33M / 110M for Ti / S / B). Pre-training and task heads are excluded."""
+    parts = (model.text_embeddings, model.token_type_embeddings, model.transformer, model.pooler)
+    return sum(p.numel() for m in parts for p in m.parameters())
+
+
+def finish(cfg, dist, metrics, title):
+    if dist.is_main:
+        write_metrics(cfg.out_dir, metrics)
+        print0(format_table(metrics, title=f"All-in-one: {title} ({cfg.out_dir}/metrics.json)"))
+    cleanup()
+    return metrics
+
 
 def main(argv=None):
     cfg = parse_config(Config, argv, PRESETS, CHOICES, RANGES)
@@ -1264,20 +1312,16 @@ def main(argv=None):
     print0(f"All-in-one: D={cfg.width} depth={cfg.depth} temporal={cfg.temporal} "
            f"params={count_parameters(model) / 1e6:.2f}M (backbone+text emb {backbone_parameters(model) / 1e6:.2f}M)")
 
-    # --- evaluation only
-    if cfg.eval:
-        if cfg.eval == "action":
-            classes = (Path(cfg.data_root) / "msrvtt" / "action" / "classes.txt").read_text().split("\n")
-            metrics = action_probe(model, cfg, tok, device, len([c for c in classes if c.strip()]))
+    # --- no backbone training: --eval, or the action probe (trained on frozen features)
+    if cfg.eval or cfg.finetune == "action":
+        if (cfg.eval or cfg.finetune) == "action":
+            metrics = action_probe(model, cfg, tok, device, num_action_classes(cfg))
         else:
             metrics = evaluate_task(model, cfg, tok, cfg.eval, "test", device, answer_vocab)
-        if cfg.pictures and dist.is_main:
+        if cfg.eval and cfg.pictures and dist.is_main:
             draw_pictures(model, cfg, tok, device)
-        return finish(cfg, dist, metrics, f"{cfg.eval} on test")
-    if cfg.finetune == "action":  # a probe on frozen features: no backbone training
-        classes = (Path(cfg.data_root) / "msrvtt" / "action" / "classes.txt").read_text().split("\n")
-        metrics = action_probe(model, cfg, tok, device, len([c for c in classes if c.strip()]))
-        return finish(cfg, dist, metrics, "action probe (selected on val), test")
+        return finish(cfg, dist, metrics, f"{cfg.eval} on test" if cfg.eval else "action probe (selected on val), "
+                                                                                 "test")
 
     # --- data
     if task == "pretrain":
@@ -1297,7 +1341,7 @@ def main(argv=None):
             build_task_items(cfg, sub, split, answer_vocab)
     loader = make_loader(dataset, Collate(tok, cfg, task), cfg, dist, True, twin)
     bad = BadVideos(len(dataset), cfg.max_bad_videos, log=print0, logger=logger)
-    if cfg.cache_clips and cfg.num_workers == 0:  # (workers would each fill their own cache)
+    if cfg.cache_videos and cfg.num_workers == 0:  # (workers would each fill their own cache)
         t = time.time()
         frames, unreadable = decode_videos([it["path"] for it in dataset.items], threads=min(8, os.cpu_count() or 1))
         _CLIP_CACHE.update(frames)  # the first epoch then samples from memory instead of waiting for the decoder
@@ -1416,21 +1460,6 @@ def main(argv=None):
         metrics[f"{task}/data_wait_pct"] = 100 * (wait_total + wait) / max(1e-9, train_seconds)
         metrics[f"{task}/val_best"] = best
     return finish(cfg, dist, metrics, "zero-shot on test" if task == "pretrain" else f"{task} fine-tuned, test")
-
-
-def backbone_parameters(model):
-    """Parameters of the shared transformer + text embeddings + modality embedding + pooler: the paper's count
-    (12M / 33M / 110M for Ti / S / B). Pre-training and task heads are excluded."""
-    parts = (model.text_embeddings, model.token_type_embeddings, model.transformer, model.pooler)
-    return sum(p.numel() for m in parts for p in m.parameters())
-
-
-def finish(cfg, dist, metrics, title):
-    if dist.is_main:
-        write_metrics(cfg.out_dir, metrics)
-        print0(format_table(metrics, title=f"All-in-one: {title} ({cfg.out_dir}/metrics.json)"))
-    cleanup()
-    return metrics
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from common.text import Tokenizer, build_vocab
 
 def tiny_cfg(**kw):
     base = dict(width=32, depth=2, heads=2, patch_size=16, img_size=32, num_frames=3, max_text_len=12,
-                vocab_size=50, proj_dim=16)
+                vocab_size=50, embed_dim=16)
     base.update(kw)
     return aio.Config(**base)
 

@@ -87,7 +87,7 @@ def test_token_addresses_follow_the_temporal_layer():
     """The token-move picture is read from temporal_mix itself: with fixed slots, roll sends slots 1..k to the next
     frame (circularly) and the last k to the previous one; the shift zero-pads at the ends; mean moves nothing."""
     torch.manual_seed(0)
-    model = aio.AllInOne(aio.Config(width=16, depth=1, heads=2, vocab_size=10, proj_dim=8, roll_fraction=0.25,
+    model = aio.AllInOne(aio.Config(width=16, depth=1, heads=2, vocab_size=10, embed_dim=8, roll_fraction=0.25,
                                     roll_tokens="fixed"))
     cfg = model.cfg
     T, N = 3, 16

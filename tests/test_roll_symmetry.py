@@ -17,7 +17,7 @@ B, T, N = 2, 3, 16
 
 def model_with_large_weights():
     torch.manual_seed(0)
-    cfg = aio.Config(width=32, depth=3, heads=2, vocab_size=50, proj_dim=8, img_size=64, patch_size=16, num_frames=T,
+    cfg = aio.Config(width=32, depth=3, heads=2, vocab_size=50, embed_dim=8, img_size=64, patch_size=16, num_frames=T,
                      temporal="roll", roll_tokens="random")
     model = aio.AllInOne(cfg).eval()
     for p in model.parameters():  # large random weights: a strongly non-linear model, where differences show

@@ -345,7 +345,7 @@ def test_full_size_key_sets_on_the_meta_device():
 # ------------------------------------------------------------------------------------------------- All-in-one
 
 AIO_TINY = dict(width=32, depth=2, heads=2, patch_size=16, img_size=32, num_frames=3, max_text_len=12,
-                vocab_size=50, proj_dim=16, temporal="mean", roll_tokens="fixed")
+                vocab_size=50, embed_dim=16, temporal="mean", roll_tokens="fixed")
 
 
 @pytest.mark.parametrize("distilled", [False, True])
