@@ -102,7 +102,7 @@ CPU default vs paper (`--paper --B` = the release's pre-training recipe at the p
 | `probe_lr` / `probe_epochs` | 1e-3 / 200 | 3e-4 (K400) or 1e-4 (HMDB51) / 50 | a tiny probe on a few hundred clips |
 | `cache_videos` / `num_workers` | True / 0 | False / 8 | small corpus in RAM; a worker shares the 2 cores with the model |
 | `eval_every` / `ckpt_every` / `log_every` | 100 / 100 / 25 | 5000 / 5000 / 100 | cadence of a short run |
-| `precision` | bf16 autocast | fp16 AMP (not set by `--paper`) | bf16 needs no loss scaling; CPU autocast is bf16 |
+| `precision` | auto (bf16 where a start-up probe finds it fast) | fp16 AMP (not set by `--paper`) | bf16 needs no loss scaling |
 
 Commands
 --------
