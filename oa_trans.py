@@ -31,37 +31,28 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
 (shared encoders, shared heads). Fine-tuning and testing drop them: the model is then exactly Frozen.
 `--objects=off` pre-trains that plain Frozen baseline with otherwise the same command: a one-field ablation.
 
-## What is reproduced
-- The Frozen dual encoder: divided space-time ViT (Frozen's residual, a CLS token that attends to every token,
-  zero-initialised temporal attention), the DistilBERT architecture (post-LN, 6 layers in the paper preset,
-  dropout 0.1 in training as the release's Hugging Face model in train mode), 256-d heads (ReLU -> Linear on the
-  text side), cosine similarity. Paper preset = ViT-B/16 + DistilBERT = 180,925,184 parameters.
+## What is reproduced, and what is not
+- The Frozen dual encoder (divided space-time ViT with Frozen's residual and zero-initialised temporal attention,
+  the DistilBERT architecture with dropout 0.1 in training, 256-d heads, cosine similarity): the paper preset is
+  ViT-B/16 + DistilBERT = 180,925,184 parameters. Frozen's frame curriculum (`--curriculum=1to4`).
 - Anchor frame, object-guided masking on the patch grid, tag stream with a random distractor, the loss above,
-  boxes carried through the same random crop / flip as the frames, top-K = 10 boxes by confidence.
-- The release's variant `--oa_loss=release`: L(t, v) + L(caption+tags, v) + L(mean-region, mean-tag).
-- Frozen's frame curriculum (`--curriculum=1to4`: 1 frame, then 4 with the temporal embedding grown by zeros).
-- MSR-VTT-style retrieval (t2v and v2t R@1/5/10, MdR, MnR), zero-shot and `--finetune=retrieval`, one caption
-  per test video as MSR-VTT 1k-A (`retrieval_captions`, `retrieval_views` as in all_in_one.py), plus retrieval
-  restricted to the test captions that name a small object (`retrieval_small/*`).
-
-## What is not
-- No pretrained weights are shipped or downloaded: the CPU default starts from random weights. The real run
-  starts from ImageNet-21k ViT-B/16 and distilbert-base-uncased: `--init_video=<timm .pth> --init_text=<HF .bin
-  or .safetensors>` load them (key maps in "pretrained weights" below, every tensor accounted for).
-- No detector: the corpus ships BUTD-style `.npz` detections; with real data run BUTD (see the release note).
-- Data: the built-in synthetic corpus (WebVid-style CSV + detections, MSR-VTT-style retrieval), not CC3M +
-  WebVid-2M. No CC3M image stream (the release alternates image and video batches).
-- The paper's ablation tables and exact K / pooling / weights were not at hand (see shared/papers/oa_trans.md).
+  top-K = 10 boxes by confidence; the release's pairs as `--oa_loss=release`: L(t, v) + L(caption+tags, v) +
+  L(mean-region, mean-tag).
+- MSR-VTT-style retrieval (t2v / v2t R@1/5/10, MdR, MnR), zero-shot and `--finetune=retrieval`, one caption per
+  test video as 1k-A, and on the captions naming a small object (`retrieval_small/*`).
+- Not here: pretrained weights (load them with `--init_video` / `--init_text`; the CPU default starts from random
+  weights), the detector (the corpus ships BUTD-style `.npz` detections), CC3M + WebVid-2M (the built-in synthetic
+  corpus instead; no CC3M image stream), the paper's ablation tables and exact K / pooling / weights (not at hand,
+  see shared/papers/oa_trans.md).
 
 ## Departures from the release (and why)
 - The release's training entry points do not run and its trainer optimises only L(t, v) (plain Frozen); its
-  object models pair caption+tags with video and mean-region with mean-tag. We implement the paper figure's
-  pairs by default and offer the release pairs as `--oa_loss=release`.
+  object models pair caption+tags with video and mean-region with mean-tag. The default is the paper figure's pairs.
 - Boxes follow the random crop and flip (the release ignores the crop: up to a patch of misalignment).
-- Detections are read from top-level `.npz` arrays; the release's pickled `info` dict is read only with
-  `--allow_pickle` (np.load of a pickle can run arbitrary code).
-- Top-K boxes are chosen by confidence and tags deduplicated in confidence order (the release's np.unique sorts
-  by class id); region and tag features are means, not sums (sums grow with box size / tag length).
+- Detections are read from top-level `.npz` arrays; the release's pickled `info` dict only with `--allow_pickle`
+  (np.load of a pickle can run arbitrary code).
+- Top-K boxes by confidence and tags deduplicated in confidence order (the release's np.unique sorts by class id);
+  region and tag features are means, not sums (sums grow with box size / tag length).
 - The release's OA models only work with 1 frame (+ anchor); here any number of frames works.
 
 ## CPU default vs paper (`--paper`; `--paper --paper_ft` for fine-tuning)
@@ -74,7 +65,7 @@ paper's recipe, and why:
 | `text_width` / `text_layers` / `text_heads` / `text_ffn` | 128 / 2 / 2 / 512 | 768 / 6 / 12 / 3072 | small model |
 | `text_positions` / `max_text_len` / `max_tag_len` | 64 / 32 / 24 | 512 / 64 / 32 | synthetic captions are short |
 | `vocab_size` | 0 (vocab.txt) | 30522 | synthetic vocabulary |
-| `time_init` | live | release | from scratch the release's init starves the temporal branch (below) |
+| `time_init` | live | release | from scratch the release's init starves the temporal branch |
 | `text_pool` | mean | cls | a 2-layer text encoder from scratch learns a useful [CLS] slowly |
 | `crop` | random_resized (0.6..1) | resize_random (Resize 242 -> RandomCrop 224) | a stronger crop for a small corpus |
 | `color_jitter` / `jitter_hue` / `grayscale_p` | 0 / 0 / 0 | 0.5 / 0.1 / 0.3 (fine-tune 0.4/0.1/0.2) | colour names |
@@ -86,14 +77,9 @@ paper's recipe, and why:
 | `precision` | auto | fp32 (not set by `--paper`) | bf16 where faster; similarities and losses stay fp32 |
 | `curriculum_frac` | 0.85 | Frozen: 1 frame to convergence, then 4 (kept by `--paper`) | a shortened curriculum |
 
-Augmentation: `--paper` sets the release's Resize(242) -> RandomCrop(224), ColorJitter(0.5, 0.5, 0.5, 0.1) at
-p = 0.8, RandomGrayscale(0.3) and no flip; `--paper_ft` its fine-tuning values (Resize(238), jitter 0.4,
-grayscale 0.2). The CPU default keeps only label-preserving augmentation: captions say "to the left / right" (no
-flip) and name colours (no jitter or grayscale).
-Temporal-attention init: Frozen's (qkv 0, out-proj weight all ones) makes every output channel of TimeAttn the
-same number; LN1 removes such a per-token constant, so qkv's gradient is 0 and, from scratch, the temporal branch
-never trains (a test checks it). `time_init=live` keeps qkv = 0 (still a no-op at step 0) but draws the out-proj
-weight from N(0, 0.02). `--paper` keeps Frozen's init, made for pre-trained weights.
+`--paper` also sets the release's augmentation (Resize(242) -> RandomCrop(224), ColorJitter(0.5, 0.5, 0.5, 0.1)
+at p = 0.8, RandomGrayscale(0.3), no flip), `--paper_ft` its fine-tuning values. The CPU default keeps only
+label-preserving augmentation: captions say "to the left / right" (no flip) and name colours (no jitter).
 
 ## The file, in reading order
     config              Config, PRESETS, ABLATION, CHOICES, RANGES
@@ -183,7 +169,7 @@ class Config:
     vit_depth: int = 4  # ViT blocks (paper 12)
     vit_heads: int = 2  # ViT heads (paper 12, head dim 64)
     vit_mlp_ratio: float = 4.0  # ViT MLP hidden = ratio x D (paper 4)
-    time_init: str = "live"  # TimeAttn init: live = out-proj ~ N(0, 0.02) | release = Frozen's ones (see docstring)
+    time_init: str = "live"  # TimeAttn init: live = out-proj ~ N(0, 0.02) | release = Frozen's ones (VideoEncoder)
     vocab_size: int = 0  # 0 = the size of the vocab file; paper 30522 (bert-base-uncased)
     text_width: int = 128  # DistilBERT width (paper 768)
     text_layers: int = 2  # DistilBERT layers (paper 6)
@@ -392,9 +378,12 @@ class VideoEncoder(nn.Module):
             nn.init.zeros_(blk.timeattn.qkv.weight)
             nn.init.zeros_(blk.timeattn.qkv.bias)
             nn.init.zeros_(blk.timeattn.proj.bias)
-            if time_init == "release":  # Frozen's out-proj weight = 1: every channel of the output is the same sum,
-                nn.init.ones_(blk.timeattn.proj.weight)  # LN1 removes it, so qkv's gradient is 0 (see docstring)
-            # "live": the trunc_normal(0.02) out-proj weight set above, so the temporal branch can learn
+            # "release" = Frozen's out-proj weight of ones: every output channel of TimeAttn is then the same number,
+            # LN1 removes such a per-token constant, so qkv's gradient is 0 and, from scratch, the temporal branch
+            # never trains (a test checks it); --paper keeps it, made for pre-trained weights. "live" keeps the
+            # trunc_normal(0.02) out-proj weight set above: still a no-op at step 0 (v = 0), but it can learn.
+            if time_init == "release":
+                nn.init.ones_(blk.timeattn.proj.weight)
 
     def forward(self, video):
         B, T = video.shape[:2]
@@ -725,25 +714,22 @@ def read_detections(path, allow_pickle=False):
     A missing or broken file raises DetectionReadError (its clip is skipped and counted like an unreadable video).
     """
     try:
-        return _read_detections(path, allow_pickle)
+        with np.load(path, allow_pickle=allow_pickle) as z:
+            if "objects_id" in z.files:
+                labels, scores = z["objects_id"], z["objects_conf"]
+            elif "info" in z.files:
+                if not allow_pickle:
+                    raise ValueError(f"{path}: class ids are only in the pickled `info` dict; loading a pickle can "
+                                     f"run arbitrary code, pass --allow_pickle to read trusted files")
+                info = z["info"].item()
+                labels, scores = info["objects_id"], info["objects_conf"]
+            else:
+                raise DetectionReadError(f"{path}: no objects_id / info array")
+            return dict(boxes=z["bbox"].astype(np.float32).reshape(-1, 4), labels=np.asarray(labels, dtype=np.int64),
+                        scores=np.asarray(scores, dtype=np.float32), image_h=int(z["image_h"]),
+                        image_w=int(z["image_w"]))
     except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:  # 0-byte, truncated, not a zip, missing array
         raise DetectionReadError(f"{path}: unreadable detections ({type(e).__name__}: {e})") from None
-
-
-def _read_detections(path, allow_pickle):
-    with np.load(path, allow_pickle=allow_pickle) as z:
-        if "objects_id" in z.files:
-            labels, scores = z["objects_id"], z["objects_conf"]
-        elif "info" in z.files:
-            if not allow_pickle:
-                raise ValueError(f"{path}: class ids are only in the pickled `info` dict; loading a pickle can run "
-                                 f"arbitrary code, pass --allow_pickle to read trusted files")
-            info = z["info"].item()
-            labels, scores = info["objects_id"], info["objects_conf"]
-        else:
-            raise DetectionReadError(f"{path}: no objects_id / info array")
-        return dict(boxes=z["bbox"].astype(np.float32).reshape(-1, 4), labels=np.asarray(labels, dtype=np.int64),
-                    scores=np.asarray(scores, dtype=np.float32), image_h=int(z["image_h"]), image_w=int(z["image_w"]))
 
 
 def read_vocab_lines(path):
