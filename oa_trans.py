@@ -475,7 +475,7 @@ class TextEncoder(nn.Module):
 #   4. the model            OATrans: mask_anchor + encode_regions (O_v, the shared ViT), pool_tags (O_t)
 #   5. the loss             nce_loss per pair, LOSS_TERMS (which pairs, by oa_loss), oa_trans_loss (weighted sum).
 #                           Every loss of the file is in this section.
-# The data section calls 1-3 for each clip and batch; --oa_loss=paper|release is read only here.
+# The data section calls 1-3 for each clip and batch; all the code that --oa_loss=paper|release switches is here.
 
 def detection_frames(num_frames, n_det=8):
     """Frame indices the detector ran on: the midpoints (a + b) // 2 of n_det equal segments [a, b) of the clip."""
