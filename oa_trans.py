@@ -23,7 +23,7 @@ inference, with the output of an offline object detector (boxes + class names) o
 The anchor frame is the pre-detected frame (detection ran on 8 frames per video) nearest the mean index of the
 frames sampled for stream V. The object-aware loss contrasts the object streams with the *other* modality:
 
-    L = w_main * L(t, v)  +  w_tags * L(o_t, v)  +  w_regions * L(t, o_v)                          (paper figure)
+    L = main_weight * L(t, v)  +  tags_weight * L(o_t, v)  +  regions_weight * L(t, o_v)            (paper figure)
 
     L(a, b) = -1/B sum_i log softmax_j(cos(a_i, b_j) / tau)_i  -  1/B sum_j log softmax_i(cos(a_i, b_j) / tau)_j
 
@@ -31,61 +31,33 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
 (shared encoders, shared heads). Fine-tuning and testing drop them: the model is then exactly Frozen.
 `--objects=off` pre-trains that plain Frozen baseline with otherwise the same command: a one-field ablation.
 
-## What is reproduced
-- The Frozen dual encoder written out here: divided space-time ViT (Frozen's residual, a CLS token that attends
-  to every token, zero-initialised temporal attention), the DistilBERT architecture (post-LN, 6 layers in the
-  paper preset, dropout 0.1 in training as the release's Hugging Face model in train mode), 256-d heads (ReLU ->
-  Linear on the text side), cosine similarity. Paper preset = ViT-B/16 +
-  DistilBERT = 180,925,184 parameters (tests/test_oa_trans.py counts it on the meta device).
+## What is reproduced, and what is not
+- The Frozen dual encoder (divided space-time ViT with Frozen's residual and zero-initialised temporal attention,
+  the DistilBERT architecture with dropout 0.1 in training, 256-d heads, cosine similarity): the paper preset is
+  ViT-B/16 + DistilBERT = 180,925,184 parameters. Frozen's frame curriculum (`--curriculum=1to4`).
 - Anchor frame, object-guided masking on the patch grid, tag stream with a random distractor, the loss above,
-  boxes carried through the same random crop / flip as the frames, top-K = 10 boxes by confidence.
-- The release's variant `--oa_loss=release`: L(t, v) + L(caption+tags, v) + L(mean-region, mean-tag).
-- Frozen's frame curriculum (`--curriculum=1to4`: 1 frame, then 4 with the temporal embedding grown by zeros).
-- MSR-VTT-style retrieval, text->video and video->text R@1/5/10, MdR, MnR, zero-shot and `--finetune=retrieval`,
-  one caption per test video by default as MSR-VTT 1k-A (`retrieval_captions=first | all`, shared with
-  all_in_one.py; `retrieval_views=3` averages three random frame samplings, as the All-in-one release),
-  plus retrieval restricted to the test captions that name a small object (`retrieval_small/*`).
-
-## What is not
-- No pretrained weights are shipped or downloaded: the CPU default starts from random weights. The real run
-  starts from ImageNet-21k ViT-B/16 and distilbert-base-uncased: `--init_video=<timm .pth> --init_text=<HF .bin
-  or .safetensors>` load them (key maps under "pretrained weights" below, every tensor accounted for).
-- No detector: the corpus ships BUTD-style `.npz` detections; with real data run BUTD (see the release note).
-- Data: the built-in synthetic corpus (WebVid-style CSV + detections, MSR-VTT-style retrieval), not CC3M +
-  WebVid-2M. No CC3M image stream (the release alternates image and video batches).
-- The paper's ablation tables and exact K / pooling / weights were not at hand (see shared/papers/oa_trans.md).
+  top-K = 10 boxes by confidence; the release's pairs as `--oa_loss=release`: L(t, v) + L(caption+tags, v) +
+  L(mean-region, mean-tag).
+- MSR-VTT-style retrieval (t2v / v2t R@1/5/10, MdR, MnR), zero-shot and `--finetune=retrieval`, one caption per
+  test video as 1k-A, and on the captions naming a small object (`retrieval_small/*`).
+- Not here: pretrained weights (load them with `--init_video` / `--init_text`; the CPU default starts from random
+  weights), the detector (the corpus ships BUTD-style `.npz` detections), CC3M + WebVid-2M (the built-in synthetic
+  corpus instead; no CC3M image stream), the paper's ablation tables and exact K / pooling / weights (not at hand,
+  see shared/papers/oa_trans.md).
 
 ## Departures from the release (and why)
 - The release's training entry points do not run and its trainer optimises only L(t, v) (plain Frozen); its
-  object models pair caption+tags with video and mean-region with mean-tag. We implement the paper figure's
-  pairs by default and offer the release pairs as `--oa_loss=release`.
+  object models pair caption+tags with video and mean-region with mean-tag. The default is the paper figure's pairs.
 - Boxes follow the random crop and flip (the release ignores the crop: up to a patch of misalignment).
-- Augmentation. The release pre-trains with Resize(242) -> RandomCrop(224), ColorJitter(0.5, 0.5, 0.5, 0.1) at
-  p = 0.8 and RandomGrayscale(0.3), and no flip; `--paper` sets exactly these (`crop=resize_random`,
-  `color_jitter`, `jitter_hue`, `jitter_p`, `grayscale_p`, `hflip=False`), `--paper_ft` the fine-tuning values
-  (Resize(238), jitter 0.4, grayscale 0.2). The CPU default keeps only label-preserving augmentation: a
-  RandomResizedCrop(0.6..1), no flip (captions say "to the left / right"), no jitter or grayscale (captions name
-  colours).
-- Detections are read from top-level `.npz` arrays; the release's pickled `info` dict is read only with
-  `--allow_pickle` (np.load of a pickle can run arbitrary code).
-- Top-K boxes are chosen by confidence and tags deduplicated in confidence order (the release's np.unique sorts
-  by class id); region and tag features are means, not sums (sums grow with box size / tag length).
+- Detections are read from top-level `.npz` arrays; the release's pickled `info` dict only with `--allow_pickle`
+  (np.load of a pickle can run arbitrary code).
+- Top-K boxes by confidence and tags deduplicated in confidence order (the release's np.unique sorts by class id);
+  region and tag features are means, not sums (sums grow with box size / tag length).
 - The release's OA models only work with 1 frame (+ anchor); here any number of frames works.
 
-## Departures of the CPU default from the paper's recipe (from random weights in 9 minutes on 2 idle cores)
-- Size and optimisation: 64 px frames, 8-px patches (paper 16 on 224), width 128, 4 video blocks, 2 text
-  layers; AdamW 1e-3 with warmup + cosine decay, weight decay 0.01, gradient clipping 1, batch 32, 800 steps, of
-  which the first 85% at 1 frame and the rest at 4 (Frozen's curriculum, shortened). `--paper` restores the
-  paper's model and AdamW 2e-4 constant.
-- Text feature = the mean over the real tokens (`text_pool=mean`), not [CLS]. A 2-layer post-LN text encoder
-  trained from scratch learns a useful [CLS] slowly: after 300 steps zero-shot t2v R@1 was 2.8% with [CLS] and
-  7.4% with the mean (same seed, same steps). `--paper` keeps [CLS], which works with pre-trained DistilBERT.
-- Temporal-attention init (`time_init=live`). Frozen's init (qkv 0, out-proj weight all ones) makes every
-  output channel of TimeAttn the same number; LN1 removes such a per-token constant, so qkv's gradient is 0
-  and, from scratch, the temporal branch never trains (a test checks it). "live" keeps qkv = 0 (still a no-op
-  at step 0) but draws the out-proj weight from N(0, 0.02). `--paper` keeps Frozen's init for pre-trained weights.
-
 ## CPU default vs paper (`--paper`; `--paper --paper_ft` for fine-tuning)
+The CPU default pre-trains from random weights on the synthetic corpus in minutes. Where it departs from the
+paper's recipe, and why:
 | field | CPU default | paper / release | why the default differs |
 |---|---|---|---|
 | `img_size` / `patch_size` | 64 / 8 | 224 / 16 | the corpus is 64x64; 8-px patches keep an 8x8 grid for the boxes |
@@ -94,16 +66,32 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
 | `text_positions` / `max_text_len` / `max_tag_len` | 64 / 32 / 24 | 512 / 64 / 32 | synthetic captions are short |
 | `vocab_size` | 0 (vocab.txt) | 30522 | synthetic vocabulary |
 | `time_init` | live | release | from scratch the release's init starves the temporal branch |
-| `text_pool` | mean | cls | [CLS] learns ~2.6x slower from scratch |
-| `crop` | random_resized (0.6..1) | resize_random (Resize 242 -> RandomCrop 224) | a stronger crop helped here |
-| `color_jitter` / `jitter_hue` / `grayscale_p` | 0 / 0 / 0 | 0.5 / 0.1 / 0.3 (fine-tune 0.4 / 0.1 / 0.2) | captions name colours |
+| `text_pool` | mean | cls | a 2-layer text encoder from scratch learns a useful [CLS] slowly |
+| `crop` | random_resized (0.6..1) | resize_random (Resize 242 -> RandomCrop 224) | a stronger crop for a small corpus |
+| `color_jitter` / `jitter_hue` / `grayscale_p` | 0 / 0 / 0 | 0.5 / 0.1 / 0.3 (fine-tune 0.4/0.1/0.2) | colour names |
 | `batch_size` / `num_workers` | 32 / 1 | 16 per GPU x 8 / 8 | one CPU process |
 | `max_steps` | 800 | 200k | minutes, not days |
 | `lr` / `warmup_steps` / `schedule` | 1e-3 / 50 / cosine | 2e-4 / 0 / constant | from scratch, short schedule |
 | `weight_decay` / `grad_clip` | 0.01 / 1 | 0 / off | stabilises the from-scratch run |
 | `eval_every` / `log_every` | 400 / 25 | 5000 / 100 | cadence of a short run |
-| `precision` | bf16 | fp32 (not set by `--paper`) | faster on CPU; similarities and losses stay fp32 |
+| `precision` | auto | fp32 (not set by `--paper`) | bf16 where faster; similarities and losses stay fp32 |
 | `curriculum_frac` | 0.85 | Frozen: 1 frame to convergence, then 4 (kept by `--paper`) | a shortened curriculum |
+
+`--paper` also sets the release's augmentation (Resize(242) -> RandomCrop(224), ColorJitter(0.5, 0.5, 0.5, 0.1)
+at p = 0.8, RandomGrayscale(0.3), no flip), `--paper_ft` its fine-tuning values. The CPU default keeps only
+label-preserving augmentation: captions say "to the left / right" (no flip) and name colours (no jitter).
+
+## The file, in reading order
+    config              Config, PRESETS, ABLATION, CHOICES, RANGES
+    model               the Frozen-in-Time dual encoder: divided space-time ViT, DistilBERT
+    object-aware streams and loss (the paper's idea)
+                        anchor frame, boxes -> patch masks, tag text, their batching, the four-stream model
+                        OATrans, and the loss (every loss of the file is here)
+    data                .npz detections, WebVid-style pre-training clips, collate, MSR-VTT-style annotations
+    evaluation          text <-> video retrieval, object streams dropped
+    pictures            `--eval=retrieval --init=<ckpt> --pictures`
+    pretrained weights  key maps for --init, --init_video, --init_text
+    training loop       frame curriculum, batches, main()
 
 ## Shapes legend
     B batch, T frames, N patches per frame (= (size / patch)^2), L text tokens, D width, E = 256 embedding dim,
@@ -111,18 +99,19 @@ with tau = 0.05 (Frozen's NormSoftmax: the SUM of both directions). The object s
 
 ## Commands
     python oa_trans.py --pretrain                                    # CPU default: pre-train + zero-shot eval
-    python oa_trans.py --pretrain --objects=off --out_dir=runs/oa_trans_off   # the plain Frozen baseline
-    python oa_trans.py --finetune=retrieval --init=runs/oa_trans/ckpt.pt --out_dir=runs/oa_trans_ft --max_steps=150 --lr=1e-4
+    python oa_trans.py --pretrain --objects=off --out_dir=runs/oa_trans_off   # ablation: the plain Frozen baseline
+    python oa_trans.py --pretrain --regions_weight=0 --out_dir=runs/oa_trans_tags   # ablation: tags term only
+    python oa_trans.py --finetune=retrieval --init=runs/oa_trans/ckpt.pt --out_dir=runs/oa_trans_ft --max_steps=150 \\
+        --lr=1e-4
     python oa_trans.py --ft_retrieval                                # the same fine-tuning, as a preset
-    python oa_trans.py --eval=retrieval --init=runs/oa_trans/ckpt.pt --out_dir=runs/oa_trans_eval  # evaluate only
-    python oa_trans.py --paper --device=cuda --data_root=/data --vocab_file=/data/vocab.txt \
+    python oa_trans.py --eval=retrieval --init=runs/oa_trans/ckpt.pt --out_dir=runs/oa_trans_eval --pictures
+    python oa_trans.py --paper --device=cuda --data_root=/data --vocab_file=/data/vocab.txt \\
         --init_video=/w/jx_vit_base_p16_224-80ecf9dd.pth --init_text=/w/distilbert-base-uncased/model.safetensors
     torchrun --standalone --nproc_per_node=8 oa_trans.py --paper --data_root=/data --vocab_file=/data/vocab.txt
     python oa_trans.py --paper --paper_ft --init=CKPT --data_root=/data --vocab_file=/data/vocab.txt  # fine-tune
 """
 
 import functools
-import math
 import os
 import random
 import time
@@ -136,118 +125,101 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from tqdm import tqdm
 
+from common import pictures as P
 from common.annotations import BadRow, bad_row, inside, read_json, read_rows, set_strict, skipped_rows, text_field
 from common.config import config_to_dict, parse_config
-from common.dist import all_gather_nograd, all_gather_with_grad, barrier, cleanup, print0, setup_distributed
+from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import retrieval_metrics
 from common.text import Tokenizer
 from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, count_parameters,
                           format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir, rng_states,
                           save_checkpoint, seed_everything, set_rng_states, write_metrics)
+from common.video import (IMAGENET_MEAN, IMAGENET_STD, VideoReadError, VideoTransform, decode_videos, load_clip,
+                          read_frames, sample_frame_indices, video_meta)
 from common.weights import find_state_dict, load_into
-from common.video import (IMAGENET_MEAN, IMAGENET_STD, VideoReadError, VideoTransform, decode_videos, load_clip, read_frames,
-                          sample_frame_indices, video_meta)
 
 
 # -----------------------------------------------------------------------------
-# config
+# config: one field per line, `--key=value` on the command line; `--help` prints these comments
 
 @dataclass
 class Config:
     # --- run
-    out_dir: str = "runs/oa_trans"  # where ckpt.pt, log.jsonl, metrics.json go
+    out_dir: str = "runs/oa_trans"  # where ckpt.pt, log.jsonl, metrics.json (and pictures/) go
     data_root: str = "data/synth"  # corpus root (webvid/, msrvtt/, vocab.txt); the synthetic one is generated here
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    precision: str = "auto"  # auto (bf16 where a start-up probe finds it faster) | bf16 | fp32; losses stay fp32
     seed: int = 0  # python / numpy / torch seed
-    init: str = ""  # a whole model to start from: a pre-trained ckpt.pt, or a Frozen / OA-Trans-layout release checkpoint
+    max_steps: int = 800  # optimizer steps (paper: 200k); CPU default: minutes on 2 cores
+    init: str = ""  # a whole model to start from: our ckpt.pt, or a Frozen / OA-Trans-layout release checkpoint
     init_video: str = ""  # a timm ViT state dict for the video encoder's spatial part; paper: jx_vit_base_p16_224
     init_text: str = ""  # a Hugging Face DistilBERT state dict for the text encoder; paper: distilbert-base-uncased
+    vocab_file: str = ""  # "" = data_root/vocab.txt; real data: bert-base-uncased's vocab.txt (DistilBERT's)
+    allow_pickle: bool = False  # read the release's pickled `info` dict in .npz detections (runs code: trusted only)
     resume: bool = False  # continue the run in out_dir from out_dir/ckpt.pt (random states and data order too)
     overwrite: bool = False  # let a new run replace the files of an earlier run in out_dir (refused otherwise)
     strict: bool = False  # a malformed annotation row stops the run (default: skipped, counted, named in the log)
-    max_bad_videos: float = 0.1  # stop when more than this share of the training videos (or their detections) is
-    #   unreadable (1 = never)
-    precision: str = "auto"  # auto (bf16 where a start-up probe finds it faster, else fp32) | bf16 autocast | fp32;
-    #   similarities and losses stay fp32
-    finetune: str = ""  # "" = pre-train on WebVid-style data | "retrieval" = fine-tune on the MSR-VTT-style train split
-    eval: str = ""  # "" | "retrieval": only evaluate --init (zero-shot when it is a pre-trained checkpoint)
-    vocab_file: str = ""  # "" = data_root/vocab.txt; real data: bert-base-uncased's vocab.txt (what DistilBERT uses)
-    allow_pickle: bool = False  # read the release's pickled `info` dict in .npz detections (runs code: trusted files only)
-    num_workers: int = 1  # DataLoader workers decoding videos
-    cache_videos: bool = True  # decode each training video once into RAM before training (~0.3 MB per 64x64 clip;
-    #   the sampling is unchanged); False = decode the sampled frames at every step (the release; real datasets)
-    # --- the paper's idea (one field each)
+    max_bad_videos: float = 0.1  # stop when more than this share of training videos (or detections) is unreadable
+    finetune: str = ""  # "" = pre-train on WebVid-style data | retrieval = fine-tune on the MSR-VTT-style train split
+    eval: str = ""  # "" | retrieval: only evaluate --init on test (zero-shot when it is a pre-trained checkpoint)
+    pictures: bool = False  # with --eval: draw a retrieval gallery, an anchor frame's objects, the training curves
+    # --- model: the Frozen dual encoder (divided space-time ViT + DistilBERT)
+    patch_size: int = 8  # ViT patch side in pixels (paper 16); 8 keeps an 8x8 grid for the boxes at 64 px
+    vit_width: int = 128  # ViT width D (paper 768)
+    vit_depth: int = 4  # ViT blocks (paper 12)
+    vit_heads: int = 2  # ViT heads (paper 12, head dim 64)
+    vit_mlp_ratio: float = 4.0  # ViT MLP hidden = ratio x D (paper 4)
+    time_init: str = "live"  # TimeAttn init: live = out-proj ~ N(0, 0.02) | release = Frozen's ones (VideoEncoder)
+    vocab_size: int = 0  # 0 = the size of the vocab file; paper 30522 (bert-base-uncased)
+    text_width: int = 128  # DistilBERT width (paper 768)
+    text_layers: int = 2  # DistilBERT layers (paper 6)
+    text_heads: int = 2  # DistilBERT heads (paper 12)
+    text_positions: int = 64  # DistilBERT position embeddings (paper 512)
+    text_ffn: int = 512  # DistilBERT FFN hidden (paper 3072)
+    text_dropout: float = 0.1  # hidden and attention dropout, active in training as the release's HF model (0.1)
+    text_pool: str = "mean"  # text feature: mean over the real tokens | cls (Frozen / OA-Trans; needs pre-training)
+    embed_dim: int = 256  # joint embedding size E (paper 256)
+    # --- loss: the object-aware streams (the paper's idea)
     objects: str = "on"  # on = OA-Trans (4 streams) | off = plain Frozen (L(t, v) only, no detections read)
-    oa_loss: str = "paper"  # paper = L(t,v)+L(tags,v)+L(t,regions) | release = L(t,v)+L(caption+tags,v)+L(mean region,mean tag)
-    top_k: int = 10  # boxes kept per anchor frame, by detector confidence (release default 10 = BUTD's min boxes)
-    distractor: bool = True  # add one random class name to the tags, excluded from pooling (the figure's
-    #   "[Random Object]"); paper loss only: oa_loss=release has none (the release never enables its helper), and says so
-    region_mask: str = "blank"  # blank = paint non-object patches black before encoding (paper figure) | none = keep them
-    w_main: float = 1.0  # weight of L(t, v) (paper/release: 1)
-    w_tags: float = 1.0  # weight of the tag term: L(tags, v) or, with oa_loss=release, L(caption+tags, v) (1)
-    w_regions: float = 1.0  # weight of the region term: L(t, regions) or, with release, L(mean region, mean tag) (1)
+    oa_loss: str = "paper"  # paper = L(t,v)+L(tags,v)+L(t,regions) | release = L(t,v)+L(caption+tags,v)+L(reg,tags)
+    main_weight: float = 1.0  # weight of L(t, v) (paper / release: 1)
+    tags_weight: float = 1.0  # weight of L(tags, v), or L(caption+tags, v) with oa_loss=release (1)
+    regions_weight: float = 1.0  # weight of L(t, regions), or L(mean region, mean tag) with oa_loss=release (1)
     temperature: float = 0.05  # tau of every contrastive term (Frozen / OA-Trans: 0.05)
+    top_k: int = 10  # boxes kept per anchor frame, by detector confidence (release 10 = BUTD's min boxes)
+    distractor: bool = True  # add a random class name to the tags, not pooled ("[Random Object]"); paper loss only
+    region_mask: str = "blank"  # blank = paint non-object patches black before encoding (paper figure) | none
     det_frames: int = 8  # pre-detected frames per video: midpoints of det_frames equal segments (release: 8)
-    # --- frames
-    num_frames: int = 4  # frames per clip (paper: 4 at fine-tuning; the model is built with this many temporal rows)
-    curriculum: str = "1to4"  # none | 1to4 = Frozen's curriculum: 1 frame for the first curriculum_frac of steps, then num_frames
-    curriculum_frac: float = 0.85  # share of pre-training steps at 1 frame (Frozen: 1-frame to convergence, then ~10% at 4)
+    # --- data (one augmentation draw per clip, shared by its frames, anchor and boxes; common/video.py)
+    num_frames: int = 4  # frames per clip (paper 4); the model's temporal rows
+    curriculum: str = "1to4"  # none | 1to4 = Frozen's: 1 frame for curriculum_frac of the steps, then num_frames
+    curriculum_frac: float = 0.85  # share of pre-training steps at 1 frame (Frozen: 1 frame to convergence)
     img_size: int = 64  # input resolution (paper 224; the synthetic corpus is 64x64)
-    # --- training augmentation (one draw per clip, shared by its frames, anchor and boxes; common/video.py)
-    crop: str = "random_resized"  # random_resized = RandomResizedCrop(crop_scale..1) | resize_random = the release's
-    #   Resize(img_size * resize_ratio) -> RandomCrop(img_size)
-    crop_scale: float = 0.6  # RandomResizedCrop lower area bound (upper = 1); crop=random_resized only
-    resize_ratio: float = 242 / 224  # crop=resize_random: short side before the crop / img_size; release 242/224
-    #   pre-training, 238/224 fine-tuning
-    hflip: bool = False  # flip half the training clips, captions kept; release: no flip. Off here because the
-    #   synthetic captions say "moves to the left / right", which a flip would contradict
-    color_jitter: float = 0.0  # ColorJitter brightness = contrast = saturation strength, 0 = off; release 0.5
-    #   pre-training, 0.4 fine-tuning. Off here: the synthetic captions name colours ("the red bag")
-    jitter_hue: float = 0.0  # ColorJitter hue; release 0.1
-    jitter_p: float = 0.8  # probability of the jitter; release 0.8
-    grayscale_p: float = 0.0  # RandomGrayscale probability; release 0.3 pre-training, 0.2 fine-tuning (colour
-    #   names again: off here)
-    # --- video encoder (divided space-time ViT)
-    patch_size: int = 8  # paper 16
-    vit_width: int = 128  # paper 768
-    vit_depth: int = 4  # paper 12
-    vit_heads: int = 2  # paper 12 (head dim 64)
-    vit_mlp_ratio: float = 4.0  # MLP hidden = ratio x D; paper 4
-    time_init: str = "live"  # live = TimeAttn qkv 0, out-proj ~ N(0, 0.02) | release = Frozen's (qkv 0, out-proj
-    #   weight 1: from scratch its qkv never gets a gradient, see the docstring; --paper keeps it for pre-trained
-    #   weights)
-    # --- text encoder (DistilBERT architecture)
-    vocab_size: int = 0  # 0 = the size of data_root/vocab.txt; paper 30522 (bert-base-uncased)
-    text_width: int = 128  # paper 768
-    text_layers: int = 2  # paper 6
-    text_heads: int = 2  # paper 12
-    text_positions: int = 64  # paper 512
-    text_ffn: int = 512  # FFN hidden; paper 3072
-    text_dropout: float = 0.1  # hidden and attention dropout, active in training as in the release (HF DistilBERT
-    #   in train mode); paper 0.1
-    text_pool: str = "mean"  # text feature: mean over the real tokens | cls = the [CLS] output (Frozen / OA-Trans,
-    #   --paper); from scratch, [CLS] learns ~2.6x slower (zero-shot t2v R@1 2.8 vs 7.4 after 300 steps)
-    max_text_len: int = 32  # caption tokens incl. [CLS]/[SEP] (Frozen pads to the longest in the batch, truncates at 512)
-    max_tag_len: int = 24  # tag-text tokens incl. specials
-    embed_dim: int = 256  # joint embedding size (paper 256)
+    crop: str = "random_resized"  # random_resized = RandomResizedCrop(crop_scale..1) | resize_random (release)
+    crop_scale: float = 0.6  # RandomResizedCrop lower area bound (upper 1); crop=random_resized only
+    resize_ratio: float = 242 / 224  # crop=resize_random: short side / img_size (release: 242/224, fine-tune 238)
+    hflip: bool = False  # flip half the training clips (release: no); off: captions say "to the left / right"
+    color_jitter: float = 0.0  # ColorJitter brightness = contrast = saturation (release 0.5, fine-tune 0.4); 0 = off
+    jitter_hue: float = 0.0  # ColorJitter hue (release 0.1)
+    jitter_p: float = 0.8  # probability of the jitter (release 0.8)
+    grayscale_p: float = 0.0  # RandomGrayscale probability (release 0.3, fine-tune 0.2); off: captions name colours
+    max_text_len: int = 32  # caption tokens incl. [CLS]/[SEP] (paper 64; Frozen pads to the longest in the batch)
+    max_tag_len: int = 24  # tag-text tokens incl. specials (paper 32)
+    num_workers: int = 1  # DataLoader workers decoding videos
+    cache_videos: bool = True  # decode each training video once into RAM (False: at every step, as the release)
     # --- optimisation
-    batch_size: int = 32  # per process; the contrastive batch is world_size * batch_size (paper: 16 per GPU x 8)
-    max_steps: int = 800  # optimizer steps (537 s idle); 600 gave test t2v R@1 26.3 / 23.3 (seeds 0 / 2, one
-    #   thread), 800 gave 31.2 / 24.8. A 4-frame step costs ~2-2.5x a 1-frame one.
-    lr: float = 1e-3  # peak AdamW lr (paper: 2e-4 pre-training, 3e-5 fine-tuning). Tried with 700 steps + 100 warmup: 5e-4
-    #   gave test t2v R@1 27.6 / 24.6 / 22.9 over seeds 0-2, no better than 600 steps at 1e-3: 26.3 / 26.5 / 23.3
-    weight_decay: float = 0.01  # AdamW decay on matrices (paper: 0)
+    batch_size: int = 32  # per process; the contrastive batch is world_size x batch_size (paper: 16 per GPU x 8)
+    lr: float = 1e-3  # peak AdamW lr (paper: 2e-4 pre-training, 3e-5 fine-tuning); higher for a short scratch run
+    weight_decay: float = 0.01  # AdamW decay on matrices (paper 0)
     warmup_steps: int = 50  # linear warmup (paper: none)
-    schedule: str = "cosine"  # cosine | linear | constant (paper: step decay x0.1 at epochs 60, 80 -- effectively constant)
+    schedule: str = "cosine"  # cosine | linear | constant (paper: x0.1 at epochs 60, 80: effectively constant)
     grad_clip: float = 1.0  # max grad norm, 0 = off (paper: off)
-    # --- logging / evaluation
+    # --- evaluation
     log_every: int = 25  # steps between log lines
     eval_every: int = 400  # steps between validation evaluations (and checkpoints)
     eval_batch_size: int = 64  # clips per forward in evaluation
-    retrieval_captions: str = "first"  # text queries per test video: first (one per video, as MSR-VTT 1k-A) | all
-    retrieval_views: int = 1  # frame samplings whose similarities are averaged; 1 = bin midpoints (Frozen / OA-Trans)
-    pictures: bool = False  # with --eval: also draw a retrieval gallery, an anchor frame with its boxes and object mask,
-    #   and the training curves (the --init run's log.jsonl) into out_dir/pictures
+    retrieval_captions: str = "first"  # queries per test video: first (one, as MSR-VTT 1k-A) | all
+    retrieval_views: int = 1  # frame samplings whose similarities are averaged; 1 = bin midpoints (Frozen)
 
 
 PRESETS = {
@@ -278,8 +250,8 @@ ABLATION = dict(
     reference="on",
     variants={"off": ["--objects=off"],
               "on": [],
-              "tags_only": ["--w_regions=0"],
-              "regions_only": ["--w_tags=0"]},
+              "tags_only": ["--regions_weight=0"],
+              "regions_only": ["--tags_weight=0"]},
     metrics=["retrieval/t2v_R@1", "retrieval/t2v_R@5", "retrieval_small/t2v_R@1", "retrieval_small/t2v_R@5"],
 )
 
@@ -289,20 +261,20 @@ CHOICES = dict(precision=("auto", "bf16", "fp32"), finetune=("", "retrieval"), e
                curriculum=("none", "1to4"), crop=("random_resized", "resize_random"), time_init=("live", "release"),
                text_pool=("mean", "cls"), schedule=("cosine", "linear", "constant"),
                retrieval_captions=("first", "all"))
-RANGES = dict(num_workers=(0, None), top_k=(1, None), w_main=(0, None), w_tags=(0, None), w_regions=(0, None),
-              temperature=(1e-6, None), det_frames=(1, None), num_frames=(1, None), curriculum_frac=(0, 1),
-              img_size=(1, None), crop_scale=(0, 1), resize_ratio=(1, None), color_jitter=(0, None),
-              jitter_hue=(0, 0.5), jitter_p=(0, 1), grayscale_p=(0, 1), patch_size=(1, None), vit_width=(1, None),
-              vit_depth=(1, None), vit_heads=(1, None), vit_mlp_ratio=(0, None), vocab_size=(0, None),
-              text_width=(1, None), text_layers=(1, None), text_heads=(1, None), text_positions=(1, None),
-              text_ffn=(1, None), text_dropout=(0, 1), max_text_len=(3, None), max_tag_len=(3, None),
-              embed_dim=(1, None), batch_size=(1, None), max_steps=(1, None), lr=(0, None), weight_decay=(0, None),
-              warmup_steps=(0, None), grad_clip=(0, None), log_every=(1, None), eval_every=(1, None),
-              eval_batch_size=(1, None), retrieval_views=(1, None), max_bad_videos=(0, 1))
+RANGES = dict(num_workers=(0, None), top_k=(1, None), main_weight=(0, None), tags_weight=(0, None),
+              regions_weight=(0, None), temperature=(1e-6, None), det_frames=(1, None), num_frames=(1, None),
+              curriculum_frac=(0, 1), img_size=(1, None), crop_scale=(0, 1), resize_ratio=(1, None),
+              color_jitter=(0, None), jitter_hue=(0, 0.5), jitter_p=(0, 1), grayscale_p=(0, 1), patch_size=(1, None),
+              vit_width=(1, None), vit_depth=(1, None), vit_heads=(1, None), vit_mlp_ratio=(0, None),
+              vocab_size=(0, None), text_width=(1, None), text_layers=(1, None), text_heads=(1, None),
+              text_positions=(1, None), text_ffn=(1, None), text_dropout=(0, 1), max_text_len=(3, None),
+              max_tag_len=(3, None), embed_dim=(1, None), batch_size=(1, None), max_steps=(1, None), lr=(0, None),
+              weight_decay=(0, None), warmup_steps=(0, None), grad_clip=(0, None), log_every=(1, None),
+              eval_every=(1, None), eval_batch_size=(1, None), retrieval_views=(1, None), max_bad_videos=(0, 1))
 
 
 # -----------------------------------------------------------------------------
-# model: the Frozen-in-Time dual encoder
+# model: the Frozen-in-Time dual encoder (divided space-time ViT + DistilBERT), what stays at inference
 
 def l2norm(x):
     return F.normalize(x, dim=-1, eps=1e-8)
@@ -406,9 +378,12 @@ class VideoEncoder(nn.Module):
             nn.init.zeros_(blk.timeattn.qkv.weight)
             nn.init.zeros_(blk.timeattn.qkv.bias)
             nn.init.zeros_(blk.timeattn.proj.bias)
-            if time_init == "release":  # Frozen's out-proj weight = 1: every channel of the output is the same sum,
-                nn.init.ones_(blk.timeattn.proj.weight)  # LN1 removes it, so qkv's gradient is 0 (see docstring)
-            # "live": the trunc_normal(0.02) out-proj weight set above, so the temporal branch can learn
+            # "release" = Frozen's out-proj weight of ones: every output channel of TimeAttn is then the same number,
+            # LN1 removes such a per-token constant, so qkv's gradient is 0 and, from scratch, the temporal branch
+            # never trains (a test checks it); --paper keeps it, made for pre-trained weights. "live" keeps the
+            # trunc_normal(0.02) out-proj weight set above: still a no-op at step 0 (v = 0), but it can learn.
+            if time_init == "release":
+                nn.init.ones_(blk.timeattn.proj.weight)
 
     def forward(self, video):
         B, T = video.shape[:2]
@@ -488,89 +463,19 @@ class TextEncoder(nn.Module):
         return x
 
 
-class OATrans(nn.Module):
-    """The dual encoder with its four streams. Only V and T exist at inference; O_v reuses video_model + vid_proj,
-    O_t reuses text_model + txt_proj, so `objects=on|off` builds the same parameters.
-
-    forward(video, text) returns the embeddings (B, E) of every stream given:
-        video (B, T, 3, H, W); text = (ids, mask) (B, L)
-        anchor (B, 3, H, W) + regions (B, G, N) bool: patches of each region group (G = 1: the union of the
-            top-K boxes, the paper; G = K: one group per box, the release's mean-region)
-        tags = (ids, mask) (B, Lt) + tag_groups (B, G', Lt) bool: positions of each tag group (the distractor
-            belongs to none); with oa_loss=release the tag text starts with the caption and its [CLS] output
-            is the extra "caption_tags" stream
-    The encoders are called through forward so that DDP sees every use of the parameters.
-    """
-
-    def __init__(self, cfg, vocab_size):
-        super().__init__()
-        self.cfg = cfg
-        assert cfg.time_init in ("release", "live") and cfg.text_pool in ("cls", "mean")
-        self.video_model = VideoEncoder(cfg.img_size, cfg.patch_size, cfg.vit_width, cfg.vit_depth, cfg.vit_heads,
-                                        cfg.num_frames, cfg.time_init, cfg.vit_mlp_ratio)
-        self.text_model = TextEncoder(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_positions,
-                                      cfg.text_ffn, cfg.text_dropout)
-        self.vid_proj = nn.Linear(cfg.vit_width, cfg.embed_dim)  # Vid Proj: Linear, no activation
-        self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(cfg.text_width, cfg.embed_dim))  # Txt Proj: ReLU -> Linear
-        # the colour of a black pixel after ImageNet normalisation: what a "blanked" patch is painted with
-        black = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
-        self.register_buffer("black", black.view(1, 3, 1, 1), persistent=False)
-
-    def encode_video(self, video):
-        return self.vid_proj(self.video_model(video)[:, 0])  # (B, E) from CLS
-
-    def pool_text(self, hidden, mask):
-        """(B, L, D) -> (B, D): the [CLS] output (Frozen), or the mean over the real tokens (text_pool=mean)."""
-        return hidden[:, 0] if self.cfg.text_pool == "cls" else masked_mean(hidden, mask.bool())
-
-    def encode_text(self, ids, mask):
-        return self.txt_proj(self.pool_text(self.text_model(ids, mask), mask))  # (B, E)
-
-    def encode_regions(self, anchor, regions):
-        """Object-guided masking: blank the anchor's patches outside every region, encode it as a 1-frame clip
-        with the shared video encoder, pool each region group's output tokens, project, average the groups."""
-        keep = regions.any(1)  # (B, N): patches covered by some box
-        if self.cfg.region_mask == "blank":
-            g, p = self.video_model.grid, self.cfg.patch_size
-            pix = repeat(keep.view(-1, g, g), "b h w -> b 1 (h p1) (w p2)", p1=p, p2=p)  # (B, 1, H, W)
-            anchor = torch.where(pix, anchor, self.black.to(anchor.dtype))
-        tokens = self.video_model(anchor[:, None])[:, 1:]  # (B, N, D): patch tokens of the masked anchor
-        per_group = self.vid_proj(masked_mean(tokens[:, None], regions))  # (B, G, E)
-        return masked_mean(per_group, regions.any(-1))  # (B, E): mean over non-empty groups
-
-    def pool_tags(self, hidden, tag_groups):
-        """Mean over each tag group's token outputs, project, average the groups. hidden (B, Lt, D) -> (B, E)."""
-        per_group = self.txt_proj(masked_mean(hidden[:, None], tag_groups))  # (B, G', E)
-        return masked_mean(per_group, tag_groups.any(-1))
-
-    def forward(self, video, text, anchor=None, regions=None, tags=None, tag_groups=None):
-        out = {"video": self.encode_video(video), "text": self.encode_text(*text)}
-        if anchor is not None:
-            out["regions"] = self.encode_regions(anchor, regions)
-        if tags is not None:
-            hidden = self.text_model(*tags)  # (B, Lt, D): the tags through the shared text encoder
-            out["tags"] = self.pool_tags(hidden, tag_groups)
-            if self.cfg.oa_loss == "release":  # the text is "caption tag1 tag2 ...", pooled like a caption
-                out["caption_tags"] = self.txt_proj(self.pool_text(hidden, tags[1]))
-        return out
-
-
-# pretrained weights: key maps for common/weights.py (safe reading, every tensor accounted for, shapes adapted:
-# temporal_embed cut or zero-padded to num_frames, pos_embed resampled for another img_size, text positions cut)
-#   FULL_MODEL: our checkpoints, or a Frozen / OA-Trans-layout release ("state_dict", "module." stripped); the
-#       release's video head is Sequential(Linear) (vid_proj.0), ours a plain Linear
-#   VIT_INIT: a timm ViT / DeiT state dict -> video_model.* (same names; the ImageNet head dropped); the temporal
-#       branch (timeattn, norm3, temporal_embed) is new, and with its zero qkv the encoder starts as the image ViT
-#   DISTILBERT_INIT: HF DistilBertModel names (or DistilBertForMaskedLM's under "distilbert.", MLM head dropped)
-PAPER_INIT = ("the paper starts from ImageNet-21k ViT-B/16 (--init_video=jx_vit_base_p16_224-80ecf9dd.pth) and "
-              "distilbert-base-uncased (--init_text, with --vocab_file=its vocab.txt)")
-FULL_MODEL = dict(rules=[(r"^vid_proj\.0\.", "vid_proj.")], drop=[r"position_ids$"], new=[])
-VIT_INIT = dict(rules=[(r"^", "video_model.")], drop=[r"^head\.", r"^head_dist\.", r"^pre_logits\.", r"^dist_token$"],
-                new=[r"^(?!video_model\.)", r"\.timeattn\.", r"\.norm3\.", r"\.temporal_embed$"])
-DISTILBERT_INIT = dict(rules=[(r"^distilbert\.", ""), (r"^", "text_model.")],
-                       drop=[r"^vocab_(transform|layer_norm|projector)\.", r"position_ids$"],
-                       new=[r"^(?!text_model\.)"])
-
+# -----------------------------------------------------------------------------
+# object-aware streams and loss (the paper's idea)
+#
+# Pre-training adds two streams built from an offline detector's output on ONE frame of the clip, each contrasted
+# with the other modality. Fine-tuning and evaluation drop them (only L(t, v) remains). In the order data flows:
+#   1. the anchor frame     detection_frames, anchor_position: which pre-detected frame goes with the sampled frames
+#   2. its objects          top_k_detections, boxes_to_patch_mask -> region_masks (after the clip's crop / flip);
+#                           tag_tokens -> object_tags (class names as a text, with a distractor)
+#   3. batching             collate_objects: the paper pools the union of the boxes / tags, the release each group
+#   4. the model            OATrans: mask_anchor + encode_regions (O_v, the shared ViT), pool_tags (O_t)
+#   5. the loss             nce_loss per pair, LOSS_TERMS (which pairs, by oa_loss), oa_trans_loss (weighted sum).
+#                           Every loss of the file is in this section.
+# The data section calls 1-3 for each clip and batch; all the code that --oa_loss=paper|release switches is here.
 
 def detection_frames(num_frames, n_det=8):
     """Frame indices the detector ran on: the midpoints (a + b) // 2 of n_det equal segments [a, b) of the clip."""
@@ -582,6 +487,13 @@ def anchor_position(sampled, det_frames):
     """Which pre-detected frame is the anchor: the one nearest the mean sampled index (the first on a tie)."""
     m = float(np.mean(sampled))
     return min(range(len(det_frames)), key=lambda k: abs(det_frames[k] - m))
+
+
+def top_k_detections(det, k):
+    """The k most confident boxes, most confident first (a stable sort: ties keep the file's order). The release
+    keeps K = 10 (BUTD's minimum number of boxes)."""
+    order = np.argsort(-det["scores"], kind="stable")[:k]
+    return det["boxes"][order], det["labels"][order]
 
 
 def boxes_to_patch_mask(boxes, img_size, patch_size):
@@ -601,6 +513,16 @@ def boxes_to_patch_mask(boxes, img_size, patch_size):
     cols = (idx >= c0[:, None]) & (idx < c1[:, None])  # (K, g)
     mask = rows[:, :, None] & cols[:, None, :] & nonempty[:, None, None]  # (K, g, g)
     return mask.flatten(1)
+
+
+def region_masks(boxes, top_k, img_size, patch_size):
+    """(K, N) bool: the patches of each of the (at most K) boxes, given in input pixels after the clip's crop.
+    Fewer boxes leave empty rows; when every box was cropped away the whole frame is the one region."""
+    regions = torch.zeros(top_k, (img_size // patch_size) ** 2, dtype=torch.bool)  # (K, N)
+    regions[:len(boxes)] = boxes_to_patch_mask(boxes, img_size, patch_size)
+    if not regions.any():
+        regions[0] = True
+    return regions
 
 
 def tag_tokens(tokenizer, tags, max_len, caption=None, distractor=None, rng=random):
@@ -628,8 +550,113 @@ def tag_tokens(tokenizer, tags, max_len, caption=None, distractor=None, rng=rand
     return ids, [g for g in groups if g]
 
 
-# -----------------------------------------------------------------------------
-# losses
+def object_tags(tokenizer, labels, class_names, caption, cfg, rng):
+    """The tag text of one clip from its top-K class ids, as tag_tokens' (ids, groups). The names are deduplicated
+    in confidence order (the release's np.unique sorts them by class id).
+    paper:   "tag1 tag2 ... [distractor] ... tagK", the distractor a random class not among the tags (--distractor)
+    release: "caption tag1 tag2 ...", no distractor (the release never enables its helper)."""
+    names = list(dict.fromkeys(class_names[j] for j in labels))  # distinct, in confidence order
+    if cfg.oa_loss == "release":
+        return tag_tokens(tokenizer, names, cfg.max_text_len + cfg.max_tag_len, caption)
+    distractor = None
+    if cfg.distractor:
+        others = [c for c in class_names if c not in names]
+        distractor = rng.choice(others) if others else None
+    return tag_tokens(tokenizer, names, cfg.max_tag_len, None, distractor, rng)
+
+
+def collate_objects(items, tokenizer, oa_loss):
+    """The object fields of a batch: anchor (B, 3, S, S); regions (B, G, N) bool; tags = (ids, mask) (B, Lt),
+    padded; tag_groups (B, G', Lt) bool. The paper pools the union of the boxes and of the tags (G = G' = 1); the
+    release averages per-box regions and per-tag groups (G = K, G' = the most distinct tags in the batch)."""
+    regions = torch.stack([it["regions"] for it in items])  # (B, K, N)
+    L = max(len(it["tag_ids"]) for it in items)
+    G = max(len(it["tag_groups"]) for it in items)
+    ids = torch.full((len(items), L), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(items), L, dtype=torch.long)
+    groups = torch.zeros(len(items), G, L, dtype=torch.bool)  # (B, G', Lt)
+    for b, it in enumerate(items):
+        ids[b, :len(it["tag_ids"])], mask[b, :len(it["tag_ids"])] = torch.tensor(it["tag_ids"]), 1
+        for j, g in enumerate(it["tag_groups"]):
+            groups[b, j, g] = True
+    if oa_loss == "paper":  # one group each: the union of the boxes, the union of the tags
+        regions, groups = regions.any(1, keepdim=True), groups.any(1, keepdim=True)
+    return dict(anchor=torch.stack([it["anchor"] for it in items]), regions=regions, tags=(ids, mask),
+                tag_groups=groups)
+
+
+class OATrans(nn.Module):
+    """The dual encoder with its four streams. Only V and T exist at inference; O_v reuses video_model + vid_proj,
+    O_t reuses text_model + txt_proj, so `objects=on|off` builds the same parameters.
+
+    forward(video, text) returns the embeddings (B, E) of every stream given:
+        video (B, T, 3, H, W); text = (ids, mask) (B, L)
+        anchor (B, 3, H, W) + regions (B, G, N) bool: patches of each region group (G = 1: the union of the
+            top-K boxes, the paper; G = K: one group per box, the release's mean-region)
+        tags = (ids, mask) (B, Lt) + tag_groups (B, G', Lt) bool: positions of each tag group (the distractor
+            belongs to none); with oa_loss=release the tag text starts with the caption and its pooled output
+            (as a caption's) is the extra "caption_tags" stream
+    The encoders are called through forward so that DDP sees every use of the parameters.
+    """
+
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.cfg = cfg
+        assert cfg.time_init in ("release", "live") and cfg.text_pool in ("cls", "mean")
+        self.video_model = VideoEncoder(cfg.img_size, cfg.patch_size, cfg.vit_width, cfg.vit_depth, cfg.vit_heads,
+                                        cfg.num_frames, cfg.time_init, cfg.vit_mlp_ratio)
+        self.text_model = TextEncoder(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_positions,
+                                      cfg.text_ffn, cfg.text_dropout)
+        self.vid_proj = nn.Linear(cfg.vit_width, cfg.embed_dim)  # Vid Proj: Linear, no activation
+        self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(cfg.text_width, cfg.embed_dim))  # Txt Proj: ReLU -> Linear
+        # the colour of a black pixel after ImageNet normalisation: what a "blanked" patch is painted with
+        black = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
+        self.register_buffer("black", black.view(1, 3, 1, 1), persistent=False)
+
+    def encode_video(self, video):
+        return self.vid_proj(self.video_model(video)[:, 0])  # (B, E) from CLS
+
+    def pool_text(self, hidden, mask):
+        """(B, L, D) -> (B, D): the [CLS] output (Frozen), or the mean over the real tokens (text_pool=mean)."""
+        return hidden[:, 0] if self.cfg.text_pool == "cls" else masked_mean(hidden, mask.bool())
+
+    def encode_text(self, ids, mask):
+        return self.txt_proj(self.pool_text(self.text_model(ids, mask), mask))  # (B, E)
+
+    def mask_anchor(self, anchor, keep):
+        """Object-guided masking: with region_mask=blank, paint the patches outside every box black (the paper
+        figure). anchor (B, 3, H, W), keep (B, N) bool -> (B, 3, H, W)."""
+        if self.cfg.region_mask != "blank":
+            return anchor
+        g, p = self.video_model.grid, self.cfg.patch_size
+        pix = repeat(keep.view(-1, g, g), "b h w -> b 1 (h p1) (w p2)", p1=p, p2=p)  # (B, 1, H, W)
+        return torch.where(pix, anchor, self.black.to(anchor.dtype))
+
+    def encode_regions(self, anchor, regions):
+        """Stream O_v: mask the anchor, encode it as a 1-frame clip with the shared video encoder, pool each region
+        group's output tokens, project, average the groups."""
+        anchor = self.mask_anchor(anchor, regions.any(1))  # keep (B, N): patches covered by some box
+        tokens = self.video_model(anchor[:, None])[:, 1:]  # (B, N, D): patch tokens of the masked anchor
+        per_group = self.vid_proj(masked_mean(tokens[:, None], regions))  # (B, G, E)
+        return masked_mean(per_group, regions.any(-1))  # (B, E): mean over non-empty groups
+
+    def pool_tags(self, hidden, tag_groups):
+        """Stream O_t: mean over each tag group's token outputs, project, average the groups. hidden (B, Lt, D)
+        -> (B, E)."""
+        per_group = self.txt_proj(masked_mean(hidden[:, None], tag_groups))  # (B, G', E)
+        return masked_mean(per_group, tag_groups.any(-1))
+
+    def forward(self, video, text, anchor=None, regions=None, tags=None, tag_groups=None):
+        out = {"video": self.encode_video(video), "text": self.encode_text(*text)}
+        if anchor is not None:
+            out["regions"] = self.encode_regions(anchor, regions)
+        if tags is not None:
+            hidden = self.text_model(*tags)  # (B, Lt, D): the tags through the shared text encoder
+            out["tags"] = self.pool_tags(hidden, tag_groups)
+            if self.cfg.oa_loss == "release":  # the text is "caption tag1 tag2 ...", pooled like a caption
+                out["caption_tags"] = self.txt_proj(self.pool_text(hidden, tags[1]))
+        return out
+
 
 def cosine_sim(a, b):
     """(Ba, E), (Bb, E) -> (Ba, Bb) cosine similarities, in fp32."""
@@ -647,10 +674,14 @@ def nce_loss(sim, temperature):
     return F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)
 
 
-# which embeddings each loss term contrasts: (weight field, query stream, item stream)
+# which embeddings each loss term contrasts: (weight field, query stream, item stream). The release's object models
+# pair caption+tags with video and mean-region with mean-tag; the paper figure pairs each object stream with the
+# other modality.
 LOSS_TERMS = {
-    "paper": [("w_main", "text", "video"), ("w_tags", "tags", "video"), ("w_regions", "text", "regions")],
-    "release": [("w_main", "text", "video"), ("w_tags", "caption_tags", "video"), ("w_regions", "regions", "tags")],
+    "paper": [("main_weight", "text", "video"), ("tags_weight", "tags", "video"),
+              ("regions_weight", "text", "regions")],
+    "release": [("main_weight", "text", "video"), ("tags_weight", "caption_tags", "video"),
+                ("regions_weight", "regions", "tags")],
 }
 
 
@@ -669,7 +700,7 @@ def oa_trans_loss(emb, terms, weights, temperature):
 
 
 # -----------------------------------------------------------------------------
-# detections (BUTD-style .npz)
+# data: BUTD-style .npz detections, WebVid-style pre-training clips, MSR-VTT-style retrieval annotations
 
 class DetectionReadError(ValueError):
     """A detection file that is missing, empty, truncated or lacks its arrays; the message names the path."""
@@ -683,35 +714,23 @@ def read_detections(path, allow_pickle=False):
     A missing or broken file raises DetectionReadError (its clip is skipped and counted like an unreadable video).
     """
     try:
-        return _read_detections(path, allow_pickle)
+        with np.load(path, allow_pickle=allow_pickle) as z:
+            if "objects_id" in z.files:
+                labels, scores = z["objects_id"], z["objects_conf"]
+            elif "info" in z.files:
+                if not allow_pickle:
+                    raise ValueError(f"{path}: class ids are only in the pickled `info` dict; loading a pickle can "
+                                     f"run arbitrary code, pass --allow_pickle to read trusted files")
+                info = z["info"].item()
+                labels, scores = info["objects_id"], info["objects_conf"]
+            else:
+                raise DetectionReadError(f"{path}: no objects_id / info array")
+            return dict(boxes=z["bbox"].astype(np.float32).reshape(-1, 4), labels=np.asarray(labels, dtype=np.int64),
+                        scores=np.asarray(scores, dtype=np.float32), image_h=int(z["image_h"]),
+                        image_w=int(z["image_w"]))
     except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:  # 0-byte, truncated, not a zip, missing array
         raise DetectionReadError(f"{path}: unreadable detections ({type(e).__name__}: {e})") from None
 
-
-def _read_detections(path, allow_pickle):
-    with np.load(path, allow_pickle=allow_pickle) as z:
-        if "objects_id" in z.files:
-            labels, scores = z["objects_id"], z["objects_conf"]
-        elif "info" in z.files:
-            if not allow_pickle:
-                raise ValueError(f"{path}: class ids are only in the pickled `info` dict; loading a pickle can run "
-                                 f"arbitrary code, pass --allow_pickle to read trusted files")
-            info = z["info"].item()
-            labels, scores = info["objects_id"], info["objects_conf"]
-        else:
-            raise DetectionReadError(f"{path}: no objects_id / info array")
-        return dict(boxes=z["bbox"].astype(np.float32).reshape(-1, 4), labels=np.asarray(labels, dtype=np.int64),
-                    scores=np.asarray(scores, dtype=np.float32), image_h=int(z["image_h"]), image_w=int(z["image_w"]))
-
-
-def top_k_detections(det, k):
-    """The k most confident boxes, most confident first (a stable sort: ties keep the file's order)."""
-    order = np.argsort(-det["scores"], kind="stable")[:k]
-    return det["boxes"][order], det["labels"][order]
-
-
-# -----------------------------------------------------------------------------
-# data
 
 def read_vocab_lines(path):
     with open(path, encoding="utf-8") as f:
@@ -730,7 +749,7 @@ class WebVidObjects(torch.utils.data.Dataset):
     """WebVid-style clips with their anchor frame and detections.
 
     Item: video (T, 3, S, S), caption str, and with objects: anchor (3, S, S), regions (K, N) bool (the patches of
-    each of the top-K boxes), tag_ids list[int] + tag_groups list[list[int]] (see tag_tokens). The T frames and
+    each of the top-K boxes), tag_ids list[int] + tag_groups list[list[int]] (see object_tags). The T frames and
     the anchor frame are decoded together and get ONE random crop / flip / colour jitter, which also moves the
     boxes, so the patch mask lines up with the pixels it masks.
     """
@@ -774,6 +793,19 @@ class WebVidObjects(torch.utils.data.Dataset):
     def num_frames_of(self, path):
         return len(self.cache[path]) if path in self.cache else video_meta(path).num_frames
 
+    def frames_and_objects(self, row, path, idx, n):
+        """Frames `idx` of a video of n frames plus its anchor frame, uint8 (T + 1, H, W, 3) with the anchor last,
+        and the anchor's top-K boxes (K, 4) in pixels of the decoded frames and their class ids (K,)."""
+        det_idx = detection_frames(n, self.cfg.det_frames)
+        a = anchor_position(idx, det_idx)
+        frames = self.read(path, idx + [det_idx[a]])
+        det = read_detections(os.path.join(self.root, "webvid", "objects", row["page_dir"], row["videoid"],
+                                           f"{a}.npz"), self.cfg.allow_pickle)
+        boxes, labels = top_k_detections(det, self.cfg.top_k)
+        h, w = frames.shape[1:3]  # the detector may have seen another resolution: rescale to the decoded frames
+        boxes = boxes * np.array([w / det["image_w"], h / det["image_h"]] * 2, dtype=np.float32)
+        return frames, boxes, labels
+
     def __getitem__(self, i):
         row, cfg = self.rows[i], self.cfg
         rng = random.Random(random.getrandbits(64))  # DataLoader workers get distinct python seeds from torch
@@ -784,38 +816,20 @@ class WebVidObjects(torch.utils.data.Dataset):
             if not self.objects:
                 video, _ = self.transform(self.read(path, idx), rng=rng)
                 return dict(video=video, caption=row["name"])
-            det_idx = detection_frames(n, cfg.det_frames)
-            a = anchor_position(idx, det_idx)
-            frames = self.read(path, idx + [det_idx[a]])  # (T + 1, H, W, 3): the anchor comes last
-            det = read_detections(os.path.join(self.root, "webvid", "objects", row["page_dir"], row["videoid"],
-                                               f"{a}.npz"), cfg.allow_pickle)
+            frames, boxes, labels = self.frames_and_objects(row, path, idx, n)
         except VideoReadError as e:  # skipped by the collate function, named and counted by the loop
             return dict(bad_video=path, error=str(e))
         except (DetectionReadError, FileNotFoundError) as e:  # missing or broken detections
             return dict(bad_video=path, error=f"its detections: {e}")
-        boxes, labels = top_k_detections(det, cfg.top_k)
-        h, w = frames.shape[1:3]  # the detector may have seen another resolution: rescale to the decoded frames
-        boxes = boxes * np.array([w / det["image_w"], h / det["image_h"]] * 2, dtype=np.float32)
         video, boxes = self.transform(frames, boxes, rng=rng)  # same crop / flip for frames, anchor and boxes
-        regions = torch.zeros(cfg.top_k, (cfg.img_size // cfg.patch_size) ** 2, dtype=torch.bool)  # (K, N)
-        regions[:len(boxes)] = boxes_to_patch_mask(boxes, cfg.img_size, cfg.patch_size)  # fewer boxes: empty rows
-        if not regions.any():  # every box cropped away: fall back to the whole frame
-            regions[0] = True
-        names = list(dict.fromkeys(self.object_names[j] for j in labels))  # distinct, in confidence order
-        distractor = None
-        if cfg.distractor and cfg.oa_loss == "paper":
-            others = [c for c in self.object_names if c not in names]
-            distractor = rng.choice(others) if others else None
-        if cfg.oa_loss == "paper":  # "tag1 tag2 ... [distractor] ... tagK"
-            tag_ids, tag_groups = tag_tokens(self.tok, names, cfg.max_tag_len, None, distractor, rng)
-        else:  # release: "caption tag1 tag2 ..."
-            tag_ids, tag_groups = tag_tokens(self.tok, names, cfg.max_text_len + cfg.max_tag_len, row["name"])
+        regions = region_masks(boxes, cfg.top_k, cfg.img_size, cfg.patch_size)  # (K, N)
+        tag_ids, tag_groups = object_tags(self.tok, labels, self.object_names, row["name"], cfg, rng)
         return dict(video=video[:-1], anchor=video[-1], regions=regions, caption=row["name"],
                     tag_ids=tag_ids, tag_groups=tag_groups)
 
 
 def collate(items, tokenizer, cfg):
-    """List of items -> batch: stacks clips, tokenises captions, pads regions / tag texts / tag groups.
+    """List of items -> batch: stacks clips, tokenises captions, and with objects adds collate_objects' fields.
     Unreadable videos arrive as dict(bad_video, error): dropped (gathers accept a shorter batch), listed in
     batch["bad_videos"] and counted in batch["skipped"]; a batch of unreadable videos only has no "video"."""
     n_in = len(items)
@@ -826,24 +840,8 @@ def collate(items, tokenizer, cfg):
     enc = tokenizer([it["caption"] for it in items], cfg.max_text_len, pad_to_max=False)
     batch = dict(video=torch.stack([it["video"] for it in items]),  # (B, T, 3, S, S)
                  text=(enc["input_ids"], enc["attention_mask"]), skipped=n_in - len(items), bad_videos=bad)
-    if "anchor" not in items[0]:
-        return batch
-    regions = torch.stack([it["regions"] for it in items])  # (B, K, N)
-    L = max(len(it["tag_ids"]) for it in items)
-    G = max(len(it["tag_groups"]) for it in items)
-    ids = torch.full((len(items), L), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(items), L, dtype=torch.long)
-    groups = torch.zeros(len(items), G, L, dtype=torch.bool)  # (B, G', Lt)
-    for b, it in enumerate(items):
-        ids[b, :len(it["tag_ids"])], mask[b, :len(it["tag_ids"])] = torch.tensor(it["tag_ids"]), 1
-        for j, g in enumerate(it["tag_groups"]):
-            groups[b, j, g] = True
-    if cfg.oa_loss == "paper":  # the paper pools the union of the boxes and of the tags: one group each
-        batch.update(anchor=torch.stack([it["anchor"] for it in items]), regions=regions.any(1, keepdim=True),
-                     tags=(ids, mask), tag_groups=groups.any(1, keepdim=True))
-    else:  # release: mean over per-box regions and per-tag groups; the caption+tags text is pooled at [CLS] too
-        batch.update(anchor=torch.stack([it["anchor"] for it in items]), regions=regions,
-                     tags=(ids, mask), tag_groups=groups)
+    if "anchor" in items[0]:
+        batch.update(collate_objects(items, tokenizer, cfg.oa_loss))
     return batch
 
 
@@ -893,6 +891,7 @@ class MSRVTTTrain(torch.utils.data.Dataset):
         return dict(video=video, caption=rng.choice(self.by_video[i]))
 
 
+
 # -----------------------------------------------------------------------------
 # evaluation: MSR-VTT-style text <-> video retrieval, object streams dropped
 
@@ -918,21 +917,40 @@ class EvalClips:
                 self.unreadable += view is None or view == 0  # count each video once
         return self.cache[i, view]
 
+    def clip(self, i, view=None):
+        """Clip i of a view as (T, 3, S, S), and whether its video was readable (an unreadable one is zeros)."""
+        fr = self.frames(i, view)
+        if fr is None:
+            return torch.zeros(self.cfg.num_frames, 3, self.cfg.img_size, self.cfg.img_size), False
+        return self.transform(fr)[0], True
+
+
+def first_captions(ann):
+    """Video -> the index of its first caption (the one query per video of MSR-VTT 1k-A)."""
+    first = {}
+    for c, v in enumerate(ann.caption_video):
+        first.setdefault(v, c)
+    return first
+
 
 @torch.no_grad()
 def embed_videos(model, clips, cfg, device, view=None):
     """(videos, E) embeddings of one view of every split video; unreadable videos get zeros (they rank last)."""
     vids = []
     for s in range(0, len(clips.ann.videos), cfg.eval_batch_size):
-        batch, ok = [], []
-        for i in range(s, min(s + cfg.eval_batch_size, len(clips.ann.videos))):
-            fr = clips.frames(i, view)
-            ok.append(fr is not None)
-            batch.append(clips.transform(fr)[0] if fr is not None else torch.zeros(cfg.num_frames, 3, cfg.img_size, cfg.img_size))
+        batch, ok = zip(*(clips.clip(i, view) for i in range(s, min(s + cfg.eval_batch_size, len(clips.ann.videos)))))
         with autocast(device, cfg.precision):
             v = model.encode_video(torch.stack(batch).to(device)).float()
         vids.append(v * torch.tensor(ok, device=device, dtype=v.dtype)[:, None])
     return torch.cat(vids)
+
+
+@torch.no_grad()
+def embed_captions(model, captions, tokenizer, cfg, device):
+    """(len(captions), E) text embeddings in one forward (padded to the longest caption)."""
+    enc = tokenizer(captions, cfg.max_text_len, pad_to_max=False)
+    with autocast(device, cfg.precision):
+        return model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()
 
 
 @torch.no_grad()
@@ -941,7 +959,7 @@ def evaluate_retrieval(model, clips, tokenizer, cfg, device):
 
     The protocol is set by two fields, shared with all_in_one.py:
     retrieval_captions  "first": one query per video, its first caption (MSR-VTT 1k-A scores one caption per video)
-                        | "all": every caption (this file's earlier protocol; v2t counts the best-ranked one).
+                        | "all": every caption (v2t counts the best-ranked one).
     retrieval_views     1: bin-midpoint frames. V > 1: V random frame samplings, cosine similarities averaged over
                         the views (the All-in-one release's 3 views; Frozen / OA-Trans evaluate one).
     Unreadable videos get a zero embedding (they rank last) and are counted in `unreadable`."""
@@ -951,17 +969,10 @@ def evaluate_retrieval(model, clips, tokenizer, cfg, device):
     ann = clips.ann
     views = [None] if cfg.retrieval_views == 1 else range(cfg.retrieval_views)
     vids = [embed_videos(model, clips, cfg, device, view) for view in views]  # each (videos, E)
-    first = {}  # video -> its first caption
-    for c, v in enumerate(ann.caption_video):
-        first.setdefault(v, c)
-    queries = list(range(len(ann.captions))) if cfg.retrieval_captions == "all" else sorted(first.values())
-    texts = []
-    for s in range(0, len(queries), cfg.eval_batch_size):
-        enc = tokenizer([ann.captions[c] for c in queries[s:s + cfg.eval_batch_size]], cfg.max_text_len,
-                        pad_to_max=False)
-        with autocast(device, cfg.precision):
-            texts.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float())
-    text = torch.cat(texts)
+    queries = (list(range(len(ann.captions))) if cfg.retrieval_captions == "all"
+               else sorted(first_captions(ann).values()))
+    text = torch.cat([embed_captions(model, [ann.captions[c] for c in queries[s:s + cfg.eval_batch_size]], tokenizer,
+                                     cfg, device) for s in range(0, len(queries), cfg.eval_batch_size)])
     sim = torch.stack([cosine_sim(text, v) for v in vids]).mean(0).cpu()  # (queries, videos), mean over views
     t2v = torch.tensor([ann.caption_video[c] for c in queries])
     metrics = {f"retrieval/{k}": v for k, v in retrieval_metrics(sim, t2v).items()}
@@ -984,20 +995,10 @@ def anchor_example(model, cfg, tokenizer, device, i=0):
     row = ds.rows[i]
     path = ds.video_path(row)
     n = ds.num_frames_of(path)
-    idx = sample_frame_indices(n, cfg.num_frames, "uniform")
-    det_idx = detection_frames(n, cfg.det_frames)
-    a = anchor_position(idx, det_idx)
-    frames = ds.read(path, idx + [det_idx[a]])                            # (T + 1, H, W, 3): the anchor last
-    det = read_detections(os.path.join(cfg.data_root, "webvid", "objects", row["page_dir"], row["videoid"],
-                                       f"{a}.npz"), cfg.allow_pickle)
-    boxes, labels = top_k_detections(det, cfg.top_k)
-    h, w = frames.shape[1:3]
-    boxes = boxes * np.array([w / det["image_w"], h / det["image_h"]] * 2, dtype=np.float32)
+    frames, boxes, labels = ds.frames_and_objects(row, path, sample_frame_indices(n, cfg.num_frames, "uniform"), n)
     video, boxes = ds.transform(frames, boxes)                            # (T + 1, 3, S, S), boxes in S px
     keep = boxes_to_patch_mask(boxes, cfg.img_size, cfg.patch_size).any(0)  # (N,): patches under some box
-    g, p = cfg.img_size // cfg.patch_size, cfg.patch_size
-    pix = repeat(keep.view(g, g), "h w -> 1 (h p1) (w p2)", p1=p, p2=p)    # as encode_regions blanks them
-    masked = torch.where(pix, video[-1], model.black[0].cpu()) if cfg.region_mask == "blank" else video[-1]
+    masked = model.mask_anchor(video[None, -1].to(device), keep[None].to(device))[0].cpu()
     names = list(dict.fromkeys(ds.object_names[j] for j in labels))
     tag_ids, groups = tag_tokens(tokenizer, names, cfg.max_tag_len)
     tags = torch.tensor([tag_ids], device=device)
@@ -1012,32 +1013,25 @@ def anchor_example(model, cfg, tokenizer, device, i=0):
     cos = {f"{q}-{k}": cosine_sim(emb[q], emb[k]).item() for q, k in (("text", "video"), ("tags", "video"),
                                                                        ("text", "regions"))}
     return dict(caption=row["name"], anchor=video[-1], boxes=boxes, names=[ds.object_names[j] for j in labels],
-                keep=keep, masked=masked, cos=cos, grid=g)
+                keep=keep, masked=masked, cos=cos, grid=cfg.img_size // cfg.patch_size)
 
 
 @torch.no_grad()
 def draw_pictures(model, cfg, tokenizer, device, clips):
     """A retrieval gallery (two queries naming a big object, two a small one), the anchor frame with its boxes and
     object-guided mask, and the training curves -> out_dir/pictures."""
-    from common import pictures as P
     out = os.path.join(cfg.out_dir, "pictures")
     ann = clips.ann
     model.eval()
     vids = embed_videos(model, clips, cfg, device)                        # (videos, E); unreadable: zeros
-    first = {}
-    for c, v in enumerate(ann.caption_video):
-        first.setdefault(v, c)
-    picks = ([c for c in first.values() if not ann.small[c]][:2] + [c for c in first.values() if ann.small[c]][:2])
-    enc = tokenizer([ann.captions[c] for c in picks], cfg.max_text_len, pad_to_max=False)
-    with autocast(device, cfg.precision):
-        text = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()
+    first = first_captions(ann).values()
+    picks = [c for c in first if not ann.small[c]][:2] + [c for c in first if ann.small[c]][:2]
+    text = embed_captions(model, [ann.captions[c] for c in picks], tokenizer, cfg, device)
     sim = cosine_sim(text, vids).cpu()                                    # (queries, videos)
     queries = []
     for q, c in enumerate(picks):
         order, own = sim[q].argsort(descending=True).tolist(), ann.caption_video[c]
-        ranked = [(clips.transform(clips.frames(j))[0] if clips.frames(j) is not None else
-                   torch.zeros(cfg.num_frames, 3, cfg.img_size, cfg.img_size), sim[q, j].item(), j == own)
-                  for j in order[:5]]
+        ranked = [(clips.clip(j)[0], sim[q, j].item(), j == own) for j in order[:5]]
         queries.append(dict(text=ann.captions[c] + ("  [small object]" if ann.small[c] else ""), ranked=ranked,
                             rank_of_correct=order.index(own) + 1))
     written = [P.save(P.retrieval_gallery(queries, f"OA-Trans (objects={cfg.objects}): zero-shot text -> video "
@@ -1062,14 +1056,33 @@ def draw_pictures(model, cfg, tokenizer, device, clips):
     log = os.path.join(os.path.dirname(cfg.init), "log.jsonl") if cfg.init else os.path.join(cfg.out_dir, "log.jsonl")
     written.append(P.save(P.training_curves(log, ["loss", "text-video", "tags-video", "text-regions"],
                                             ["val_retrieval/t2v_R@1", "val_retrieval_small/t2v_R@1"],
-                                            f"OA-Trans training curves ({log})"), os.path.join(out, "training_curves.png")))
+                                            f"OA-Trans training curves ({log})"),
+                          os.path.join(out, "training_curves.png")))
     model.train()
     print0("pictures: " + ", ".join(written))
     return written
 
 
 # -----------------------------------------------------------------------------
-# main
+# pretrained weights: key maps for common/weights.py (safe reading, every tensor accounted for, shapes adapted:
+# temporal_embed cut or zero-padded to num_frames, pos_embed resampled for another img_size, text positions cut)
+#   FULL_MODEL: our checkpoints, or a Frozen / OA-Trans-layout release ("state_dict", "module." stripped); the
+#       release's video head is Sequential(Linear) (vid_proj.0), ours a plain Linear
+#   VIT_INIT: a timm ViT / DeiT state dict -> video_model.* (same names; the ImageNet head dropped); the temporal
+#       branch (timeattn, norm3, temporal_embed) is new, and with its zero qkv the encoder starts as the image ViT
+#   DISTILBERT_INIT: HF DistilBertModel names (or DistilBertForMaskedLM's under "distilbert.", MLM head dropped)
+PAPER_INIT = ("the paper starts from ImageNet-21k ViT-B/16 (--init_video=jx_vit_base_p16_224-80ecf9dd.pth) and "
+              "distilbert-base-uncased (--init_text, with --vocab_file=its vocab.txt)")
+FULL_MODEL = dict(rules=[(r"^vid_proj\.0\.", "vid_proj.")], drop=[r"position_ids$"], new=[])
+VIT_INIT = dict(rules=[(r"^", "video_model.")], drop=[r"^head\.", r"^head_dist\.", r"^pre_logits\.", r"^dist_token$"],
+                new=[r"^(?!video_model\.)", r"\.timeattn\.", r"\.norm3\.", r"\.temporal_embed$"])
+DISTILBERT_INIT = dict(rules=[(r"^distilbert\.", ""), (r"^", "text_model.")],
+                       drop=[r"^vocab_(transform|layer_norm|projector)\.", r"position_ids$"],
+                       new=[r"^(?!text_model\.)"])
+
+
+# -----------------------------------------------------------------------------
+# training loop: frame curriculum, endless batches, main()
 
 def frames_at(step, cfg):
     """Frozen's curriculum: 1 frame for the first curriculum_frac of pre-training, then num_frames."""
@@ -1139,7 +1152,8 @@ def main(argv=None):
     print0(f"parameters: {count_parameters(model):,} (the object streams share them)")
     raw_model = model
     if dist.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6,
                                   fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
     step = start_step = 0
@@ -1186,10 +1200,11 @@ def main(argv=None):
     if skipped_rows():
         log.log({"bad_rows": skipped_rows()})
     terms = LOSS_TERMS[cfg.oa_loss]
-    weights = dict(w_main=cfg.w_main, w_tags=cfg.w_tags, w_regions=cfg.w_regions)
+    weights = dict(main_weight=cfg.main_weight, tags_weight=cfg.tags_weight, regions_weight=cfg.regions_weight)
     if objects and cfg.distractor and cfg.oa_loss == "release":
         print0("note: --distractor has no effect with --oa_loss=release (the release's tag text has no distractor)")
-    print0(f"{'fine-tuning' if finetuning else 'pre-training'}: {len(dataset)} clips, objects={'on' if objects else 'off'}, "
+    print0(f"{'fine-tuning' if finetuning else 'pre-training'}: {len(dataset)} clips, "
+           f"objects={'on' if objects else 'off'}, "
            f"loss terms {[t[1] + '-' + t[2] for t in terms] if objects else ['text-video']}, "
            f"contrastive batch = {dist.world_size} x {cfg.batch_size} = {dist.world_size * cfg.batch_size}")
 
@@ -1238,7 +1253,8 @@ def main(argv=None):
         check_finite(step, loss=loss, **parts)  # NaN / inf stops the run here, before backward() reaches the weights
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))  # inf: measure only
+        # with grad_clip=0 the norm is only measured (max_norm inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         step += 1
         clips_seen += batch["video"].shape[0] * dist.world_size
@@ -1247,12 +1263,14 @@ def main(argv=None):
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             dt = time.time() - t0
             rec = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "lr": lr,
-                   "grad_norm": grad_norm.item(), "frames": frames, "ms_per_step": 1000 * dt / cfg.log_every, "clips_per_s": clips_seen / dt,
+                   "grad_norm": grad_norm.item(), "frames": frames, "ms_per_step": 1000 * dt / cfg.log_every,
+                   "clips_per_s": clips_seen / dt,
                    "data_wait_pct": 100 * wait / dt, "bad_videos": len(bad.errors), "skipped_clips": bad.skipped}
             log.log(rec)
             pbar.write(f"step {step} | loss {rec['loss']:.3f} ("
                        + ", ".join(f"{k} {v.item():.3f}" for k, v in parts.items())
-                       + f") | lr {lr:.2e} | grad {rec['grad_norm']:.2f} | T={frames} | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s"
+                       + f") | lr {lr:.2e} | grad {rec['grad_norm']:.2f} | T={frames}"
+                       f" | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s"
                        f" | data wait {rec['data_wait_pct']:.0f}%")
             t0, clips_seen, wait_total, wait = time.time(), 0, wait_total + wait, 0.0
     pbar.close()
@@ -1269,9 +1287,11 @@ def main(argv=None):
                    f"{len(skipped_rows())} bad annotation rows (named above and in the log)")
         write_metrics(cfg.out_dir, metrics)
         log.log({"step": step, **{f"test_{k}": v for k, v in metrics.items()}})
-        print0(format_table(metrics, f"test retrieval ({'fine-tuned' if finetuning else 'zero-shot'}, object streams dropped)"))
+        print0(format_table(metrics, f"test retrieval ({'fine-tuned' if finetuning else 'zero-shot'}, "
+                                     f"object streams dropped)"))
     cleanup()
     return metrics
+
 
 
 if __name__ == "__main__":

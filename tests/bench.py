@@ -98,7 +98,7 @@ def setup(paper, flags, device):
                       regions=(torch.rand(B, 1, N, generator=g) < 0.3).to(device),
                       tags=(ids(B, Lt), ones(B, Lt)), tag_groups=torch.ones(B, 1, Lt, dtype=torch.bool, device=device))
     terms = mod.LOSS_TERMS[cfg.oa_loss] if cfg.objects == "on" else mod.LOSS_TERMS[cfg.oa_loss][:1]
-    weights = dict(w_main=cfg.w_main, w_tags=cfg.w_tags, w_regions=cfg.w_regions)
+    weights = dict(main_weight=cfg.main_weight, tags_weight=cfg.tags_weight, regions_weight=cfg.regions_weight)
     return model, lambda: mod.oa_trans_loss(model(**inputs), terms, weights, cfg.temperature)[0], B, cfg
 
 

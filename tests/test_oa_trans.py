@@ -78,7 +78,7 @@ def test_objects_off_is_the_two_stream_model():
     e_on, e_off = on(video, (ids, mask)), off(video, (ids, mask))
     assert e_off.keys() == {"video", "text"}
     assert torch.equal(e_on["video"], e_off["video"]) and torch.equal(e_on["text"], e_off["text"])
-    loss, parts = oa.oa_trans_loss(e_off, oa.LOSS_TERMS["paper"], dict(w_main=1, w_tags=1, w_regions=1), 0.05)
+    loss, parts = oa.oa_trans_loss(e_off, oa.LOSS_TERMS["paper"], dict(main_weight=1, tags_weight=1, regions_weight=1), 0.05)
     assert list(parts) == ["text-video"]
     assert torch.allclose(loss.double(), naive_nce(e_off["text"], e_off["video"], 0.05), atol=1e-4)
 
@@ -373,7 +373,7 @@ def test_nce_loss_matches_naive_and_is_small_for_identity():
 def test_object_aware_loss_terms_match_naive(variant):
     torch.manual_seed(1)
     emb = {k: torch.randn(5, 4) for k in ("video", "text", "regions", "tags", "caption_tags")}
-    w = dict(w_main=1.0, w_tags=0.5, w_regions=2.0)
+    w = dict(main_weight=1.0, tags_weight=0.5, regions_weight=2.0)
     loss, parts = oa.oa_trans_loss(emb, oa.LOSS_TERMS[variant], w, 0.05)
     if variant == "paper":  # L(t, v) + L(tags, v) + L(t, regions): tags and regions contrast the OTHER modality
         pairs = [("text", "video", 1.0), ("tags", "video", 0.5), ("text", "regions", 2.0)]
@@ -447,7 +447,7 @@ def _oa_inputs(B, seed=0):
 
 def _oa_loss_step(model, inputs, gather):
     emb = {k: gather(v) for k, v in model(**inputs).items()}
-    return oa.oa_trans_loss(emb, oa.LOSS_TERMS["paper"], dict(w_main=1.0, w_tags=1.0, w_regions=1.0), 0.05)[0]
+    return oa.oa_trans_loss(emb, oa.LOSS_TERMS["paper"], dict(main_weight=1.0, tags_weight=1.0, regions_weight=1.0), 0.05)[0]
 
 
 def _ddp_worker(rank, world, port, results):
