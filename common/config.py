@@ -27,17 +27,23 @@ import typing
 
 
 def _field_comments(cfg_cls):
-    """Map field name -> the `# comment` written on the field's line in the class source."""
+    """-> ({field name: the `# comment` on its line}, {field name: the `# --- group` line just above it})."""
     try:
         source = inspect.getsource(cfg_cls)
     except (OSError, TypeError):
-        return {}
-    comments = {}
+        return {}, {}
+    comments, groups, group = {}, {}, None
     for line in source.splitlines():
+        header = re.match(r"\s*# --- (.*)$", line)
+        if header:
+            group = header.group(1).strip()
+            continue
         m = re.match(r"\s*(\w+)\s*:[^#]*#\s*(.*)$", line)
         if m:
             comments[m.group(1)] = m.group(2).strip()
-    return comments
+            if group:
+                groups[m.group(1)], group = group, None
+    return comments, groups
 
 
 def _convert(name, value, typ):
@@ -70,19 +76,24 @@ def _convert(name, value, typ):
 
 def format_help(cfg_cls, presets=None, prog=None):
     """The `--help` text: usage, presets, then one line per field (name, type, default, comment)."""
-    comments = _field_comments(cfg_cls)
+    comments, groups = _field_comments(cfg_cls)
     hints = typing.get_type_hints(cfg_cls)
     lines = [f"usage: python {prog or os.path.basename(sys.argv[0])} [--preset] [--key=value ...]", ""]
     if presets:
         lines.append("presets (applied first, explicit --key=value wins):")
         for name, values in presets.items():
-            lines.append(f"  --{name:<18} " + " ".join(f"{k}={v}" for k, v in values.items()))
-        lines.append("")
-    lines.append("fields:")
+            lines.append(f"  --{name:<14} " + " ".join(f"{k}={v}" for k, v in values.items()))
+    rows = []
     for f in dataclasses.fields(cfg_cls):
         typ = getattr(hints[f.name], "__name__", str(hints[f.name]))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  --{f.name}={default!s:<14} ({typ})  {comments.get(f.name, '')}")
+        rows.append((f.name, f"--{f.name}={default!s}", typ))
+    width = min(32, max(len(left) for _, left, _ in rows))
+    lines += ["", "fields:"]
+    for name, left, typ in rows:
+        if name in groups:
+            lines.append(f" {groups[name]}:")
+        lines.append(f"  {left:<{width}} {typ:<5}  {comments.get(name, '')}")
     return "\n".join(lines)
 
 
