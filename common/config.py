@@ -82,7 +82,7 @@ def format_help(cfg_cls, presets=None, prog=None):
     if presets:
         lines.append("presets (applied first, explicit --key=value wins):")
         for name, values in presets.items():
-            lines.append(f"  --{name:<14} " + " ".join(f"{k}={v}" for k, v in values.items()))
+            lines.append(f"  --{name:<14} " + (" ".join(f"{k}={v}" for k, v in values.items()) or "(the defaults)"))
     rows = []
     for f in dataclasses.fields(cfg_cls):
         typ = getattr(hints[f.name], "__name__", str(hints[f.name]))
