@@ -87,7 +87,8 @@ def test_tiny_sweep_runs_resumes_and_writes_the_table(tiny_corpus, tmp_path, cap
     ablate.main(["all_in_one", "--seeds", "0", "--variants", "roll", "--out", str(tmp_path), *extra])
     first = tmp_path / "all_in_one" / "roll" / "s0" / "metrics.json"
     stamp = first.stat().st_mtime_ns
-    table = ablate.main(["all_in_one", "--seeds", "0,1", "--variants", "roll,mean", "--out", str(tmp_path), *extra])
+    table = ablate.main(["all_in_one", "--seeds", "0,1", "--variants", "roll,mean", "--out", str(tmp_path), "--jobs",
+                         "2", *extra])  # the three missing runs, two at a time
     out = capsys.readouterr().out
     assert "[1/4] all_in_one roll seed 0: reusing" in out and first.stat().st_mtime_ns == stamp
     assert "[4/4] all_in_one mean seed 1: running" in out
@@ -100,3 +101,11 @@ def test_tiny_sweep_runs_resumes_and_writes_the_table(tiny_corpus, tmp_path, cap
     assert "Difference to `roll`" in table
     with pytest.raises(SystemExit, match="other flags"):  # a changed recipe is not mixed into the same table
         ablate.main(["all_in_one", "--seeds", "0", "--variants", "roll", "--out", str(tmp_path), *extra[:-1]])
+
+
+def test_a_failed_run_stops_the_sweep_and_names_it(tiny_corpus, tmp_path):
+    extra = ["--", "--tiny", f"--data_root={tiny_corpus}", "--no_such_flag=1"]
+    with pytest.raises(SystemExit, match="run failed.*no_such_flag"):
+        ablate.main(["all_in_one", "--seeds", "0,1", "--variants", "roll", "--out", str(tmp_path), "--jobs", "2",
+                     *extra])
+    assert not (tmp_path / "all_in_one" / "roll" / "s0" / "metrics.json").exists()
