@@ -331,10 +331,10 @@ class VideoTransform:
         n, height, width, _ = frames.shape
         crop, flip = self.params(height, width, rng)
         top, left, h, w = crop
-        x = torch.from_numpy(np.ascontiguousarray(frames[:, top:top + h, left:left + w]))
-        x = x.permute(0, 3, 1, 2).float().div_(255)  # (n, 3, h, w)
-        if (h, w) != (self.size, self.size):
+        x = torch.from_numpy(np.ascontiguousarray(frames[:, top:top + h, left:left + w])).permute(0, 3, 1, 2)
+        if (h, w) != (self.size, self.size):  # resized in uint8 (rounded as PIL does): ~5x faster than in float
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.float().div_(255)  # (n, 3, size, size)
         if flip:
             x = x.flip(-1)
         jitter, gray = self.color_params(rng)

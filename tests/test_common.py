@@ -8,6 +8,7 @@ import av
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from common.config import config_to_dict, format_help, parse_config
 from common.train import JsonlLogger, load_checkpoint, lr_at, param_groups, save_checkpoint, write_metrics
@@ -174,6 +175,16 @@ def test_transform_same_geometry_for_all_frames_and_boxes():
         mask = torch.ones(32, 32, dtype=torch.bool)
         mask[max(int(y1) - 2, 0):int(np.ceil(y2)) + 2, max(int(x1) - 2, 0):int(np.ceil(x2)) + 2] = False
         assert video[0, :, mask].max() < 0.1
+
+
+def test_transform_resizes_in_uint8_within_rounding_of_a_float_resize():
+    """The crop is resized in uint8 (fast); the result is the float resize rounded to 8 bits, up or down."""
+    frames = np.random.default_rng(0).integers(0, 256, (2, 40, 60, 3), dtype=np.uint8)
+    for size in (24, 64):  # down- and up-sampling
+        video, _ = VideoTransform(size, train=False, mean=(0, 0, 0), std=(1, 1, 1))(frames)
+        x = torch.from_numpy(frames[:, :, 10:50]).permute(0, 3, 1, 2).float()  # the centre 40x40 crop
+        ref = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False) / 255
+        assert (video - ref).abs().max() <= 1 / 255 + 1e-6
 
 
 def test_eval_transform_is_centre_crop_and_boxes_follow():
