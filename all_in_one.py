@@ -138,7 +138,7 @@ from common.config import config_to_dict, parse_config
 from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import accuracy, retrieval_metrics
 from common.text import Tokenizer, whole_word_mask
-from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision,
+from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
 from common.video import (VideoReadError, VideoTransform, decode_videos, load_clip, read_frames,
@@ -156,6 +156,7 @@ class Config:
     data_root: str = "data/synth"  # corpus root (webvid/, msrvtt/, vocab.txt); generated on first use if default
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
     precision: str = "auto"  # auto (bf16 where a start-up probe finds it faster) | bf16 | fp32; losses always fp32
+    compile: str = "auto"  # torch.compile the transformer blocks: auto (runs of >= 200 training steps) | on | off
     seed: int = 0  # random seed
     max_steps: int = 1000  # optimizer steps of the current job (pre-training or fine-tuning); paper 200k
     init: str = ""  # a whole model to start from: our ckpt.pt (for --finetune / --eval) or a release .ckpt
@@ -260,7 +261,8 @@ ABLATION = dict(
 )
 
 # The values each field accepts, checked by parse_config before anything runs (a one-line error naming the field).
-CHOICES = dict(precision=("auto", "bf16", "fp32"), finetune=("", "retrieval", "qa", "mc", "action"),
+CHOICES = dict(precision=("auto", "bf16", "fp32"), compile=("auto", "on", "off"),
+               finetune=("", "retrieval", "qa", "mc", "action"),
                eval=("", "zeroshot", "retrieval", "qa", "mc", "action"), vtc_pool=("mean", "cls"),
                temporal=("roll", "mean", "shift", "tsm"), roll_tokens=("random", "fixed"),
                schedule=("linear", "cosine", "constant"), retrieval_captions=("first", "all"), probe=("mlp", "linear"),
@@ -1309,6 +1311,8 @@ def main(argv=None):
         print0(f"note: paper-size backbone from random weights; the paper starts from timm's {PAPER_INIT[cfg.width]}"
                f" (--init_video) and loads no BERT weights (only bert-base-uncased's vocab.txt, --vocab_file)")
     model.to(device)
+    trained = not (cfg.eval or cfg.finetune == "action")  # (the action probe trains a head on frozen features)
+    print0(compile_blocks(list(model.transformer.blocks), cfg.compile, device, cfg.max_steps if trained else 0))
     print0(f"All-in-one: D={cfg.width} depth={cfg.depth} temporal={cfg.temporal} "
            f"params={count_parameters(model) / 1e6:.2f}M (backbone+text emb {backbone_parameters(model) / 1e6:.2f}M)")
 

@@ -145,9 +145,9 @@ from common.config import config_to_dict, parse_config
 from common.dist import all_gather_nograd, all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import map_relevancy, multilabel_map, ndcg_relevancy
 from common.text import Tokenizer
-from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, count_parameters,
-                          format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir, rng_states,
-                          save_checkpoint, seed_everything, set_rng_states, write_metrics)
+from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
+                          count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
+                          rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
 from common.video import (VideoReadError, VideoTransform, load_clip, read_frames, sample_frame_indices, video_meta,
                           window_to_frames)
 from common.weights import find_state_dict, load_into
@@ -163,6 +163,7 @@ class Config:
     data_root: str = "data/synth"  # corpus root (egoclip/ below it); the default is generated on first use
     device: str = "auto"  # "auto" (cuda, then mps, then cpu) | "cpu" | "cuda" | "mps"
     precision: str = "auto"  # "auto" (bf16 where a start-up probe finds it faster) | "bf16" | "fp32"; paper fp32
+    compile: str = "auto"  # torch.compile the transformer blocks: auto (runs of >= 200 training steps) | on | off
     seed: int = 0  # python / numpy / torch seed
     max_steps: int = 1200  # optimiser steps; paper ~10 epochs x 7.5K = 75K at global batch 512
     init: str = ""  # a whole model to start from: a pre-training run's ckpt.pt, or the release's EgoVLP_PT_BEST.pth
@@ -259,7 +260,8 @@ ABLATION = dict(
 )
 
 # The values each field accepts, checked by parse_config before anything runs (a one-line error naming the field).
-CHOICES = dict(precision=("auto", "bf16", "fp32"), finetune=("", "epic_mir"),
+CHOICES = dict(precision=("auto", "bf16", "fp32"), compile=("auto", "on", "off"),
+               finetune=("", "epic_mir"),
                eval=("", "egomcq", "epic_mir", "charades", "all"), time_init=("live", "release"),
                text_pool=("cls", "mean"), positives=("verb_and_noun", "verb", "noun", "self"),
                negatives=("scene", "none"), hflip=("off", "release", "mirror"),
@@ -1240,6 +1242,8 @@ def build_model(cfg: Config, root: Path, device):
     if cfg.vit_width == 768 and not (cfg.init or cfg.init_video or cfg.init_text):
         print0(f"note: paper-size model from random weights; {PAPER_INIT}")
     model = model.to(device)
+    print0(compile_blocks([*model.video_model.blocks, *model.text_model.transformer.layer], cfg.compile, device,
+                          0 if cfg.eval else cfg.max_steps))
     print0(f"EgoVLP dual encoder: {count_parameters(model):,} parameters")
     return tokenizer, model
 

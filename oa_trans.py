@@ -131,9 +131,9 @@ from common.config import config_to_dict, parse_config
 from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import retrieval_metrics
 from common.text import Tokenizer
-from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, count_parameters,
-                          format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir, rng_states,
-                          save_checkpoint, seed_everything, set_rng_states, write_metrics)
+from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
+                          count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
+                          rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
 from common.video import (IMAGENET_MEAN, IMAGENET_STD, VideoReadError, VideoTransform, decode_videos, load_clip,
                           read_frames, sample_frame_indices, video_meta)
 from common.weights import find_state_dict, load_into
@@ -149,6 +149,7 @@ class Config:
     data_root: str = "data/synth"  # corpus root (webvid/, msrvtt/, vocab.txt); the synthetic one is generated here
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
     precision: str = "auto"  # auto (bf16 where a start-up probe finds it faster) | bf16 | fp32; losses stay fp32
+    compile: str = "auto"  # torch.compile the transformer blocks: auto (runs of >= 200 training steps) | on | off
     seed: int = 0  # python / numpy / torch seed
     max_steps: int = 800  # optimizer steps (paper: 200k); CPU default: minutes on 2 cores
     init: str = ""  # a whole model to start from: our ckpt.pt, or a Frozen / OA-Trans-layout release checkpoint
@@ -256,7 +257,8 @@ ABLATION = dict(
 )
 
 # The values each field accepts, checked by parse_config before anything runs (a one-line error naming the field).
-CHOICES = dict(precision=("auto", "bf16", "fp32"), finetune=("", "retrieval"), eval=("", "retrieval"),
+CHOICES = dict(precision=("auto", "bf16", "fp32"), compile=("auto", "on", "off"),
+               finetune=("", "retrieval"), eval=("", "retrieval"),
                objects=("on", "off"), oa_loss=("paper", "release"), region_mask=("blank", "none"),
                curriculum=("none", "1to4"), crop=("random_resized", "resize_random"), time_init=("live", "release"),
                text_pool=("mean", "cls"), schedule=("cosine", "linear", "constant"),
@@ -1149,6 +1151,8 @@ def main(argv=None):
     if cfg.vit_width == 768 and not (cfg.init or cfg.init_video or cfg.init_text):
         print0(f"note: paper-size model from random weights; {PAPER_INIT}")
     model = model.to(device)
+    print0(compile_blocks([*model.video_model.blocks, *model.text_model.transformer.layer], cfg.compile, device,
+                          0 if cfg.eval else cfg.max_steps))
     print0(f"parameters: {count_parameters(model):,} (the object streams share them)")
     raw_model = model
     if dist.world_size > 1:

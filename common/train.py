@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 
@@ -83,6 +84,30 @@ def choose_precision(requested, device, rates=None, min_speedup=1.2):
         return "bf16", f"precision bf16 (asked for; {measured})"
     chosen = "bf16" if speedup >= min_speedup else "fp32"
     return chosen, f"precision auto -> {chosen} ({measured})"
+
+
+def compile_blocks(blocks, mode, device, train_steps, cxx=None, min_steps=200):
+    """torch.compile each transformer block in place (mode "auto" | "on" | "off") -> a one-line note for the log.
+
+    Inductor fuses what sits between the matmuls (layer norms, GELU, residual adds, bf16 casts, attention
+    reshapes) into generated kernels; for these small models that is most of what is not a matmul. The first steps
+    pay for compiling (tens of seconds on a CPU the first time; the kernels are then cached on disk) and evaluation
+    under no_grad compiles once more, so "auto" compiles only runs of at least `min_steps` training steps (not the
+    tests' few-step runs, not --eval). Shapes are dynamic: text lengths and frame counts that change between
+    batches reuse the kernels. Weights and their names are untouched, so checkpoints are the same either way. On a
+    CPU inductor writes C++: with no C++ compiler on the PATH (`cxx` overrides the lookup, for tests) the blocks
+    stay eager; on mps they stay eager too."""
+    if mode == "off" or (mode == "auto" and train_steps < min_steps):
+        return f"compile: off ({'--compile=off' if mode == 'off' else f'fewer than {min_steps} training steps'})"
+    if device.type == "mps":
+        return "compile: off on mps (eager)"
+    if cxx is None:
+        cxx = shutil.which("g++") or shutil.which("clang++") or shutil.which("c++") or ""
+    if device.type == "cpu" and not cxx:
+        return "compile: off, no C++ compiler (g++ / clang++) on the PATH for inductor's CPU kernels (eager)"
+    for block in blocks:
+        block.compile(dynamic=True)
+    return f"compile: {len(blocks)} transformer blocks with torch.compile (the first steps include compiling them)"
 
 
 def seed_everything(seed):

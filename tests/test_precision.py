@@ -72,3 +72,47 @@ def test_mps_without_the_cpu_fallback_says_how_to_enable_it(monkeypatch, capsys)
     monkeypatch.delenv("PYTORCH_ENABLE_MPS_FALLBACK", raising=False)
     assert train.resolve_device("mps", has_cuda=False, has_mps=True).type == "mps"
     assert "PYTORCH_ENABLE_MPS_FALLBACK=1" in capsys.readouterr().out
+
+
+# --- compile="auto" | "on" | "off" (common/train.py compile_blocks)
+
+def _blocks(n=2):
+    import all_in_one
+    return [all_in_one.Block(32, 2, 4.0, 0.0, 0.0) for _ in range(n)]
+
+
+def _compiled(block):
+    return getattr(block, "_compiled_call_impl", None) is not None
+
+
+@pytest.mark.parametrize("mode, steps, device, cxx, compiled", [
+    ("auto", 1000, "cpu", "/usr/bin/g++", True),
+    ("auto", 20, "cpu", "/usr/bin/g++", False),    # a short run (the tests, a smoke run) would mostly compile
+    ("auto", 0, "cpu", "/usr/bin/g++", False),     # --eval: no training steps
+    ("on", 20, "cpu", "/usr/bin/g++", True),
+    ("off", 1000, "cpu", "/usr/bin/g++", False),
+    ("auto", 1000, "cpu", "", False),              # no C++ compiler: inductor cannot build CPU kernels
+    ("on", 1000, "mps", "", False),
+])
+def test_compile_blocks_decides_without_compiling_anything_yet(mode, steps, device, cxx, compiled):
+    blocks = _blocks()
+    note = train.compile_blocks(blocks, mode, torch.device(device), steps, cxx=cxx)
+    assert all(_compiled(b) == compiled for b in blocks) and note.startswith("compile:")
+    assert ("off" in note) != compiled
+
+
+def test_a_compiled_block_computes_what_the_eager_block_computes():
+    """The same weights, eager and compiled: the same output and the same gradients (fp32, to rounding)."""
+    torch.manual_seed(0)
+    eager, compiled = _blocks(1)[0], _blocks(1)[0]
+    compiled.load_state_dict(eager.state_dict())
+    train.compile_blocks([compiled], "on", torch.device("cpu"), 0)
+    for length in (5, 9):  # a second length reuses the dynamic-shape kernels
+        x = torch.randn(3, length, 32)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = eager(xa), compiled(xb)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        assert torch.allclose(ya, yb, atol=1e-5) and torch.allclose(xa.grad, xb.grad, atol=1e-4)
+    for pa, pb in zip(eager.parameters(), compiled.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-4)
