@@ -156,7 +156,7 @@ class Config:
     data_root: str = "data/synth"  # corpus root (webvid/, msrvtt/, vocab.txt); generated on first use if default
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
     precision: str = "auto"  # auto (bf16 where a start-up probe finds it faster) | bf16 | fp32; losses always fp32
-    compile: str = "auto"  # torch.compile the transformer blocks: auto (runs of >= 200 training steps) | on | off
+    compile: str = "off"  # torch.compile the transformer blocks: off | on | auto (on for runs of >= 200 steps)
     seed: int = 0  # random seed
     max_steps: int = 1000  # optimizer steps of the current job (pre-training or fine-tuning); paper 200k
     init: str = ""  # a whole model to start from: our ckpt.pt (for --finetune / --eval) or a release .ckpt

@@ -163,7 +163,7 @@ class Config:
     data_root: str = "data/synth"  # corpus root (egoclip/ below it); the default is generated on first use
     device: str = "auto"  # "auto" (cuda, then mps, then cpu) | "cpu" | "cuda" | "mps"
     precision: str = "auto"  # "auto" (bf16 where a start-up probe finds it faster) | "bf16" | "fp32"; paper fp32
-    compile: str = "auto"  # torch.compile the transformer blocks: auto (runs of >= 200 training steps) | on | off
+    compile: str = "off"  # torch.compile the transformer blocks: off | on | auto (on for runs of >= 200 steps)
     seed: int = 0  # python / numpy / torch seed
     max_steps: int = 1200  # optimiser steps; paper ~10 epochs x 7.5K = 75K at global batch 512
     init: str = ""  # a whole model to start from: a pre-training run's ckpt.pt, or the release's EgoVLP_PT_BEST.pth

@@ -149,7 +149,7 @@ class Config:
     data_root: str = "data/synth"  # corpus root (webvid/, msrvtt/, vocab.txt); the synthetic one is generated here
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
     precision: str = "auto"  # auto (bf16 where a start-up probe finds it faster) | bf16 | fp32; losses stay fp32
-    compile: str = "auto"  # torch.compile the transformer blocks: auto (runs of >= 200 training steps) | on | off
+    compile: str = "off"  # torch.compile the transformer blocks: off | on | auto (on for runs of >= 200 steps)
     seed: int = 0  # python / numpy / torch seed
     max_steps: int = 800  # optimizer steps (paper: 200k); CPU default: minutes on 2 cores
     init: str = ""  # a whole model to start from: our ckpt.pt, or a Frozen / OA-Trans-layout release checkpoint
