@@ -25,12 +25,13 @@ import importlib
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common.train import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: where the paper files are
 PAPERS = ("all_in_one", "egovlp", "oa_trans")
@@ -236,8 +237,8 @@ def main(argv=None):
     runs = read_runs(out, args.paper, variants, seeds)
     if not runs:
         return None
-    note = (f"{datetime.date.today().isoformat()}, {platform.node() or 'this machine'} ({os.cpu_count()} CPUs, "
-            f"{platform.processor() or platform.machine()}); each run: `python {args.paper}.py --pretrain <flags> "
+    note = (f"{datetime.date.today().isoformat()}, {cpu_name()}; each run: "
+            f"`python {args.paper}.py --pretrain <flags> "
             f"{shlex.join(extra)} --seed=S`".replace("  ", " "))
     table = markdown_table(args.paper, ablation, summarize(runs, ablation["metrics"]), seeds, note)
     print("\n" + table)

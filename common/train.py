@@ -8,6 +8,7 @@ import glob
 import json
 import math
 import os
+import platform
 import random
 import shutil
 import tempfile
@@ -62,6 +63,22 @@ def matmul_rates(device, n=256, budget_seconds=0.05, max_rounds=20):
             break
     torch.set_num_threads(threads)
     return {name: 2 * n ** 3 / seconds / 1e9 for name, seconds in best.items()}
+
+
+def cpu_name():
+    """The CPU's model name, its widest vector ISA (avx512_bf16 / avx512f / avx2) and core count, for tables."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = next(line for line in info.splitlines() if line.startswith("flags")).split()
+        isa = "avx512_bf16" if "avx512_bf16" in flags else "avx512f" if "avx512f" in flags else \
+            "avx2" if "avx2" in flags else "no avx2"
+        name += f" ({isa}, {os.cpu_count()} cores)"
+    except (OSError, StopIteration):
+        pass
+    return name
 
 
 def choose_precision(requested, device, rates=None, min_speedup=1.2):

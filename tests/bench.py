@@ -27,7 +27,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import resource
 import signal
 import statistics
@@ -175,20 +174,6 @@ def data_wait(paper, precision, steps):
                 proc.wait()
 
 
-def cpu_name():
-    name = platform.processor() or platform.machine()
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = next(line for line in info.splitlines() if line.startswith("flags")).split()
-        isa = "avx512_bf16" if "avx512_bf16" in flags else "avx512f" if "avx512f" in flags else \
-            "avx2" if "avx2" in flags else "no avx2"
-        name += f" ({isa}, {os.cpu_count()} cores)"
-    except (OSError, StopIteration):
-        pass
-    return name
-
-
 def flops_table():
     """Forward FLOPs and parameters at batch 1 (meta tensors: nothing is allocated)."""
     rows = []
@@ -252,7 +237,7 @@ def main():
     if args.bf16 or train.choose_precision("auto", device, rates)[0] == "bf16":
         precisions.append("bf16")
     peaks = {pr: peak_rate(device, torch.float32 if pr == "fp32" else torch.bfloat16) for pr in precisions}
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else train.cpu_name()
     header = (f"{machine}; torch {torch.__version__}, {torch.get_num_threads()} threads; peak matmul "
               + ", ".join(f"{pr} {peaks[pr]:.0f} GFLOP/s" for pr in precisions)
               + f"; bf16 probe {rates['bf16'] / rates['fp32']:.2f}x fp32; {time.strftime('%Y-%m-%d')}")
