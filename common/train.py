@@ -114,8 +114,10 @@ def compile_blocks(blocks, mode, device, train_steps, cxx=None, min_steps=200):
     batches reuse the kernels. Weights and their names are untouched, so checkpoints are the same either way. On a
     CPU inductor writes C++: with no C++ compiler on the PATH (`cxx` overrides the lookup, for tests) the blocks
     stay eager; on mps they stay eager too."""
-    if mode == "off" or (mode == "auto" and train_steps < min_steps):
-        return "compile: off" if mode == "off" else f"compile: off (auto: fewer than {min_steps} training steps)"
+    if mode == "off":
+        return "compile: off"
+    if mode == "auto" and train_steps < min_steps:
+        return f"compile: off (auto: fewer than {min_steps} training steps)"
     if device.type == "mps":
         return "compile: off on mps (eager)"
     if cxx is None:
