@@ -54,6 +54,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -1296,19 +1297,43 @@ def ensure_corpus(root="data/synth", size: str = "default", seed: int = 0, frame
     A corpus of an older version is regenerated with the parameters its DONE records: it is derived data, and the
     paper files' numbers are measured on the current version. Generation writes into a temporary sibling directory
     that is renamed into place at the end, so an interrupted run never leaves a half corpus and readers of an
-    existing corpus see either the old or the new one."""
+    existing corpus see either the old or the new one. Processes started together (e.g. `common.ablate --jobs 2` on
+    a fresh clone) generate it once: the others wait on a lock file beside it, then find it done."""
     root = Path(root)
-    info = done_info(root)
-    if info and info["version"] == CORPUS_VERSION:
+    if (done_info(root) or {}).get("version") == CORPUS_VERSION:
         return root
-    if info:
-        print(f"{root} holds synthetic corpus version {info['version']}; regenerating it as version "
-              f"{CORPUS_VERSION}", flush=True)
-        size, seed, frame_size = info["size"], info["seed"], info["frame_size"]
-        twin_fraction = info.get("twin_fraction", twin_fraction)
-    _generate_and_swap(root, size=size, seed=seed, frame_size=frame_size, workers=workers,
-                       twin_fraction=twin_fraction)
+    with _generation_lock(root):
+        info = done_info(root)  # re-read: the process that held the lock before us may have written it
+        if info and info["version"] == CORPUS_VERSION:
+            return root
+        if info:
+            print(f"{root} holds synthetic corpus version {info['version']}; regenerating it as version "
+                  f"{CORPUS_VERSION}", flush=True)
+            size, seed, frame_size = info["size"], info["seed"], info["frame_size"]
+            twin_fraction = info.get("twin_fraction", twin_fraction)
+        _generate_and_swap(root, size=size, seed=seed, frame_size=frame_size, workers=workers,
+                           twin_fraction=twin_fraction)
     return root
+
+
+@contextlib.contextmanager
+def _generation_lock(root: Path):
+    """Hold an exclusive lock on <root's parent>/.<root name>.lock for the block (fcntl.flock: the OS releases it
+    when the process dies, so a killed generator never blocks the next). Without fcntl (Windows) there is no lock:
+    runs started together then each generate, and _generate_and_swap keeps the first corpus renamed into place."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that is generating {root} ...", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # (closing the file releases the lock)
 
 
 def _generate_and_swap(root: Path, keep_existing: bool = True, **kwargs):
@@ -1350,12 +1375,12 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="regenerate even if OUT/DONE exists (atomic swap)")
     a = p.parse_args(argv)
     root = Path(a.out)
-    info = done_info(root)
-    if info and info["version"] == CORPUS_VERSION and not a.force:
-        print(f"{root}/DONE exists; nothing to do (use --force to regenerate)")
-        return
-    _generate_and_swap(root, keep_existing=False, size=a.size, seed=a.seed, frame_size=a.frame_size,
-                       workers=a.workers, twin_fraction=a.twin_fraction)
+    with _generation_lock(root):
+        if (done_info(root) or {}).get("version") == CORPUS_VERSION and not a.force:
+            print(f"{root}/DONE exists; nothing to do (use --force to regenerate)")
+            return
+        _generate_and_swap(root, keep_existing=False, size=a.size, seed=a.seed, frame_size=a.frame_size,
+                           workers=a.workers, twin_fraction=a.twin_fraction)
     print(f"written to {root}")
 
 

@@ -10,12 +10,15 @@ import hashlib
 import json
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
+from data import synthetic
 from data.synthetic import CORPUS_VERSION, EGO_FPS, SIZES, build_egoclip, build_msrvtt, done_info, ensure_corpus
 
 ANNOTATION_SUFFIXES = {".csv", ".json", ".jsonl", ".txt", ".list", ".npy", ".npz"}
@@ -71,6 +74,28 @@ def test_ensure_corpus_is_idempotent(tiny_corpus):
     assert ensure_corpus(tiny_corpus, size="tiny", seed=0) == tiny_corpus
     assert (tiny_corpus / "DONE").read_text() == done
     assert not list(tiny_corpus.parent.glob(".*tmp*"))      # no temporary directory left behind
+
+
+def test_runs_started_together_generate_the_corpus_once(tmp_path, monkeypatch, capsys):
+    # Two callers at once on a missing corpus (`common.ablate --jobs 2` on a fresh clone): one generates, the other
+    # waits on the lock and then finds it done. The generator is replaced by a slow stand-in that counts its calls.
+    calls = []
+
+    def slow_generate(root, **kwargs):
+        calls.append(root)
+        root.mkdir(parents=True)
+        (root / "DONE").write_text(json.dumps({"version": CORPUS_VERSION, "size": "tiny", "seed": 0}))
+        time.sleep(1.0)
+
+    monkeypatch.setattr(synthetic, "generate", slow_generate)
+    root = tmp_path / "synth"
+    threads = [threading.Thread(target=ensure_corpus, args=(root,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and done_info(root)["version"] == CORPUS_VERSION
+    assert "waiting for another process" in capsys.readouterr().out
 
 
 def test_outdated_corpus_is_regenerated_with_its_recorded_parameters(tiny_corpus, tmp_path):
