@@ -155,10 +155,18 @@ def _nice(lo, hi):
 
 
 def line_chart(series, title="", xlabel="step", width=360, height=200, ylim=None):
-    """series: {name: (xs, ys)} drawn as lines with dots, one colour each, a legend, and min / max tick labels."""
+    """series: {name: (xs, ys)} drawn as lines with dots, one colour each, min / max tick labels, and a legend under
+    the plot (where it cannot hide a line)."""
     series = {k: (list(map(float, xs)), list(map(float, ys))) for k, (xs, ys) in series.items() if len(xs)}
     left, right, top, bottom = 44, 10, 20, 30
-    img = Image.new("RGB", (width, height), WHITE)
+    legend, row, x = [], 0, left  # (name, x, row) of each legend entry, wrapped at the chart's width
+    for name in series:
+        w = text_size(name, 11)[0] + 14
+        if x + w > width - right and x > left:
+            row, x = row + 1, left
+        legend.append((name, x, row))
+        x += w
+    img = Image.new("RGB", (width, height + 14 * (row + 1 if series else 0)), WHITE)
     d = ImageDraw.Draw(img)
     d.text((left, 3), title, fill=BLACK, font=font(12))
     x0, y0, x1, y1 = left, top, width - right, height - bottom
@@ -179,7 +187,10 @@ def line_chart(series, title="", xlabel="step", width=360, height=200, ylim=None
             d.line(pts, fill=c, width=2)
         for x, y in pts:
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=c)
-        d.text((x0 + 6, y0 + 4 + 13 * k), name, fill=c, font=font(11))
+    for k, (name, x, row) in enumerate(legend):
+        c, y = PALETTE[k % len(PALETTE)], height + 14 * row
+        d.line([(x, y + 6), (x + 8, y + 6)], fill=c, width=2)
+        d.text((x + 11, y), name, fill=c, font=font(11))
     small = font(10)
     d.text((2, y0 - 4), f"{yhi:.3g}", fill=BLACK, font=small)
     d.text((2, y1 - 8), f"{ylo:.3g}", fill=BLACK, font=small)
