@@ -147,12 +147,16 @@ def parse_list(text, cast=str):
     return [cast(x) for x in text.split(",") if x.strip()]
 
 
+def threads_per_run(jobs):
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def run_all(todo, total, paper, metrics, jobs):
     """Run the commands `jobs` at a time, each with cpu_count / jobs threads (OMP_NUM_THREADS). Small models use two
     threads poorly: on 2 cores, two one-thread runs side by side finish ~1.4x sooner than the same runs one after
     another with two threads each (EgoVLP default, measured: README "Ablations"). A failed run stops the sweep once
     the runs already started have ended; the finished ones are kept for the next call."""
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    threads = str(threads_per_run(jobs))
     env = os.environ if jobs == 1 else dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     running, failed, done, t_start = [], None, 0, time.time()
     while todo or running:
@@ -187,6 +191,7 @@ def run_all(todo, total, paper, metrics, jobs):
             done += 1
     if failed is not None:
         raise SystemExit(failed)
+    return time.time() - t_start
 
 
 def main(argv=None):
@@ -232,7 +237,8 @@ def main(argv=None):
             print(f"[{i}/{len(jobs)}] {args.paper} {v} seed {s}: reusing {metrics_file}", flush=True)
             continue
         todo.append((i, v, s, out_dir, cmd, line))
-    run_all(todo, len(jobs), args.paper, ablation["metrics"], args.jobs)
+    made = len(todo)
+    seconds = run_all(todo, len(jobs), args.paper, ablation["metrics"], args.jobs)
 
     runs = read_runs(out, args.paper, variants, seeds)
     if not runs:
@@ -240,6 +246,10 @@ def main(argv=None):
     note = (f"{datetime.date.today().isoformat()}, {cpu_name()}; each run: "
             f"`python {args.paper}.py --pretrain <flags> "
             f"{shlex.join(extra)} --seed=S`".replace("  ", " "))
+    if made:  # how long this call took, for the runs it made (reused runs are not counted)
+        threads = threads_per_run(args.jobs)
+        note += (f"; {made} of the {len(jobs)} runs made by this call in {seconds / 60:.0f} min, "
+                 f"{args.jobs} at a time with {threads} thread{'s' * (threads > 1)} each")
     table = markdown_table(args.paper, ablation, summarize(runs, ablation["metrics"]), seeds, note)
     print("\n" + table)
     if not args.dry_run:

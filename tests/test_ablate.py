@@ -5,6 +5,7 @@ sweep of two tiny All-in-one variants (4 runs of 1 step, ~30 s on 2 cores).
 """
 import json
 import math
+import re
 import statistics
 
 import pytest
@@ -99,6 +100,7 @@ def test_tiny_sweep_runs_resumes_and_writes_the_table(tiny_corpus, tmp_path, cap
     assert (tmp_path / "all_in_one.md").read_text() == table
     assert "| roll (reference) | `(default)` | 2 |" in table and "| mean | `--temporal=mean` | 2 |" in table
     assert "Difference to `roll`" in table
+    assert re.search(r"3 of the 4 runs made by this call in \d+ min, 2 at a time with \d+ threads? each", table), table
     with pytest.raises(SystemExit, match="other flags"):  # a changed recipe is not mixed into the same table
         ablate.main(["all_in_one", "--seeds", "0", "--variants", "roll", "--out", str(tmp_path), *extra[:-1]])
 
