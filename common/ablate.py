@@ -158,13 +158,13 @@ def run_all(todo, total, paper, metrics, jobs):
     the runs already started have ended; the finished ones are kept for the next call."""
     threads = str(threads_per_run(jobs))
     env = os.environ if jobs == 1 else dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    running, failed, done, t_start = [], None, 0, time.time()
+    running, failed, durations, t_start = [], None, [], time.time()
     while todo or running:
         while todo and len(running) < jobs and failed is None:
             i, v, s, out_dir, cmd, line = todo.pop(0)
             eta = ""
-            if done:
-                left = (time.time() - t_start) / done * (len(todo) + len(running) + 1)
+            if durations:  # the runs not finished (this one included) at the mean duration so far, `jobs` at a time
+                left = sum(durations) / len(durations) * (len(todo) + len(running) + 1) / jobs
                 eta = f", about {left / 60:.0f} min left"
             print(f"[{i}/{total}] {paper} {v} seed {s}: running ({(time.time() - t_start) / 60:.1f} min so far{eta})"
                   f" -> {out_dir}/stdout.log", flush=True)
@@ -188,7 +188,7 @@ def run_all(todo, total, paper, metrics, jobs):
             m = json.loads(metrics_file.read_text())
             print(f"    [{i}/{total}] {v} seed {s} done in {(time.time() - t0) / 60:.1f} min: "
                   + ", ".join(f"{k} {m[k]:.1f}" for k in metrics if k in m), flush=True)
-            done += 1
+            durations.append(time.time() - t0)
     if failed is not None:
         raise SystemExit(failed)
     return time.time() - t_start
