@@ -865,13 +865,16 @@ def mlm_loss(logits, labels):
 def mc_scores(model, batch, head=None):
     """Score every (video, option) pair with a joint pass. batch: video (B, T, 3, H, W), option_ids / option_mask
     (B, O, L). head=None -> the VTM match logit (zero-shot, as released); else head(cls) (fine-tuned).
-    Returns (B, O) fp32."""
+    Returns (B, O) fp32: the head runs in fp32 even under bf16 autocast, since options that differ in one word
+    (the reversed-motion option) get scores closer than bf16's resolution and would tie."""
     B, O, L = batch["option_ids"].shape
     video = batch["video"].repeat_interleave(O, dim=0)                 # (B*O, T, 3, H, W)
     _, _, cls = model.forward_joint(batch["option_ids"].reshape(B * O, L), batch["option_mask"].reshape(B * O, L),
                                     video)
-    score = model.itm_score(cls)[:, 1] if head is None else head(cls)[:, 0]
-    return score.float().view(B, O)
+    with torch.autocast(cls.device.type, enabled=False):
+        cls = cls.float()
+        score = model.itm_score(cls)[:, 1] if head is None else head(cls)[:, 0]
+    return score.view(B, O)
 
 
 def pretrain_losses(model, batch, cfg):
@@ -984,20 +987,28 @@ def evaluate_retrieval(model, cfg, tok, split, device):
 
 def evaluate_mc(model, cfg, tok, split, device, zero_shot):
     """Multiple choice accuracy (chance 20%), plus order_acc: the truth against its reversed-motion option only,
-    on the questions that have one (chance 50%), i.e. the `mc_order/acc` probe of temporal order."""
+    on the questions that have one (chance 50%), i.e. the `mc_order/acc` probe of temporal order (mc_metrics)."""
     ds = ClipTextDataset(build_task_items(cfg, "mc", split), cfg, train=False)
     head = None if zero_shot else model.heads["mc_vqa_classifier"]
     out, skipped = run_eval_batches(model, make_loader(ds, Collate(tok, cfg, "eval"), cfg, None, False), device,
                                     cfg.precision, lambda b: dict(s=mc_scores(model, b, head), y=b["label"],
                                                                   r=b["reversed_option"]))
-    s, y, rev = out["s"], out["y"].long(), out["r"].long()
-    m = {"acc": accuracy(s.argmax(-1), y)}
-    has = rev >= 0
+    return mc_metrics(out["s"], out["y"].long(), out["r"].long()), skipped, len(out["y"])
+
+
+def mc_metrics(scores, label, reversed_option):
+    """scores (N, O), the true option (N,), the reversed-motion option or -1 (N,) -> acc, and over the questions
+    that have a reversed option, order_acc and order_ties (%). A tie is a coin flip: tied options share the
+    credit. (Counting a tie as wrong put order-blind models below chance when the scores were bf16.)"""
+    top = (scores == scores.max(-1, keepdim=True).values).float()       # the best-scored options, ties included
+    m = {"acc": (top.gather(1, label[:, None])[:, 0] / top.sum(-1)).mean().item() * 100}
+    has = reversed_option >= 0
     if has.any():
-        truth = s[has].gather(1, y[has, None])[:, 0]
-        other = s[has].gather(1, rev[has, None])[:, 0]
-        m["order_acc"] = (truth > other).float().mean().item() * 100
-    return m, skipped, len(y)
+        truth = scores[has].gather(1, label[has, None])[:, 0]
+        other = scores[has].gather(1, reversed_option[has, None])[:, 0]
+        m["order_acc"] = ((truth > other).float() + 0.5 * (truth == other).float()).mean().item() * 100
+        m["order_ties"] = (truth == other).float().mean().item() * 100
+    return m
 
 
 def evaluate_qa(model, cfg, tok, split, device, answer_vocab):
@@ -1115,7 +1126,7 @@ def evaluate_task(model, cfg, tok, task, split, device, answer_vocab=None):
         r, skipped, n = evaluate_mc(model, cfg, tok, split, device, zero_shot)
         m.update({"mc/acc": r["acc"], "mc/num_questions": n, "mc/skipped": skipped})
         if "order_acc" in r:
-            m["mc_order/acc"] = r["order_acc"]
+            m["mc_order/acc"], m["mc_order/ties"] = r["order_acc"], r["order_ties"]
     if task == "zeroshot":
         r, skipped, n = evaluate_mlm_motion(model, cfg, tok, split, device)
         m.update({"mlm_motion/acc": r["acc"], "mlm_motion/acc_reversed_video": r["acc_reversed_video"],

@@ -19,6 +19,11 @@ clips), so features of the video alone (joint_video, video, frames_concat) canno
 principle; only joint_cls, which sees the caption, is a fair test. (Default run of 2026-12-02: 50.1 / 50.0 / 50.0 /
 49.3%.)
 
+Then the zero-shot `mc_order` questions (the truth against its reversed-motion option, scored by the VTM match
+logit as in the evaluation) are asked twice, with the clip played forward and backward. A model that sees order
+changes its preference when the clip is reversed; one blind to order keeps it, and its `mc_order` accuracy is then
+set by which motion words it prefers, not by the video's direction (which is how it can fall below 50).
+
 `--random_init` probes the same architecture with random weights (what the features give before any training).
 
     python tests/probe_order.py --init=<ckpt.pt> --finetune_steps=300 [--lr=3e-4] [--seed=S]
@@ -92,6 +97,25 @@ def features(model, cfg, tok, clips):
         y += [1] * b + [0] * b
         pair += list(range(s, s + b)) * 2
     return {k: torch.cat(v).float() for k, v in out.items()}, torch.tensor(y), torch.tensor(pair)
+
+
+@torch.no_grad()
+def mc_order_flip(model, cfg, tok):
+    """-> (mc_order accuracy %, the same with every clip reversed %, share of questions whose choice changes %, n)."""
+    ds = aio.ClipTextDataset(aio.build_task_items(cfg, "mc", "test"), cfg, train=False)
+    loader = aio.make_loader(ds, aio.Collate(tok, cfg, "eval"), cfg, None, False)
+    fwd, bwd = [], []
+    for b in loader:
+        has = b["reversed_option"] >= 0
+        if "video" not in b or not has.any():
+            continue
+        b = {k: v[has] if torch.is_tensor(v) and len(v) == len(has) else v for k, v in b.items()}
+        rows = torch.arange(int(has.sum()))
+        for out, video in ((fwd, b["video"]), (bwd, b["video"].flip(1))):
+            s = aio.mc_scores(model, dict(b, video=video))
+            out.append(s[rows, b["label"]] > s[rows, b["reversed_option"]])  # True: the truth wins
+    fwd, bwd = torch.cat(fwd).float(), torch.cat(bwd).float()
+    return fwd.mean().item() * 100, bwd.mean().item() * 100, (fwd != bwd).float().mean().item() * 100, len(fwd)
 
 
 def finetune_direction(model, cfg, tok, steps, lr):
@@ -174,6 +198,9 @@ def main(argv=None):
     for name, x in feats.items():
         mean, accs = linear_probe_accuracy(x, y, pair)
         print(f"  {name:<14} dim {x.shape[1]:4d}  linear probe {mean:5.1f}%  (folds {' '.join(f'{a:.0f}' for a in accs)})")
+    acc, acc_reversed, changed, n = mc_order_flip(model, cfg, tok)
+    print(f"  mc_order (zero-shot, {n} questions): truth preferred {acc:.1f}% with the clip forward, "
+          f"{acc_reversed:.1f}% with it reversed; the choice changes in {changed:.1f}% of the questions")
 
 
 if __name__ == "__main__":

@@ -179,6 +179,33 @@ def test_vtc_loss_matches_naive_reference():
     assert abs(aio.vtc_loss(t, v, tau).item() - float(ref)) < 1e-4
 
 
+def test_mc_metrics_give_ties_half_credit():
+    scores = torch.tensor([[3.0, 1.0, 0.0],    # truth 0 wins, against its reversal 1 too
+                           [2.0, 2.0, 0.0],    # truth 0 tied with its reversal 1: half, in both metrics
+                           [1.0, 1.0, 1.0],    # truth 2 tied with every option: a third; no reversed option
+                           [0.0, 5.0, 1.0]])   # truth 0 loses to its reversal 1
+    m = aio.mc_metrics(scores, torch.tensor([0, 0, 2, 0]), torch.tensor([1, 1, -1, 1]))
+    assert m["acc"] == pytest.approx(100 * (1 + 1 / 2 + 1 / 3 + 0) / 4)
+    assert m["order_acc"] == pytest.approx(100 * (1 + 0.5 + 0) / 3)
+    assert m["order_ties"] == pytest.approx(100 / 3)
+
+
+def test_mc_scores_are_fp32_under_bf16_autocast():
+    # Options that differ in one word score closer than bf16 resolves: the match head must run in fp32.
+    torch.manual_seed(0)
+    model = aio.AllInOne(tiny_cfg(roll_tokens="fixed")).eval()  # (random slots would differ between two passes)
+    ids = torch.randint(5, 50, (2, 4, 6))
+    batch = dict(video=torch.randn(2, 3, 3, 32, 32), option_ids=ids, option_mask=torch.ones_like(ids))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = aio.mc_scores(model, batch)
+        _, _, cls = model.forward_joint(ids.view(8, 6), torch.ones(8, 6, dtype=torch.long),
+                                        batch["video"].repeat_interleave(4, dim=0))
+    with torch.no_grad():
+        expected = model.itm_score(cls.float())[:, 1].view(2, 4)   # the head in fp32 on the bf16 features
+    assert scores.dtype == torch.float32 and cls.dtype == torch.bfloat16
+    torch.testing.assert_close(scores, expected, rtol=0, atol=0)
+
+
 def test_vtm_negatives_half_swapped_prefer_twin_never_self():
     g = torch.Generator().manual_seed(0)
     twin = [1, 0, -1, -1, 5, 4, -1, -1, -1, -1]
