@@ -1177,8 +1177,8 @@ def draw_pictures(model, tokenizer, cfg, device, ctx, root) -> list:
     first.max_eval_items = 1  # the first question of each type
     mcq = EgoMCQ(Path(root) / "egoclip", first)
     sim = mcq.scores(model, tokenizer, first, device, ctx)  # (Q, 5)
-    blocks = [P.text_image(f"EgoVLP (positives={cfg.positives}, negatives={cfg.negatives}): EgoMCQ, the model "
-                           f"picks the clip of highest cosine", size=13)]
+    blocks = [P.text_image(f"EgoVLP (positives={cfg.positives}, negatives={cfg.negatives}): EgoMCQ,\n"
+                           f"the model picks the clip of highest cosine", size=13)]
     for q in range(len(mcq.queries)):
         kind = "inter-video: 5 clips from 5 videos" if mcq.types[q] == 1 else "intra-video: 5 clips of one video"
         answer, pick = int(mcq.answer[q]), int(sim[q].argmax())
@@ -1188,8 +1188,8 @@ def draw_pictures(model, tokenizer, cfg, device, ctx, root) -> list:
         for k in range(sim.shape[1]):
             clip = mcq.bank[int(mcq.choices[q, k])]                                   # (T, 3, S, S) or None
             colour = P.GREEN if k == answer else P.RED if k == pick else (210, 210, 210)
-            label = f"candidate {k}: cos {sim[q, k]:.3f}" + ("  answer" if k == answer else "") + \
-                    ("  model's pick" if k == pick else "")
+            label = f"candidate {k}: cos {sim[q, k]:.3f}" + (", answer" if k == answer else "") + \
+                    (", model's pick" if k == pick else "")
             strip = P.frame_strip(clip.float(), border=colour) if clip is not None else P.text_image("(unreadable)")
             rows.append(P.stack([P.stack([P.text_image(label, width=210, size=11, fill=colour if k in (answer, pick)
                                                        else P.BLACK), P.bar(sim[q, k].item(), lo, hi, 120)], gap=1),
