@@ -101,21 +101,24 @@ def features(model, cfg, tok, clips):
 
 @torch.no_grad()
 def mc_order_flip(model, cfg, tok):
-    """-> (mc_order accuracy %, the same with every clip reversed %, share of questions whose choice changes %, n)."""
+    """-> (mc_order accuracy %, the same with every clip reversed %, share of questions whose choice changes when
+    the clip is reversed %, the same between two forward passes %, n). The last is the control: with random roll
+    slots (roll_tokens=random) a forward pass is itself random, and part of any change is that noise."""
     ds = aio.ClipTextDataset(aio.build_task_items(cfg, "mc", "test"), cfg, train=False)
     loader = aio.make_loader(ds, aio.Collate(tok, cfg, "eval"), cfg, None, False)
-    fwd, bwd = [], []
+    fwd, again, bwd = [], [], []
     for b in loader:
         has = b["reversed_option"] >= 0
         if "video" not in b or not has.any():
             continue
         b = {k: v[has] if torch.is_tensor(v) and len(v) == len(has) else v for k, v in b.items()}
         rows = torch.arange(int(has.sum()))
-        for out, video in ((fwd, b["video"]), (bwd, b["video"].flip(1))):
+        for out, video in ((fwd, b["video"]), (again, b["video"]), (bwd, b["video"].flip(1))):
             s = aio.mc_scores(model, dict(b, video=video))
             out.append(s[rows, b["label"]] > s[rows, b["reversed_option"]])  # True: the truth wins
-    fwd, bwd = torch.cat(fwd).float(), torch.cat(bwd).float()
-    return fwd.mean().item() * 100, bwd.mean().item() * 100, (fwd != bwd).float().mean().item() * 100, len(fwd)
+    fwd, again, bwd = torch.cat(fwd).float(), torch.cat(again).float(), torch.cat(bwd).float()
+    pct = lambda x: x.float().mean().item() * 100
+    return pct(fwd), pct(bwd), pct(fwd != bwd), pct(fwd != again), len(fwd)
 
 
 def finetune_direction(model, cfg, tok, steps, lr):
@@ -198,9 +201,10 @@ def main(argv=None):
     for name, x in feats.items():
         mean, accs = linear_probe_accuracy(x, y, pair)
         print(f"  {name:<14} dim {x.shape[1]:4d}  linear probe {mean:5.1f}%  (folds {' '.join(f'{a:.0f}' for a in accs)})")
-    acc, acc_reversed, changed, n = mc_order_flip(model, cfg, tok)
+    acc, acc_reversed, changed, noise, n = mc_order_flip(model, cfg, tok)
     print(f"  mc_order (zero-shot, {n} questions): truth preferred {acc:.1f}% with the clip forward, "
-          f"{acc_reversed:.1f}% with it reversed; the choice changes in {changed:.1f}% of the questions")
+          f"{acc_reversed:.1f}% with it reversed; the choice changes in {changed:.1f}% of the questions when the "
+          f"clip is reversed, in {noise:.1f}% between two forward passes")
 
 
 if __name__ == "__main__":
