@@ -1302,6 +1302,7 @@ def ensure_corpus(root="data/synth", size: str = "default", seed: int = 0, frame
     root = Path(root)
     if (done_info(root) or {}).get("version") == CORPUS_VERSION:
         return root
+    refuse_foreign_folder(root)  # before the lock, so that nothing is written beside a folder we leave alone
     with _generation_lock(root):
         info = done_info(root)  # re-read: the process that held the lock before us may have written it
         if info and info["version"] == CORPUS_VERSION:
@@ -1336,15 +1337,19 @@ def _generation_lock(root: Path):
         yield  # (closing the file releases the lock)
 
 
+def refuse_foreign_folder(root: Path):
+    if root.exists() and not (root / "DONE").exists() and any(root.iterdir()):
+        raise SystemExit(f"error: {root} exists without the DONE file that the synthetic corpus generator writes: it "
+                         f"is not a corpus this code wrote, so it is left alone. Use it with --data_root=<its path>, "
+                         f"or move it away to have the synthetic corpus generated there")
+
+
 def _generate_and_swap(root: Path, keep_existing: bool = True, **kwargs):
     """Generate into a temporary sibling of `root`, then rename it into place. With keep_existing, a complete
     current corpus that appeared meanwhile (another process won the race) is kept and ours is discarded. A folder
     without DONE is not one this generator wrote (it renames a finished corpus into place, DONE included): it is
     never replaced, and nothing is generated."""
-    if root.exists() and not (root / "DONE").exists() and any(root.iterdir()):
-        raise SystemExit(f"error: {root} exists without the DONE file that the synthetic corpus generator writes: it "
-                         f"is not a corpus this code wrote, so it is left alone. Use it with --data_root=<its path>, "
-                         f"or move it away to have the synthetic corpus generated there")
+    refuse_foreign_folder(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
