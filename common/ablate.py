@@ -156,7 +156,7 @@ def run_all(todo, total, paper, metrics, jobs):
     threads poorly: on 2 cores, two one-thread runs side by side finish ~1.4x sooner than the same runs one after
     another with two threads each (EgoVLP default, measured: README "Ablations"). A failed run stops the sweep once
     the runs already started have ended; the finished ones are kept for the next call."""
-    threads = str(threads_per_run(jobs))
+    todo, threads = list(todo), str(threads_per_run(jobs))  # (a copy: the loop consumes it)
     env = os.environ if jobs == 1 else dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     running, failed, durations, t_start = [], None, [], time.time()
     while todo or running:
@@ -237,7 +237,6 @@ def main(argv=None):
             print(f"[{i}/{len(jobs)}] {args.paper} {v} seed {s}: reusing {metrics_file}", flush=True)
             continue
         todo.append((i, v, s, out_dir, cmd, line))
-    made = len(todo)
     seconds = run_all(todo, len(jobs), args.paper, ablation["metrics"], args.jobs)
 
     runs = read_runs(out, args.paper, variants, seeds)
@@ -246,9 +245,9 @@ def main(argv=None):
     note = (f"{datetime.date.today().isoformat()}, {cpu_name()}; each run: "
             f"`python {args.paper}.py --pretrain <flags> "
             f"{shlex.join(extra)} --seed=S`".replace("  ", " "))
-    if made:  # how long this call took, for the runs it made (reused runs are not counted)
+    if todo:  # how long this call took, for the runs it made (reused runs are not counted)
         threads = threads_per_run(args.jobs)
-        note += (f"; {made} of the {len(jobs)} runs made by this call in {seconds / 60:.0f} min, "
+        note += (f"; {len(todo)} of the {len(jobs)} runs made by this call in {seconds / 60:.0f} min, "
                  f"{args.jobs} at a time with {threads} thread{'s' * (threads > 1)} each")
     table = markdown_table(args.paper, ablation, summarize(runs, ablation["metrics"]), seeds, note)
     print("\n" + table)

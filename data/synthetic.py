@@ -1302,7 +1302,6 @@ def ensure_corpus(root="data/synth", size: str = "default", seed: int = 0, frame
     root = Path(root)
     if (done_info(root) or {}).get("version") == CORPUS_VERSION:
         return root
-    refuse_foreign_folder(root)  # before the lock, so that nothing is written beside a folder we leave alone
     with _generation_lock(root):
         info = done_info(root)  # re-read: the process that held the lock before us may have written it
         if info and info["version"] == CORPUS_VERSION:
@@ -1321,7 +1320,10 @@ def ensure_corpus(root="data/synth", size: str = "default", seed: int = 0, frame
 def _generation_lock(root: Path):
     """Hold an exclusive lock on <root's parent>/.<root name>.lock for the block (fcntl.flock: the OS releases it
     when the process dies, so a killed generator never blocks the next). Without fcntl (Windows) there is no lock:
-    runs started together then each generate, and _generate_and_swap keeps the first corpus renamed into place."""
+    runs started together then each generate, and _generate_and_swap keeps the first corpus renamed into place.
+    A folder this generator did not write is refused first, so nothing (not even the lock file) is written
+    beside it."""
+    _refuse_foreign_folder(root)
     try:
         import fcntl
     except ImportError:
@@ -1337,7 +1339,7 @@ def _generation_lock(root: Path):
         yield  # (closing the file releases the lock)
 
 
-def refuse_foreign_folder(root: Path):
+def _refuse_foreign_folder(root: Path):
     if root.exists() and not (root / "DONE").exists() and any(root.iterdir()):
         raise SystemExit(f"error: {root} exists without the DONE file that the synthetic corpus generator writes: it "
                          f"is not a corpus this code wrote, so it is left alone. Use it with --data_root=<its path>, "
@@ -1346,10 +1348,8 @@ def refuse_foreign_folder(root: Path):
 
 def _generate_and_swap(root: Path, keep_existing: bool = True, **kwargs):
     """Generate into a temporary sibling of `root`, then rename it into place. With keep_existing, a complete
-    current corpus that appeared meanwhile (another process won the race) is kept and ours is discarded. A folder
-    without DONE is not one this generator wrote (it renames a finished corpus into place, DONE included): it is
-    never replaced, and nothing is generated."""
-    refuse_foreign_folder(root)
+    current corpus that appeared meanwhile (another process won the race) is kept and ours is discarded. Called
+    inside _generation_lock, which has refused a folder this generator did not write."""
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -103,22 +103,24 @@ def features(model, cfg, tok, clips):
 def mc_order_flip(model, cfg, tok):
     """-> (mc_order accuracy %, the same with every clip reversed %, share of questions whose choice changes when
     the clip is reversed %, the same between two forward passes %, n). The last is the control: with random roll
-    slots (roll_tokens=random) a forward pass is itself random, and part of any change is that noise."""
+    slots (roll_tokens=random) a forward pass is itself random, and part of any change is that noise. Accuracy
+    is aio.mc_metrics' order_acc (ties share the credit), as in the evaluation."""
     ds = aio.ClipTextDataset(aio.build_task_items(cfg, "mc", "test"), cfg, train=False)
-    loader = aio.make_loader(ds, aio.Collate(tok, cfg, "eval"), cfg, None, False)
-    fwd, again, bwd = [], [], []
-    for b in loader:
-        has = b["reversed_option"] >= 0
-        if "video" not in b or not has.any():
+    scores, labels, reversed_options = {"fwd": [], "again": [], "bwd": []}, [], []
+    for b in aio.make_loader(ds, aio.Collate(tok, cfg, "eval"), cfg, None, False):
+        if "video" not in b:
             continue
-        b = {k: v[has] if torch.is_tensor(v) and len(v) == len(has) else v for k, v in b.items()}
-        rows = torch.arange(int(has.sum()))
-        for out, video in ((fwd, b["video"]), (again, b["video"]), (bwd, b["video"].flip(1))):
-            s = aio.mc_scores(model, dict(b, video=video))
-            out.append(s[rows, b["label"]] > s[rows, b["reversed_option"]])  # True: the truth wins
-    fwd, again, bwd = torch.cat(fwd).float(), torch.cat(again).float(), torch.cat(bwd).float()
-    pct = lambda x: x.float().mean().item() * 100
-    return pct(fwd), pct(bwd), pct(fwd != bwd), pct(fwd != again), len(fwd)
+        labels.append(b["label"])
+        reversed_options.append(b["reversed_option"])
+        for name, video in (("fwd", b["video"]), ("again", b["video"]), ("bwd", b["video"].flip(1))):
+            scores[name].append(aio.mc_scores(model, dict(b, video=video)))
+    y, r = torch.cat(labels), torch.cat(reversed_options)
+    scores = {k: torch.cat(v) for k, v in scores.items()}
+    rows = torch.nonzero(r >= 0)[:, 0]
+    wins = {k: s[rows, y[rows]] > s[rows, r[rows]] for k, s in scores.items()}  # per question: the truth wins
+    changed = lambda a, b: (wins[a] != wins[b]).float().mean().item() * 100
+    order_acc = lambda k: aio.mc_metrics(scores[k], y, r)["order_acc"]
+    return order_acc("fwd"), order_acc("bwd"), changed("fwd", "bwd"), changed("fwd", "again"), len(rows)
 
 
 def finetune_direction(model, cfg, tok, steps, lr):
