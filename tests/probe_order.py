@@ -26,16 +26,23 @@ set by which motion words it prefers, not by the video's direction (which is how
 
 `--random_init` probes the same architecture with random weights (what the features give before any training).
 
-    python tests/probe_order.py --init=<ckpt.pt> --finetune_steps=300 [--lr=3e-4] [--seed=S]
+    python tests/probe_order.py --init=<ckpt.pt> --finetune_steps=300 [--lr=3e-4] [--seed=S] [--random_init]
 
 asks the opposite question: can the model learn the direction of motion when it is the training signal itself?
-The whole model is fine-tuned from the checkpoint, with a new linear head on the joint [CLS] of the action prompt
-(the features of `--finetune=action`; the joint pass rolls), to name the main object's motion among the 9 classes of
-msrvtt/action (train split, 1500 clips, bin-midpoint frames, batch 64, AdamW), then tested on the test split. Eight
-classes come in reversal pairs (left / right, up / down, growing / shrinking, appearing / disappearing), so the
-printed `pair` accuracy -- the true class against its reversal only, chance 50 -- is the order-sensitive part.
-This is supervised fine-tuning: it says what the architecture can see at 3 frames of 64x64, not what pre-training
-teaches it.
+The whole model is fine-tuned from the checkpoint (or from random weights of its architecture), with a new linear
+head on the joint [CLS] of the action prompt (the features of `--finetune=action`; the joint pass rolls), to name
+the main object's motion among the 9 classes of msrvtt/action (train split, 1500 clips, bin-midpoint frames, batch
+64, AdamW), then tested on the test split, forward and with every clip reversed. Eight classes come in reversal
+pairs (left / right, up / down, growing / shrinking, appearing / disappearing), so the printed `pair` accuracy --
+the true class against its reversal only, chance 50 -- is the order-sensitive part. This is supervised
+fine-tuning: it says what the architecture can see at 3 frames of 64x64, not what pre-training teaches it.
+Two controls:
+
+    ... --finetune_steps=300 --target=scene     the same route and recipe on a static label (the background scene)
+    python tests/probe_order.py --cnn_steps=600 --lr=1e-3    a small CNN with the frames stacked as channels
+
+The first checks the route itself learns (a single frame shows the scene); the second that the motion is in the
+pixels (it sees frame order by construction, so reversing the clips should break it).
 
 Not collected by pytest; the numbers go to the issue and the README, not to a test.
 """
@@ -123,57 +130,143 @@ def mc_order_flip(model, cfg, tok):
     return order_acc("fwd"), order_acc("bwd"), changed("fwd", "bwd"), changed("fwd", "again"), len(rows)
 
 
-def finetune_direction(model, cfg, tok, steps, lr):
-    """Fine-tune the whole model + a linear head on the action classes; -> (test accuracy %, reversal-pair accuracy
-    % on the test clips whose class has a reversed partner, number of those clips)."""
-    names = [n for n in (Path(cfg.data_root) / "msrvtt" / "action" / "classes.txt").read_text().split("\n") if n]
-    partner = {"moving left": "moving right", "moving up": "moving down", "growing": "shrinking",
-               "appearing": "disappearing"}
-    partner.update({b: a for a, b in partner.items()})
-    partner = torch.tensor([names.index(partner[n]) if n in partner else -1 for n in names])
+MOTION_PARTNERS = {"moving left": "moving right", "moving up": "moving down", "growing": "shrinking",
+                   "appearing": "disappearing"}
 
-    def load(split):  # every clip of the split decoded once, bin-midpoint frames, centre crop
-        ds = aio.ClipTextDataset(aio.build_task_items(cfg, "action", split), cfg, train=False)
-        items = [it for it in (ds[i] for i in range(len(ds))) if "bad_video" not in it]
-        return torch.stack([it["video"] for it in items]), torch.tensor([it["label"] for it in items])
-    (xtr, ytr), (xte, yte) = load("train"), load("test")
-    prompt = tok([aio.ACTION_PROMPT], cfg.max_text_len, pad_to_max=False)
-    head = torch.nn.Linear(cfg.width, len(names))
-    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=lr, weight_decay=0.01)
-    logits = lambda v: head(model.forward_joint(prompt["input_ids"].expand(len(v), -1),
-                                                prompt["attention_mask"].expand(len(v), -1), v)[2].float())
-    g = torch.Generator().manual_seed(cfg.seed)
-    model.train()
+
+def load_classes(cfg, target):
+    """Every clip of msrvtt/action decoded once (bin-midpoint frames, centre crop) -> (class names, {split: (videos
+    (n, T, 3, H, W), labels (n,))}). target "motion": the action label, the main object's motion; "scene": the
+    background, read from the clip's MSR-VTT captions by the corpus's scene phrases (data/synthetic.py SCENE_WORDS;
+    a clip whose captions name no scene, or two, is left out) -- a label a single frame shows."""
+    if target == "motion":
+        names = [n for n in (Path(cfg.data_root) / "msrvtt" / "action" / "classes.txt").read_text().split("\n") if n]
+    else:
+        from data.synthetic import SCENE_WORDS
+        names = list(SCENE_WORDS)
+        captions = {Path(path).stem: caps for split in ("train", "val", "test")
+                    for _, path, caps in aio.read_msrvtt(cfg.data_root, split)}
+
+        def scene(path):
+            text = " ".join(captions.get(Path(path).stem, []))
+            hits = [i for i, phrases in enumerate(SCENE_WORDS.values()) if any(p in text for p in phrases)]
+            return hits[0] if len(hits) == 1 else -1
+    data = {}
+    for split in ("train", "test"):
+        items = aio.build_task_items(cfg, "action", split)
+        if target == "scene":
+            items = [dict(it, label=scene(it["path"])) for it in items]
+            items = [it for it in items if it["label"] >= 0]
+        ds = aio.ClipTextDataset(items, cfg, train=False)
+        clips = [c for c in (ds[i] for i in range(len(ds))) if "bad_video" not in c]
+        data[split] = torch.stack([c["video"] for c in clips]), torch.tensor([c["label"] for c in clips])
+    return names, data
+
+
+def train_classifier(logits, params, x, y, steps, lr, seed, precision):
+    """AdamW on random batches of 64 (x, y), cross-entropy of logits(videos); prints the loss every 50 steps."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        idx = torch.randint(len(ytr), (64,), generator=g)
-        with autocast(torch.device("cpu"), cfg.precision):
-            loss = F.cross_entropy(logits(xtr[idx]), ytr[idx])
+        idx = torch.randint(len(y), (64,), generator=g)
+        with autocast(torch.device("cpu"), precision):
+            loss = F.cross_entropy(logits(x[idx]).float(), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == steps - 1:
             print(f"    step {step:4d}  loss {loss.item():.3f}", flush=True)
+
+
+@torch.no_grad()
+def test_classifier(logits, names, x, y, precision):
+    """-> dict(acc, pair, n_pair, acc_reversed): accuracy (%), the true motion against its reversal on the clips
+    whose class has a reversed partner (%, chance 50; motion classes only), accuracy with every clip reversed (%)."""
+    def predict(v):
+        with autocast(torch.device("cpu"), precision):
+            return torch.cat([logits(v[s:s + 64]).float() for s in range(0, len(v), 64)])
+    out = predict(x)
+    result = dict(acc=(out.argmax(-1) == y).float().mean().item() * 100,
+                  acc_reversed=(predict(x.flip(1)).argmax(-1) == y).float().mean().item() * 100)
+    partners = {**MOTION_PARTNERS, **{b: a for a, b in MOTION_PARTNERS.items()}}
+    partner = torch.tensor([names.index(partners[n]) if n in partners else -1 for n in names])
+    has = partner[y] >= 0
+    if has.any():
+        rows = torch.arange(len(y))[has]
+        result.update(pair=(out[rows, y[has]] > out[rows, partner[y[has]]]).float().mean().item() * 100,
+                      n_pair=int(has.sum()))
+    return result
+
+
+def finetune(model, cfg, tok, steps, lr, target):
+    """Fine-tune the whole model + a new linear head on the joint [CLS] of the action prompt (the features of
+    `--finetune=action`; the joint pass rolls) to name each clip's `target` class -> test_classifier's dict."""
+    names, data = load_classes(cfg, target)
+    prompt = tok([aio.ACTION_PROMPT], cfg.max_text_len, pad_to_max=False)
+    head = torch.nn.Linear(cfg.width, len(names))
+    logits = lambda v: head(model.forward_joint(prompt["input_ids"].expand(len(v), -1),
+                                                prompt["attention_mask"].expand(len(v), -1), v)[2].float())
+    model.train()
+    train_classifier(logits, [*model.parameters(), *head.parameters()], *data["train"], steps, lr, cfg.seed,
+                     cfg.precision)
     model.eval()
-    with torch.no_grad(), autocast(torch.device("cpu"), cfg.precision):
-        out = torch.cat([logits(xte[s:s + 64]) for s in range(0, len(xte), 64)])
-    acc = (out.argmax(-1) == yte).float().mean().item() * 100
-    has = partner[yte] >= 0
-    rows = torch.arange(len(yte))[has]
-    pair = (out[rows, yte[has]] > out[rows, partner[yte[has]]]).float().mean().item() * 100
-    return acc, pair, int(has.sum())
+    return test_classifier(logits, names, *data["test"], cfg.precision)
+
+
+def cnn_control(cfg, steps, lr):
+    """The control for `finetune`: a small CNN, from scratch, that sees the T frames stacked as channels (frame
+    order is in its input by construction), trained the same way on the motion classes -> test_classifier's dict.
+    If it learns and the transformer does not, the signal is in the pixels and the transformer misses it."""
+    names, data = load_classes(cfg, "motion")
+    torch.manual_seed(cfg.seed)
+    T = data["train"][0].shape[1]
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3 * T, 64, 5, stride=2, padding=2), torch.nn.GELU(),
+        torch.nn.Conv2d(64, 128, 3, stride=2, padding=1), torch.nn.GELU(),
+        torch.nn.Conv2d(128, 128, 3, stride=2, padding=1), torch.nn.GELU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(128, len(names)))
+    logits = lambda v: net(v.flatten(1, 2))                                # (B, T, 3, H, W) -> (B, 3T, H, W)
+    net.train()
+    train_classifier(logits, list(net.parameters()), *data["train"], steps, lr, cfg.seed, "fp32")
+    net.eval()
+    return test_classifier(logits, names, *data["test"], "fp32")
+
+
+def report(result, target):
+    chance = {"motion": "9 classes, chance 11.1", "scene": "7 scenes, chance 14.3"}[target]
+    line = f"  test accuracy {result['acc']:.1f}% ({chance}); {result['acc_reversed']:.1f}% with every clip reversed"
+    if "pair" in result:
+        line += f"; reversal pairs {result['pair']:.1f}% (chance 50, {result['n_pair']} clips)"
+    print(line)
+
+
+def pop_flag(argv, name, default):
+    """Remove `--name=value` (or a bare `--name` for a bool) from argv -> its value, typed like `default`."""
+    for a in list(argv):
+        if a == f"--{name}" and isinstance(default, bool):
+            argv.remove(a)
+            return True
+        if a.startswith(f"--{name}="):
+            argv.remove(a)
+            return type(default)(a.split("=", 1)[1])
+    return default
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    random_init = "--random_init" in argv
-    argv = [a for a in argv if a != "--random_init"]
-    finetune_steps = 0
-    for a in list(argv):
-        if a.startswith("--finetune_steps="):
-            finetune_steps = int(a.split("=", 1)[1])
-            argv.remove(a)
+    random_init = pop_flag(argv, "random_init", False)
+    finetune_steps = pop_flag(argv, "finetune_steps", 0)
+    cnn_steps = pop_flag(argv, "cnn_steps", 0)
+    target = pop_flag(argv, "target", "motion")
+    assert target in ("motion", "scene"), f"--target=motion|scene, not {target!r}"
     lr_given = any(a.startswith("--lr=") for a in argv)
     cfg = parse_config(aio.Config, argv, aio.PRESETS)
+    lr = cfg.lr if lr_given else 3e-4  # (cfg.lr's default is the pre-training rate)
+    if cnn_steps:
+        print(f"CNN control (frames stacked as channels, from scratch): {cnn_steps} steps on the motion classes, "
+              f"lr {lr}, seed {cfg.seed}, fp32", flush=True)
+        report(cnn_control(cfg, cnn_steps, lr), "motion")
+        return
     ck = load_checkpoint(cfg.init)
     for k in aio.ARCH_FIELDS:
         if k in ck["config"]:
@@ -185,13 +278,11 @@ def main(argv=None):
     if not random_init:
         model.load_state_dict(ck["model"], strict=False)
     if finetune_steps:
-        lr = cfg.lr if lr_given else 3e-4  # (cfg.lr's default is the pre-training rate)
         cfg.precision, why = choose_precision(cfg.precision, torch.device("cpu"))
-        print(f"{cfg.init} (temporal={cfg.temporal}, roll_unimodal={cfg.roll_unimodal}; {why}): fine-tuning "
-              f"{finetune_steps} steps on the motion classes, lr {lr}, seed {cfg.seed}", flush=True)
-        acc, pair, n = finetune_direction(model, cfg, tok, finetune_steps, lr)
-        print(f"  test accuracy {acc:.1f}% (9 classes, chance 11.1); reversal pairs {pair:.1f}% (chance 50, "
-              f"{n} clips)")
+        print(f"{cfg.init} ({'random weights' if random_init else 'trained'}; temporal={cfg.temporal}, "
+              f"roll_unimodal={cfg.roll_unimodal}; {why}): fine-tuning {finetune_steps} steps on the {target} "
+              f"classes, lr {lr}, seed {cfg.seed}", flush=True)
+        report(finetune(model, cfg, tok, finetune_steps, lr, target), target)
         return
     model.eval()
     motion = set(aio.MOTION_WORDS)
