@@ -19,6 +19,7 @@ every block, a band of each frame's patch tokens is swapped with the neighbourin
 
 so that, layer after layer, every frame's self-attention also sees content from the other frames. The baseline
 it replaces is "time average": frames processed independently and averaged at the end (`temporal="mean"`).
+The costlier option it saves, joint space-time attention over all frames in one sequence, is `temporal="flatten"`.
 All of it (the band, the random slot order, where the layer sits) is the section "Temporal token rolling".
 
 The joint pass follows the release: the text is replicated per frame, each frame gets its own sequence
@@ -55,7 +56,8 @@ The file, in order
 What is reproduced, what is not
 -------------------------------
 Reproduced: the single-stream model with the release's joint-pass layout, temporal token rolling (with the
-release's random slot subset), time average, the release's token shift and a TSM channel shift (`temporal=`),
+release's random slot subset), time average, the release's token shift, a TSM channel shift and joint space-time
+attention over all frames ("flatten", a row of the paper's comparison) (`temporal=`),
 VTM + MLM + VTC, the four downstream protocols, the Ti / S / B sizes (parameter counts checked in the tests).
 Not reproduced: the ImageNet start of the CPU default (it trains from scratch on the synthetic corpus;
 `--init_video=<timm .pth>` loads the paper's DeiT / ViT weights, `--init=<release .ckpt>` the released models),
@@ -184,10 +186,10 @@ class Config:
     dropout: float = 0.0  # dropout on embeddings / projections / MLP; paper 0.1 (0: short runs from scratch)
     drop_path: float = 0.0  # stochastic depth, linear up to this; paper 0.1
     tied_mlm_decoder: bool = False  # tie the MLM decoder to the word embeddings; release False (untied)
-    temporal: str = "roll"  # roll (the paper) | mean (time average, its baseline) | shift (release token shift) | tsm
+    temporal: str = "roll"  # roll (the paper) | mean (time average) | shift (release token shift) | tsm | flatten
     roll_fraction: float = 0.25  # share of patch slots rolled, half by +1 frame, half by -1; release 2*24/196
     roll_tokens: str = "random"  # random (slots shuffled per frame, as the release effectively does) | fixed
-    roll_unimodal: bool = False  # also roll in the video-only (VTC / retrieval) pass; release False
+    roll_unimodal: bool = False  # the temporal layer also in the video-only pass (flatten: frames joined); release False
     # --- loss
     vtc_weight: float = 1.0  # video-text contrastive; release: off in pre-training, used for retrieval fine-tuning
     vtm_weight: float = 1.0  # video-text matching; release 1
@@ -247,8 +249,9 @@ PRESETS = {
 }
 
 # The paper's central ablation, run over seeds by `bash run.sh ablate all_in_one` (common/ablate.py): temporal token
-# rolling against the time average and the release's token shift (the paper's "temporal modeling" comparison), and
-# rolling also in the video-only pass (the release rolls only in the joint pass). Each run: --pretrain + the flags.
+# rolling against the time average, the release's token shift and joint space-time attention (rows of the paper's
+# "temporal modeling" comparison), and rolling also in the video-only pass (the release rolls only in the joint
+# pass). Each run: --pretrain + the flags.
 # The order-sensitive probes are mc_order/acc (the truth against its reversed-motion option, chance 50) and
 # mlm_motion/acc (masked motion words from the joint pass).
 ABLATION = dict(
@@ -256,6 +259,7 @@ ABLATION = dict(
     variants={"roll": [],
               "mean": ["--temporal=mean"],
               "shift": ["--temporal=shift"],
+              "flatten": ["--temporal=flatten"],
               "roll+video_only": ["--roll_unimodal"]},
     metrics=["retrieval/t2v_R@1", "retrieval/t2v_R@5", "mc/acc", "mc_order/acc", "mlm_motion/acc"],
 )
@@ -264,7 +268,7 @@ ABLATION = dict(
 CHOICES = dict(precision=("auto", "bf16", "fp32"), compile=("auto", "on", "off"),
                finetune=("", "retrieval", "qa", "mc", "action"),
                eval=("", "zeroshot", "retrieval", "qa", "mc", "action"), vtc_pool=("mean", "cls"),
-               temporal=("roll", "mean", "shift", "tsm"), roll_tokens=("random", "fixed"),
+               temporal=("roll", "mean", "shift", "tsm", "flatten"), roll_tokens=("random", "fixed"),
                schedule=("linear", "cosine", "constant"), retrieval_captions=("first", "all"), probe=("mlp", "linear"),
                probe_features=("joint", "video", "frames"))
 RANGES = dict(max_steps=(1, None), width=(1, None), depth=(1, None), heads=(1, None), mlp_ratio=(0, None),
@@ -595,8 +599,8 @@ def temporal_mix(v, cfg):
         return temporal_shift(v)
     if cfg.temporal == "tsm":
         return channel_shift(v)
-    assert cfg.temporal == "mean", cfg.temporal
-    return v  # time average: frames never meet before the final mean
+    assert cfg.temporal in ("mean", "flatten"), cfg.temporal
+    return v  # time average: frames never meet before the final mean (flatten: the model joins the frames instead)
 
 
 def before_block(x, T, cfg, text_len=0):
@@ -771,8 +775,10 @@ class AllInOne(nn.Module):
         one [text ; frame] sequence per frame, the temporal layer on the visual part before every block.
         text_ids, text_mask: (B, L); video: (B, T, 3, H, W) -> (B, T, L+1+N, D)."""
         B, T, L = video.shape[0], video.shape[1], text_ids.shape[1]
-        t = self.embed_text(text_ids).repeat_interleave(T, dim=0)        # (B*T, L, D)
         v = self.embed_video(video)                                       # (B, T, 1+N, D)
+        if self.cfg.temporal == "flatten":
+            return self.joint_flat(self.embed_text(text_ids), text_mask, v)
+        t = self.embed_text(text_ids).repeat_interleave(T, dim=0)        # (B*T, L, D)
         x = torch.cat([t, rearrange(v, "b t n d -> (b t) n d")], dim=1)  # (B*T, L+1+N, D)
         keep = torch.cat([text_mask.bool().repeat_interleave(T, dim=0),  # text pads masked, every visual token kept
                           text_mask.new_ones(B * T, v.shape[2]).bool()], dim=1)
@@ -780,6 +786,20 @@ class AllInOne(nn.Module):
         for blk in self.transformer.blocks:
             x = blk(before_block(x, T, self.cfg, text_len=L), mask)    # the temporal layer, then the block
         return rearrange(self.transformer.norm(x), "(b t) s d -> b t s d", t=T)
+
+    def joint_flat(self, text, text_mask, v):
+        """temporal=flatten, the paper's joint space-time attention (a row of its comparison, not its method): one
+        sequence [text ; frame 0 ; ... ; frame T-1] per clip, every token attending to every frame, no temporal
+        layer. Returned in joint_frames' layout, the text copied per frame (so the mean over T leaves it as is).
+        text: (B, L, D), text_mask (B, L), v: (B, T, 1+N, D) -> (B, T, L+1+N, D)."""
+        B, T, L = v.shape[0], v.shape[1], text.shape[1]
+        x = torch.cat([text, v.flatten(1, 2)], dim=1)                     # (B, L + T*(1+N), D)
+        keep = torch.cat([text_mask.bool(), text_mask.new_ones(B, T * v.shape[2]).bool()], dim=1)
+        for blk in self.transformer.blocks:
+            x = blk(x, keep[:, None, None, :])
+        x = self.transformer.norm(x)
+        vis = rearrange(x[:, L:], "b (t n) d -> b t n d", t=T)
+        return torch.cat([x[:, None, :L].expand(-1, T, -1, -1), vis], dim=2)
 
     def forward_joint(self, text_ids, text_mask, video):
         """Joint pass (release layout): the T copies averaged after the final norm. -> (text_feats (B, L, D),
@@ -805,6 +825,11 @@ class AllInOne(nn.Module):
         """The video-only pass before the average over time. -> (B, T, 1+N, D)."""
         T = video.shape[1]
         v = self.embed_video(video)                                       # (B, T, 1+N, D)
+        if self.cfg.temporal == "flatten" and self.cfg.roll_unimodal:    # one sequence of all frames
+            x = v.flatten(1, 2)
+            for blk in self.transformer.blocks:
+                x = blk(x)
+            return rearrange(self.transformer.norm(x), "b (t n) d -> b t n d", t=T)
         x = rearrange(v, "b t n d -> (b t) n d")
         for blk in self.transformer.blocks:
             if self.cfg.roll_unimodal:
@@ -1150,7 +1175,8 @@ def token_addresses(model, T, N):
     """Where the model's temporal layer sends each visual token: the layer runs on tokens that carry their own
     address, (source frame, source patch) in two channels, and the addresses are read back out of its output.
     -> before, after: (T, 1+N, 2) long, patch -1 = CLS, frame -1 = a zero token (the shift's padding).
-    temporal=mean / tsm move no tokens, so for them this shows what roll would do at the same roll_fraction."""
+    temporal=mean / tsm / flatten move no tokens, so for them this shows what roll would do at the same
+    roll_fraction."""
     D = model.cfg.width  # the release's shift moves D // 8 tokens: the width matters
     code = torch.zeros(1, T, 1 + N, D)                                   # (1, T, 1+N, D)
     code[..., 0] = torch.arange(T)[:, None] + 1                           # frame + 1 (0 = a zero token)

@@ -124,6 +124,7 @@ def test_roll_moves_information_across_frames_and_mean_does_not():
     assert frames_changed_by("roll", roll_tokens="random") == [0, 1, 2]
     assert frames_changed_by("shift") == [0, 1, 2]            # the release's token shift
     assert frames_changed_by("tsm") == [0, 1, 2]              # TSM-style channel shift
+    assert frames_changed_by("flatten") == [0, 1, 2]          # joint space-time attention: one sequence
     assert frames_changed_by("mean", t_changed=2) == [2]
 
 
@@ -144,6 +145,33 @@ def test_video_only_pass_rolls_only_when_asked():
     torch.testing.assert_close(outs[False][0], outs[False][1], rtol=1e-5, atol=1e-5)
     # ... rolling in the video-only pass makes the embedding depend on it
     assert not torch.allclose(outs[True][0], outs[True][1], atol=1e-4)
+
+
+def test_flatten_with_one_frame_is_the_per_frame_pass():
+    """With one frame, [text ; frame] is the only sequence either way: flatten computes what mean does."""
+    torch.manual_seed(0)
+    ref = aio.AllInOne(tiny_cfg(temporal="mean", num_frames=1)).eval()
+    flat = aio.AllInOne(tiny_cfg(temporal="flatten", num_frames=1, roll_unimodal=True)).eval()
+    flat.load_state_dict(ref.state_dict())
+    ids, mask = torch.randint(5, 50, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0                                                    # a padded caption
+    video = torch.randn(2, 1, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(ref.forward_joint(ids, mask, video), flat.forward_joint(ids, mask, video)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ref.forward_frames(video), flat.forward_frames(video), rtol=1e-5, atol=1e-5)
+
+
+def test_flatten_joins_the_frames_of_the_video_only_pass_only_when_asked():
+    torch.manual_seed(0)
+    video = torch.randn(1, 3, 3, 32, 32)
+    video2 = video.clone()
+    video2[:, 0] += 1.0
+    for unimodal, expected in ((False, [0]), (True, [0, 1, 2])):
+        model = aio.AllInOne(tiny_cfg(temporal="flatten", roll_unimodal=unimodal)).eval()
+        with torch.no_grad():
+            a, b = model.forward_frames(video), model.forward_frames(video2)
+        assert [t for t in range(3) if not torch.allclose(a[:, t], b[:, t], atol=1e-6)] == expected
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
