@@ -4,6 +4,7 @@
     python tests/bench.py --papers egovlp --configs default --steps 10
     python tests/bench.py --device cuda --paper_batch 16      # on a GPU
     python tests/bench.py --flops               # the FLOPs / parameters table (batch 1, forward), no timing
+    python tests/bench.py --papers all_in_one --configs default --data_steps 0 --profile   # + where the time goes
 
 Each row runs in its own process (so its peak memory is its own) and times forward + backward + AdamW on random
 inputs of the config's shapes, after two warm-up steps: all_in_one its real pre-training step (VTC on the batch,
@@ -122,8 +123,25 @@ def peak_rate(device, dtype):
     return 2 * n ** 3 / best / 1e9
 
 
-def run_row(paper, flags, device, precision, steps, peak):
-    """Time one config in this process -> dict of the row's numbers."""
+OP_GROUPS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+             "attention": ("scaled_dot_product",), "gelu": ("aten::gelu",)}
+
+
+def op_shares(step, n=3):
+    """Share (%) of the CPU ops' self time per group of OP_GROUPS over n steps, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = {g: 100 * sum(e.self_cpu_time_total for e in events if any(k in e.key for k in keys)) / total
+              for g, keys in OP_GROUPS.items()}
+    return dict(shares, other=100 - sum(shares.values()))
+
+
+def run_row(paper, flags, device, precision, steps, peak, profile=False):
+    """Time one config in this process -> dict of the row's numbers (+ op_shares with profile, CPU only)."""
     torch.manual_seed(0)
     model, loss_fn, clips, cfg = setup(paper, flags, device)
     ctx = train.autocast(device, precision)
@@ -132,9 +150,7 @@ def run_row(paper, flags, device, precision, steps, peak):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))  # as the paper files
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(steps + 2):  # two warm-up steps
-        t0 = time.perf_counter()
+    def step():
         with ctx:
             loss = loss_fn()
         loss.backward()
@@ -142,13 +158,20 @@ def run_row(paper, flags, device, precision, steps, peak):
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    times = []
+    for i in range(steps + 2):  # two warm-up steps
+        t0 = time.perf_counter()
+        step()
         if i >= 2:
             times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
+    shares = op_shares(step) if profile and device.type == "cpu" else None
     mem = (torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return dict(ms=1000 * sec, clips_s=clips / sec, gflop=flops / 1e9, mfu=100 * flops / 1e9 / sec / peak,
-                mem_mb=mem, params_m=sum(p.numel() for p in model.parameters()) / 1e6, batch=cfg.batch_size)
+                mem_mb=mem, params_m=sum(p.numel() for p in model.parameters()) / 1e6, batch=cfg.batch_size,
+                shares=shares)
 
 
 def data_wait(paper, precision, steps):
@@ -220,6 +243,8 @@ def main():
                                                               "column (0 = skip)")
     p.add_argument("--out", default="runs/bench/bench.md")
     p.add_argument("--flops", action="store_true", help="print the FLOPs / parameters table and exit")
+    p.add_argument("--profile", action="store_true", help="also the share of step time per op group "
+                                                          "(matmul, attention, GELU; torch.profiler, CPU)")
     p.add_argument("--row", default="", help=argparse.SUPPRESS)  # internal: paper|row|precision|peak
     args = p.parse_args()
     if args.flops:
@@ -229,7 +254,7 @@ def main():
     if args.row:  # a child process: one row, printed as JSON
         paper, row, precision, peak = args.row.split("|")
         flags = CONFIGS[paper][row] + ([f"--batch_size={args.paper_batch}"] if row.startswith("paper") else [])
-        print(json.dumps(run_row(paper, flags, device, precision, args.steps, float(peak))))
+        print(json.dumps(run_row(paper, flags, device, precision, args.steps, float(peak), args.profile)))
         return
 
     precisions = ["fp32"]
@@ -253,6 +278,7 @@ def main():
             for precision in precisions:
                 cmd = [sys.executable, __file__, f"--row={paper}|{row}|{precision}|{peaks[precision]}",
                        f"--steps={args.steps}", f"--paper_batch={args.paper_batch}", f"--device={args.device}"]
+                cmd += ["--profile"] if args.profile else []
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if done.returncode:
                     print(f"{paper} {row} {precision}: failed\n{done.stderr[-2000:]}", flush=True)
@@ -267,6 +293,8 @@ def main():
                         f"{r['clips_s']:.1f} | {r['gflop']:.1f} | {r['mfu']:.0f}% | {r['mem_mb']:.0f} | {wait} |")
                 lines.append(line)
                 print(line, flush=True)
+                if r["shares"]:
+                    print("  op time: " + ", ".join(f"{g} {v:.0f}%" for g, v in r["shares"].items()), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"written to {args.out}")

@@ -24,7 +24,8 @@ logit as in the evaluation) are asked twice, with the clip played forward and ba
 changes its preference when the clip is reversed; one blind to order keeps it, and its `mc_order` accuracy is then
 set by which motion words it prefers, not by the video's direction (which is how it can fall below 50).
 
-`--random_init` probes the same architecture with random weights (what the features give before any training).
+`--random_init` probes the same architecture with random weights (what the features give before any training);
+without `--init` the architecture is the flags' (`--pretrain` defaults plus e.g. `--temporal=flatten`).
 
     python tests/probe_order.py --init=<ckpt.pt> --finetune_steps=300 [--lr=3e-4] [--seed=S] [--random_init]
 
@@ -267,8 +268,9 @@ def main(argv=None):
               f"lr {lr}, seed {cfg.seed}, fp32", flush=True)
         report(cnn_control(cfg, cnn_steps, lr), "motion")
         return
-    ck = load_checkpoint(cfg.init)
-    for k in aio.ARCH_FIELDS:
+    ck = load_checkpoint(cfg.init) if cfg.init else None  # --random_init without --init: the flags' architecture
+    assert ck or random_init, "--init=<ckpt.pt> (or --random_init)"
+    for k in aio.ARCH_FIELDS if ck else ():
         if k in ck["config"]:
             setattr(cfg, k, ck["config"][k])
     tok = Tokenizer(cfg.vocab_file or str(Path(cfg.data_root) / "vocab.txt"))
@@ -279,7 +281,7 @@ def main(argv=None):
         model.load_state_dict(ck["model"], strict=False)
     if finetune_steps:
         cfg.precision, why = choose_precision(cfg.precision, torch.device("cpu"))
-        print(f"{cfg.init} ({'random weights' if random_init else 'trained'}; temporal={cfg.temporal}, "
+        print(f"{cfg.init or 'the flags'} ({'random weights' if random_init else 'trained'}; temporal={cfg.temporal}, "
               f"roll_unimodal={cfg.roll_unimodal}; {why}): fine-tuning {finetune_steps} steps on the {target} "
               f"classes, lr {lr}, seed {cfg.seed}", flush=True)
         report(finetune(model, cfg, tok, finetune_steps, lr, target), target)
@@ -289,7 +291,7 @@ def main(argv=None):
     ds = aio.ClipTextDataset(aio.build_task_items(cfg, "retrieval", "test"), cfg, train=False)
     clips = [c for c in (ds[i] for i in range(len(ds))) if c is not None and motion & set(c["text"].split())]
     feats, y, pair = features(model, cfg, tok, clips)
-    print(f"{cfg.init} ({'random weights' if random_init else 'trained'}; temporal={cfg.temporal}, "
+    print(f"{cfg.init or 'the flags'} ({'random weights' if random_init else 'trained'}; temporal={cfg.temporal}, "
           f"roll_unimodal={cfg.roll_unimodal}): {len(clips)} test clips with a motion word, forward vs reversed")
     for name, x in feats.items():
         mean, accs = linear_probe_accuracy(x, y, pair)
