@@ -56,7 +56,7 @@ run_egovlp() { $PY egovlp.py --pretrain --overwrite "$@"; }
 run_oa_trans() { $PY oa_trans.py --pretrain --overwrite "$@"; }
 
 # --- the central ablations (common/ablate.py; the variants are each paper file's ABLATION, next to its presets):
-#   bash run.sh ablate all_in_one     temporal=roll | mean | shift, and rolling in the video-only pass
+#   bash run.sh ablate all_in_one     temporal=roll | mean | shift | flatten, and rolling in the video-only pass
 #   bash run.sh ablate egovlp         positives self | noun | verb | verb_and_noun x negatives none | scene
 #   bash run.sh ablate oa_trans       objects off | on | each object term alone
 # 3 seeds each; a run whose metrics.json exists is reused, so an interrupted sweep resumes where it stopped.
