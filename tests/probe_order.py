@@ -45,7 +45,8 @@ Two controls:
 The first checks the route itself learns (a single frame shows the scene); the second that the motion is in the
 pixels (it sees frame order by construction, so reversing the clips should break it).
 
-Not collected by pytest; the numbers go to the issue and the README, not to a test.
+Not collected by pytest (its scoring, `test_classifier`, is tested in tests/test_tools.py); the numbers go to the
+README (the order investigation, points 3, 6 and 7).
 """
 import sys
 from pathlib import Path
