@@ -269,22 +269,24 @@ def main(argv=None):
               f"lr {lr}, seed {cfg.seed}, fp32", flush=True)
         report(cnn_control(cfg, cnn_steps, lr), "motion")
         return
-    ck = load_checkpoint(cfg.init) if cfg.init else None  # --random_init without --init: the flags' architecture
-    assert ck or random_init, "--init=<ckpt.pt> (or --random_init)"
-    for k in aio.ARCH_FIELDS if ck else ():
-        if k in ck["config"]:
-            setattr(cfg, k, ck["config"][k])
+    assert cfg.init or random_init, "--init=<ckpt.pt> (or --random_init)"
+    ck = load_checkpoint(cfg.init) if cfg.init else None
+    if ck:  # the checkpoint's architecture; --random_init without --init keeps the flags'
+        for k in aio.ARCH_FIELDS:
+            if k in ck["config"]:
+                setattr(cfg, k, ck["config"][k])
     tok = Tokenizer(cfg.vocab_file or str(Path(cfg.data_root) / "vocab.txt"))
     cfg.vocab_size = cfg.vocab_size or tok.vocab_size
     seed_everything(cfg.seed)
     model = aio.AllInOne(cfg)
     if not random_init:
         model.load_state_dict(ck["model"], strict=False)
+    which = (f"{cfg.init or 'the flags'} ({'random weights' if random_init else 'trained'}; temporal={cfg.temporal}, "
+             f"roll_unimodal={cfg.roll_unimodal}")
     if finetune_steps:
         cfg.precision, why = choose_precision(cfg.precision, torch.device("cpu"))
-        print(f"{cfg.init or 'the flags'} ({'random weights' if random_init else 'trained'}; temporal={cfg.temporal}, "
-              f"roll_unimodal={cfg.roll_unimodal}; {why}): fine-tuning {finetune_steps} steps on the {target} "
-              f"classes, lr {lr}, seed {cfg.seed}", flush=True)
+        print(f"{which}; {why}): fine-tuning {finetune_steps} steps on the {target} classes, lr {lr}, "
+              f"seed {cfg.seed}", flush=True)
         report(finetune(model, cfg, tok, finetune_steps, lr, target), target)
         return
     model.eval()
@@ -292,8 +294,7 @@ def main(argv=None):
     ds = aio.ClipTextDataset(aio.build_task_items(cfg, "retrieval", "test"), cfg, train=False)
     clips = [c for c in (ds[i] for i in range(len(ds))) if c is not None and motion & set(c["text"].split())]
     feats, y, pair = features(model, cfg, tok, clips)
-    print(f"{cfg.init or 'the flags'} ({'random weights' if random_init else 'trained'}; temporal={cfg.temporal}, "
-          f"roll_unimodal={cfg.roll_unimodal}): {len(clips)} test clips with a motion word, forward vs reversed")
+    print(f"{which}): {len(clips)} test clips with a motion word, forward vs reversed")
     for name, x in feats.items():
         mean, accs = linear_probe_accuracy(x, y, pair)
         print(f"  {name:<14} dim {x.shape[1]:4d}  linear probe {mean:5.1f}%  (folds {' '.join(f'{a:.0f}' for a in accs)})")
