@@ -190,6 +190,7 @@ class Config:
     roll_fraction: float = 0.25  # share of patch slots rolled, half by +1 frame, half by -1; release 2*24/196
     roll_tokens: str = "random"  # random (slots shuffled per frame, as the release effectively does) | fixed
     roll_unimodal: bool = False  # the temporal layer also in the video-only pass (flatten: frames joined); release False
+    time_init: float = 1.0  # std of the temporal embedding at initialisation ("the time code"); release 0 (zero start)
     # --- loss
     vtc_weight: float = 1.0  # video-text contrastive; release: off in pre-training, used for retrieval fine-tuning
     vtm_weight: float = 1.0  # video-text matching; release 1
@@ -245,7 +246,7 @@ PRESETS = {
     "paper": dict(joint_fraction=1.0, vtc_weight=0.0, vtm_weight=1.0, mlm_weight=1.0, vtc_pool="cls",
                   batch_size=16, grad_accum=32, lr=1e-4, warmup_steps=2500, max_steps=200_000, schedule="linear",
                   dropout=0.1, drop_path=0.1, cache_videos=False, num_workers=8, eval_every=5000, ckpt_every=5000,
-                  log_every=100, probe_lr=3e-4, probe_epochs=50),
+                  log_every=100, probe_lr=3e-4, probe_epochs=50, time_init=0.0),
 }
 
 # The paper's central ablation, run over seeds by `bash run.sh ablate all_in_one` (common/ablate.py): temporal token
@@ -274,6 +275,7 @@ CHOICES = dict(precision=("auto", "bf16", "fp32"), compile=("auto", "on", "off")
 RANGES = dict(max_steps=(1, None), width=(1, None), depth=(1, None), heads=(1, None), mlp_ratio=(0, None),
               patch_size=(1, None), img_size=(1, None), num_frames=(1, None), max_text_len=(3, None),
               vocab_size=(0, None), embed_dim=(1, None), dropout=(0, 1), drop_path=(0, 1), roll_fraction=(0, 1),
+              time_init=(0, None),
               vtc_weight=(0, None), vtm_weight=(0, None), mlm_weight=(0, None), temperature=(1e-6, None),
               joint_fraction=(0, 1), mlm_prob=(0, 1), batch_size=(1, None), grad_accum=(1, None), lr=(0, None),
               head_lr_mult=(0, None), weight_decay=(0, None), warmup_steps=(0, None), num_workers=(0, None),
@@ -691,7 +693,10 @@ class VisualTransformer(nn.Module):
         self.patch_embed.proj = nn.Conv2d(3, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n, D))
-        self.temporal_embed = nn.Parameter(torch.zeros(1, cfg.num_frames, D))  # zero init: starts as time average
+        # the time code: which frame a token comes from. Zero in the release, which starts from ImageNet weights;
+        # from scratch a zero start leaves a clip and its reversal the same set of tokens, and training never
+        # breaks that symmetry (README, the order investigation), so here it starts random at std time_init
+        self.temporal_embed = nn.Parameter(torch.randn(1, cfg.num_frames, D) * cfg.time_init)
         self.pos_drop = nn.Dropout(cfg.dropout)
         dpr = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([Block(D, cfg.heads, cfg.mlp_ratio, cfg.dropout, p) for p in dpr])
