@@ -86,6 +86,10 @@ Departures from the release, and why
 9. VTC pools the tokens (`vtc_pool="mean"`: the text's real tokens, all visual tokens of all frames) instead of
    the release's [CLS]: trained from scratch, [CLS] pooling stalled on a plateau. `vtc_pool="cls"` restores the
    release; the joint pass uses the text [CLS] either way.
+10. The time code (`temporal_embed`, which frame a token comes from) starts random, std `time_init=1.0`, for every
+   `temporal=` variant alike; the release starts it at zero (`--paper` keeps that), which is harmless from ImageNet
+   weights but, from scratch, leaves a clip and its reversal the same set of tokens: no variant then learns the
+   direction of motion even when it is the label (README, "All-in-one: does rolling see time?").
 
 CPU default vs paper (`--paper --B` = the release's pre-training recipe at the paper's size)
 ------------------------------------------------------------------------------------------
@@ -99,6 +103,7 @@ CPU default vs paper (`--paper --B` = the release's pre-training recipe at the p
 | `vtc_weight` | 1 | 0 (VTC off in pre-training) | zero-shot retrieval needs trained unimodal embeddings (departure 1) |
 | `joint_fraction` | 0.125 | 1.0 | a joint row costs T copies (departure 1) |
 | `vtc_pool` | mean | cls | [CLS] stalled from scratch (departure 9) |
+| `time_init` | 1.0 | 0 (zero start) | from scratch a zero time code never learns order (departure 10) |
 | `batch_size` / `grad_accum` | 64 / 1 | 16 / 32 per GPU (4096 on 8 GPUs) | one CPU process; no extra negatives |
 | `lr` / `warmup_steps` / `max_steps` | 1e-3 / 30 / 1000 | 1e-4 / 2500 / 200k | from scratch, short schedule |
 | `probe_lr` / `probe_epochs` | 1e-3 / 200 | 3e-4 (K400) or 1e-4 (HMDB51) / 50 | a tiny probe on a few hundred clips |
