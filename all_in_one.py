@@ -196,6 +196,7 @@ class Config:
     roll_tokens: str = "random"  # random (slots shuffled per frame, as the release effectively does) | fixed
     roll_unimodal: bool = False  # the temporal layer also in the video-only pass (flatten: frames joined); release False
     time_init: float = 1.0  # std of the temporal embedding at initialisation ("the time code"); release 0 (zero start)
+    pos_init: float = 0.02  # std of the spatial position table at initialisation ("the place code"); release 0.02
     # --- loss
     vtc_weight: float = 1.0  # video-text contrastive; release: off in pre-training, used for retrieval fine-tuning
     vtm_weight: float = 1.0  # video-text matching; release 1
@@ -280,7 +281,7 @@ CHOICES = dict(precision=("auto", "bf16", "fp32"), compile=("auto", "on", "off")
 RANGES = dict(max_steps=(1, None), width=(1, None), depth=(1, None), heads=(1, None), mlp_ratio=(0, None),
               patch_size=(1, None), img_size=(1, None), num_frames=(1, None), max_text_len=(3, None),
               vocab_size=(0, None), embed_dim=(1, None), dropout=(0, 1), drop_path=(0, 1), roll_fraction=(0, 1),
-              time_init=(0, None),
+              time_init=(0, None), pos_init=(0, None),
               vtc_weight=(0, None), vtm_weight=(0, None), mlm_weight=(0, None), temperature=(1e-6, None),
               joint_fraction=(0, 1), mlm_prob=(0, 1), batch_size=(1, None), grad_accum=(1, None), lr=(0, None),
               head_lr_mult=(0, None), weight_decay=(0, None), warmup_steps=(0, None), num_workers=(0, None),
@@ -698,6 +699,7 @@ class VisualTransformer(nn.Module):
         self.patch_embed.proj = nn.Conv2d(3, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n, D))
+        self.pos_init = cfg.pos_init
         # the time code: which frame a token comes from. Zero in the release, which starts from ImageNet weights;
         # from scratch a zero start leaves a clip and its reversal the same set of tokens, and training never
         # breaks that symmetry (README, the order investigation), so here it starts random at std time_init
@@ -743,7 +745,7 @@ class AllInOne(nn.Module):
             nn.init.zeros_(m.bias)
         elif isinstance(m, VisualTransformer):
             nn.init.normal_(m.cls_token, std=0.02)
-            nn.init.normal_(m.pos_embed, std=0.02)
+            nn.init.normal_(m.pos_embed, std=m.pos_init)
 
     def add_task_head(self, task, num_classes=0, in_dim=0):
         """Downstream heads, named as in the release. QA: Dropout(0.5) -> D -> D/2 -> LN -> GELU -> K;

@@ -27,26 +27,27 @@ set by which motion words it prefers, not by the video's direction (which is how
 `--random_init` probes the same architecture with random weights (what the features give before any training);
 without `--init` the architecture is the flags' (`--pretrain` defaults plus e.g. `--temporal=flatten`).
 
-    python tests/probe_order.py --init=<ckpt.pt> --finetune_steps=300 [--lr=3e-4] [--seed=S] [--random_init]
+The supervised motion task (issue 24) asks the opposite question: can a model learn the direction of motion when
+it is the training signal itself?
 
-asks the opposite question: can the model learn the direction of motion when it is the training signal itself?
-The whole model is fine-tuned from the checkpoint (or from random weights of its architecture), with a new linear
-head on the joint [CLS] of the action prompt (the features of `--finetune=action`; the joint pass rolls), to name
-the main object's motion among the 9 classes of msrvtt/action (train split, 1500 clips, bin-midpoint frames, batch
-64, AdamW), then tested on the test split, forward and with every clip reversed. Eight classes come in reversal
-pairs (left / right, up / down, growing / shrinking, appearing / disappearing), so the printed `pair` accuracy --
-the true class against its reversal only, chance 50 -- is the order-sensitive part. This is supervised
-fine-tuning: it says what the architecture can see at 3 frames of 64x64, not what pre-training teaches it.
-Two controls:
+    python tests/probe_order.py --random_init --temporal=flatten --motion_steps=1500 [--lr=1e-3] [--seed=S]
+    python tests/probe_order.py --cnn_steps=1500                  # the positive control: a small CNN
+    ... [--warmup=N (default 10% of the steps)] [--clip_cache=/tmp/motion.pt] [--out=results.jsonl]
 
-    ... --finetune_steps=300 --target=scene     the same route and recipe on a static label (the background scene)
-    python tests/probe_order.py --cnn_steps=600 --lr=1e-3    a small CNN with the frames stacked as channels
+It trains the whole model (from random weights with `--random_init`, or from `--init`) with a linear head on the
+joint [CLS] of the action prompt (the features of `--finetune=action`; the joint pass runs the temporal layer) to
+name the motion of msrvtt/action's clips: 9 classes, one object per clip and its motion the label (4000 training,
+200 val, 1000 test clips). Training: batches of 64, AdamW, linear warm-up then cosine decay; each clip a random
+frame in each of the T bins and three label-mapping symmetries, each with probability 1/2 -- played backwards
+(every motion becomes its reversal), mirrored left-right (left <-> right), upside down (up <-> down) -- so no
+variant sees one direction of a pair more than the other. Reported on the test split at bin midpoints: accuracy,
+the reversal-pair accuracy (the true class against its reversal, chance 50: the order-sensitive part, overall and
+per pair), accuracy with every clip reversed, and the first step at which val accuracy reached 70%.
+The CNN sees the T frames stacked as channels (order is in its input by construction): if it learns and a
+transformer does not, the signal is in the pixels and the transformer misses it.
 
-The first checks the route itself learns (a single frame shows the scene); the second that the motion is in the
-pixels (it sees frame order by construction, so reversing the clips should break it).
-
-Not collected by pytest (its scoring, `test_classifier`, is tested in tests/test_tools.py); the numbers go to the
-README (the order investigation, points 3, 6 and 7).
+Not collected by pytest (its scoring and its symmetries are tested in tests/test_tools.py); the numbers go to the
+README (All-in-one: does rolling see time?).
 """
 import json
 import sys
