@@ -51,13 +51,12 @@ def os_reason(e):
     return reason[:1].lower() + reason[1:]
 
 
-def os_error(e, path=None, doing=None):
-    """A UserError for an OSError: the path, the OS's reason and what to do, e.g.
+def os_error(e, path=None, doing=None, note=None):
+    """A UserError for an OSError: the path, the OS's reason, what to do (and a `note`), e.g.
     'error: cannot write runs/x/ckpt.pt: no space left on device; free some space on that disk, or ...'."""
     path = path if path is not None else e.filename
     where = " ".join(str(w) for w in (doing, path) if w is not None) or "a file operation"
-    advice = ADVICE.get(e.errno)
-    return UserError(f"{where}: {os_reason(e)}" + (f"; {advice}" if advice else ""))
+    return UserError("; ".join(filter(None, (f"{where}: {os_reason(e)}", ADVICE.get(e.errno), note))))
 
 
 def fixable(e):
