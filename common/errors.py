@@ -103,3 +103,12 @@ def check_data_root(root, needs, default_root=None):
     missing = [p for p in needs if not os.path.exists(os.path.join(root, p))]
     if missing:
         raise UserError(f"--data_root={root} lacks {', '.join(missing)} (what this task reads); {fix}")
+
+
+def check_inputs(cfg, needs, default_root):
+    """The paper files' start-up checks, before any model is built: --data_root holds `needs` (and vocab.txt unless
+    --vocab_file is given), and every file that --vocab_file / --init / --init_video / --init_text names exists."""
+    check_data_root(cfg.data_root, list(needs) + ([] if cfg.vocab_file else ["vocab.txt"]), default_root)
+    for flag in ("vocab_file", "init", "init_video", "init_text"):
+        if getattr(cfg, flag, ""):
+            check_file(getattr(cfg, flag), f"--{flag}")
