@@ -73,8 +73,10 @@ def user_errors(main):
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except LoadError as e:
-            raise UserError(f"{e} (is it the checkpoint for this paper file, built with these size flags?)") from None
+        except LoadError as e:  # its first line, then every offending key (the report the user needs)
+            head, _, keys = str(e).partition("\n")
+            raise UserError(f"{head} (a checkpoint of this paper file, built with these size flags?)\n{keys}") \
+                from None
         except OSError as e:
             if not fixable(e):
                 raise

@@ -152,7 +152,7 @@ class Tokenizer:
 
     def __init__(self, vocab_file: str, lowercase: bool = True):
         self.lowercase = lowercase
-        with open(vocab_file, encoding="utf-8") as f:
+        with open(vocab_file, encoding="utf-8-sig") as f:  # (a byte-order mark is dropped)
             # keep everything but the line break: a token could in principle start or end with a space
             self.ids_to_tokens = [line.rstrip("\n").rstrip("\r") for line in f]
         while self.ids_to_tokens and self.ids_to_tokens[-1] == "":  # trailing empty lines
