@@ -55,8 +55,9 @@ def os_error(e, path=None, doing=None, note=None):
     """A UserError for an OSError: the path, the OS's reason, what to do (and a `note`), e.g.
     'error: cannot write runs/x/ckpt.pt: no space left on device; free some space on that disk, or ...'."""
     path = path if path is not None else e.filename
-    where = " ".join(str(w) for w in (doing, path) if w is not None) or "a file operation"
-    return UserError("; ".join(filter(None, (f"{where}: {os_reason(e)}", ADVICE.get(e.errno), note))))
+    where = " ".join(str(w) for w in (doing, path) if w is not None)
+    cause = f"{where}: {os_reason(e)}" if where else os_reason(e)  # (an OSError without a path names it itself)
+    return UserError("; ".join(filter(None, (cause, ADVICE.get(e.errno), note))))
 
 
 def fixable(e):
