@@ -141,7 +141,7 @@ from common.errors import check_inputs, user_errors
 from common.config import config_to_dict, parse_config
 from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import accuracy, retrieval_metrics
-from common.text import Tokenizer, whole_word_mask
+from common.text import Tokenizer, check_vocab, whole_word_mask
 from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
@@ -1330,7 +1330,7 @@ def main(argv=None):
                 setattr(cfg, k, init["config"][k])
     if cfg.vocab_size == 0:
         cfg.vocab_size = tok.vocab_size
-    assert tok.vocab_size <= cfg.vocab_size, "the vocab file is larger than the word-embedding table"
+    check_vocab(tok, cfg.vocab_size)  # a token id past the word-embedding table would fail mid-run
     task = cfg.finetune or (cfg.eval and "eval") or "pretrain"
     os.makedirs(cfg.out_dir, exist_ok=True)
     logger = JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=dist.is_main)

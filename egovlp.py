@@ -145,7 +145,7 @@ from common.errors import check_inputs, user_errors
 from common.config import config_to_dict, parse_config
 from common.dist import all_gather_nograd, all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import map_relevancy, multilabel_map, ndcg_relevancy
-from common.text import Tokenizer
+from common.text import Tokenizer, check_vocab
 from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
@@ -1238,7 +1238,7 @@ def build_model(cfg: Config, root: Path, device):
     """The tokenizer and the dual encoder, initialised, then loaded from --init_video / --init_text / --init."""
     tokenizer = Tokenizer(cfg.vocab_file or str(root / "vocab.txt"))
     vocab = cfg.vocab_size or tokenizer.vocab_size
-    assert vocab >= tokenizer.vocab_size, f"vocab_size {vocab} < tokenizer's {tokenizer.vocab_size}"
+    check_vocab(tokenizer, vocab)  # a token id past the word-embedding table would fail mid-run
     model = FrozenInTime(cfg, vocab).init_weights(cfg.time_init)
     for path, key_map in ((cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)):
         if path:  # ours: {"model": ...}; the release's: {"state_dict": ...}; timm / HF: the tensors themselves

@@ -132,7 +132,7 @@ from common.errors import check_inputs, user_errors
 from common.config import config_to_dict, parse_config
 from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import retrieval_metrics
-from common.text import Tokenizer
+from common.text import Tokenizer, check_vocab
 from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
@@ -1149,6 +1149,7 @@ def main(argv=None):
     objects = cfg.objects == "on" and not finetuning  # fine-tuning and testing drop the object streams
 
     # --- model
+    check_vocab(tokenizer, cfg.vocab_size or tokenizer.vocab_size)  # a token id past the table would fail mid-run
     model = OATrans(cfg, cfg.vocab_size or tokenizer.vocab_size)
     for path, key_map in ((cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)):
         if path:  # ours: {"model": ...}; a release: {"state_dict": ...}; timm / HF: the tensors themselves

@@ -8,8 +8,8 @@ How: a fixable failure is raised as `UserError(message)`, a SystemExit, so Pytho
 with 1 (the older `raise SystemExit("error: ...")` lines across the code behave the same way). The `@user_errors`
 decorator on each script's `main()` turns the fixable failures that Python and the libraries raise on their own
 into one: an OSError of a path (missing, not readable, not writable, a file where a folder should be, a full or
-read-only disk) and a weights file whose tensors do not fit the model (common/weights.py's `LoadError`, whose
-report lists every offending key). Anything else propagates unchanged, traceback and all.
+read-only disk) and an `UnusableFile` (weights whose tensors do not fit the model: the report lists every
+offending key; a vocab without the special tokens). Anything else propagates unchanged, traceback and all.
 """
 
 import errno
@@ -33,9 +33,10 @@ ADVICE = {
 }
 
 
-class LoadError(ValueError):
-    """A weights file whose tensors do not fit the model (raised by common/weights.py's load_into); its message
-    lists every offending key."""
+class UnusableFile(ValueError):
+    """A file the user named that cannot be used: weights whose tensors do not fit the model (common/weights.py's
+    load_into; the message lists every offending key), a vocab without BERT's special tokens (common/text.py).
+    A ValueError for the code that calls these functions directly; the scripts print it as one error."""
 
 
 class UserError(SystemExit):
@@ -74,10 +75,8 @@ def user_errors(main):
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except LoadError as e:  # its first line, then every offending key (the report the user needs)
-            head, _, keys = str(e).partition("\n")
-            raise UserError(f"{head} (a checkpoint of this paper file, built with these size flags?)\n{keys}") \
-                from None
+        except UnusableFile as e:  # (a refused weights file: its report, every offending key, is the message)
+            raise UserError(str(e)) from None
         except OSError as e:
             if not fixable(e):
                 raise

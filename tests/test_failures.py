@@ -214,6 +214,16 @@ def test_data_root_without_what_the_task_reads_and_missing_weights_files(tiny_co
     assert not (tmp_path / "out").exists()
 
 
+def test_a_vocab_larger_than_the_table_or_without_special_tokens_is_one_error(tiny_corpus, tmp_path):
+    with pytest.raises(SystemExit, match=rf"^error: {tiny_corpus}/vocab\.txt: \d+ tokens, more than the model's "
+                                         r"word-embedding table \(vocab_size=10\)"):
+        aio.main(["--tiny", f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / 'a'}", "--vocab_size=10"])
+    (tmp_path / "v.txt").write_text("[PAD]\n[UNK]\nball\n")
+    for main in (oa.main, egovlp.main):
+        with pytest.raises(SystemExit, match=r"v\.txt: special tokens \['\[CLS\]', '\[SEP\]', '\[MASK\]'\] are not"):
+            main([f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / 'b'}", f"--vocab_file={tmp_path}/v.txt"])
+
+
 def test_the_default_data_root_names_run_sh_data(tmp_path):
     from common.errors import check_data_root
     with pytest.raises(SystemExit, match="bash run.sh data"):
