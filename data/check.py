@@ -33,6 +33,7 @@ import csv
 import json
 import os
 import random
+import sys
 from collections import defaultdict
 
 from tqdm import tqdm
@@ -298,7 +299,7 @@ def main(argv=None):
         problems, findings = check(args.root, args.format, args.split, args.all, args.sample, args.min_frames,
                                    args.seed)
     except FileNotFoundError as e:  # an annotation file itself is absent: nothing else can be checked
-        print(f"error: {e.filename}: not found (layouts: data/README.md)")
+        print(f"error: {e.filename}: not found; check --root (layouts: data/README.md)", file=sys.stderr)
         return 2
     print(f"{args.format} ({args.split}) under {args.root}: {findings.total} videos named, {findings.opened} opened")
     for kind in KINDS:

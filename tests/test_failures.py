@@ -193,6 +193,14 @@ def test_a_missing_data_root_is_one_line_before_any_model(tmp_path, paper):
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+def test_the_corpus_generator_and_data_check_end_in_one_line_too(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    one_error_line(script("-m", "data.synthetic", "--out", tmp_path / "a_file" / "synth", "--size", "tiny"),
+                   tmp_path / "a_file", "file exists")
+    one_error_line(script("-m", "data.check", "--root", tmp_path / "a_file", "--format", "webvid"),
+                   tmp_path / "a_file" / "webvid" / "results_train.csv", "not a directory")
+
+
 def test_an_out_dir_that_is_a_file_is_one_line(tiny_corpus, tmp_path):
     (tmp_path / "taken").write_text("not a folder")
     proc = script("all_in_one.py", f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / 'taken'}")
