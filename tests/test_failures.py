@@ -203,8 +203,8 @@ def test_the_corpus_generator_and_data_check_end_in_one_line_too(tmp_path):
 
 def test_an_out_dir_that_is_a_file_is_one_line(tiny_corpus, tmp_path):
     (tmp_path / "taken").write_text("not a folder")
-    proc = script("all_in_one.py", f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / 'taken'}")
-    one_error_line(proc, tmp_path / "taken", "is a file")
+    with pytest.raises(SystemExit, match=rf"^error: --out_dir={tmp_path}/taken is a file, not a folder; choose"):
+        oa.main([f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / 'taken'}"])
     with pytest.raises(SystemExit, match="cannot create --out_dir .*: not a directory"):
         prepare_out_dir(tmp_path / "taken" / "sub")
 
