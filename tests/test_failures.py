@@ -133,6 +133,8 @@ def test_a_header_without_a_required_column_is_one_error_before_any_row(tmp_path
     assert message.startswith("error: ") and "\n" not in message
     assert str(path) in message and "lacks column videoid" in message and "'video_id'" in message
     assert "warning" not in capsys.readouterr().out and skipped_rows() == []  # no row was read
+    with pytest.raises(SystemExit, match=rf"{path}: the header lacks column videoid; it has 'video_id'"):
+        oa.WebVidObjects(str(tmp_path), "train", oa.Config(), None)  # oa_trans's reader of the same file
 
 
 @pytest.mark.parametrize("reader,path,column", [
