@@ -140,11 +140,13 @@ from einops import rearrange
 from tqdm import tqdm
 
 from common import pictures
-from common.annotations import BadRow, bad_row, inside, read_json, read_rows, set_strict, skipped_rows, text_field
+from common.annotations import (BadRow, bad_row, inside, no_items, read_json, read_rows, set_strict, skipped_rows,
+                                text_field)
+from common.errors import check_inputs, user_errors
 from common.config import config_to_dict, parse_config
 from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import accuracy, retrieval_metrics
-from common.text import Tokenizer, whole_word_mask
+from common.text import Tokenizer, check_vocab, whole_word_mask
 from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
@@ -328,7 +330,7 @@ def read_webvid(root, split):
         seen.add(vid)
         return dict(id=vid, text=text_field(r, "name"), reverse_of=r.get("reverse_of") or "",
                     path=inside(str(Path(root) / "webvid" / "videos"), text_field(r, "page_dir"), f"{vid}.mp4"))
-    rows = read_rows(path, parse)
+    rows = read_rows(path, parse, columns=("videoid", "page_dir", "name"))
     index = {r["id"]: i for i, r in enumerate(rows)}
     for r in rows:  # twin index, both directions
         r["twin"] = index.get(r["reverse_of"], -1)
@@ -1312,6 +1314,7 @@ def finish(cfg, dist, metrics, title):
     return metrics
 
 
+@user_errors  # a failure the user can fix (path, data file, weights, disk) is one `error:` line (common/errors.py)
 def main(argv=None):
     cfg = parse_config(Config, argv, PRESETS, CHOICES, RANGES)
     set_strict(cfg.strict)
@@ -1325,8 +1328,10 @@ def main(argv=None):
         if dist.is_main:
             ensure_corpus(cfg.data_root)
         barrier()
+    check_inputs(cfg, ["msrvtt"] + ([] if cfg.finetune or cfg.eval else ["webvid/results_train.csv"]),
+                 Config.data_root)  # the data and weights files exist, before a model is built
     if dist.is_main:  # before anything is written: another run's files are kept unless --resume / --overwrite
-        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)  # (and locked: one run writes into it)
     barrier()
     tok = Tokenizer(cfg.vocab_file or str(Path(cfg.data_root) / "vocab.txt"))
     init = load_checkpoint(cfg.init, paper="all_in_one") if cfg.init else None
@@ -1337,7 +1342,7 @@ def main(argv=None):
                 setattr(cfg, k, init["config"][k])
     if cfg.vocab_size == 0:
         cfg.vocab_size = tok.vocab_size
-    assert tok.vocab_size <= cfg.vocab_size, "the vocab file is larger than the word-embedding table"
+    check_vocab(tok, cfg.vocab_size)  # a token id past the word-embedding table would fail mid-run
     task = cfg.finetune or (cfg.eval and "eval") or "pretrain"
     os.makedirs(cfg.out_dir, exist_ok=True)
     logger = JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=dist.is_main)
@@ -1385,8 +1390,7 @@ def main(argv=None):
         dataset = ClipTextDataset(build_task_items(cfg, task, "train", answer_vocab), cfg, train=True)
         twin = None
     if len(dataset) < cfg.batch_size:  # the sampler yields full batches only: it would never yield one
-        raise SystemExit(f"error: {len(dataset)} training items, fewer than --batch_size={cfg.batch_size}: no batch "
-                         f"can be drawn; use --batch_size={len(dataset)} or less")
+        raise no_items(len(dataset), cfg.batch_size)  # (none at all: the bad-row count and the first reasons)
     # every annotation file an evaluation reads later is read now: a missing val list or a malformed MSR_VTT.json
     # stops the run here, not at step eval_every with nothing saved
     for t, split in ((VAL_TASK[task], "val"), ("zeroshot" if task == "pretrain" else task, "test")):

@@ -43,9 +43,10 @@ def bad_row(path, where, why):
 
 
 def read_text(path):
-    """The file as text; bytes that are not UTF-8 are kept as surrogates, so that the row holding them (and only
-    that row) is reported by `read_rows`."""
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    """The file as text, as spreadsheets and editors save it: UTF-8 with or without a byte-order mark (dropped),
+    line endings left as they are (LF or CRLF; the readers below accept both). Bytes that are not UTF-8 are kept as
+    surrogates, so that the row holding them (and only that row) is reported by `read_rows`."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         return f.read()
 
 
@@ -53,15 +54,20 @@ def _not_utf8(values):
     return any(isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v) for v in values)
 
 
-def read_rows(path, parse, fmt="csv"):
+def read_rows(path, parse, fmt="csv", columns=()):
     """Rows of a "csv" / "tsv" file (with a header), a "jsonl" file or a "lines" file (one stripped line per row:
     split lists, K400-style lists), each passed through `parse(row)` -> the kept value; unusable rows follow the
-    bad-row policy. Returns the list of parsed rows, in file order."""
+    bad-row policy. Returns the list of parsed rows, in file order.
+
+    CSV / TSV as the csv module reads them: quoted fields may hold commas, quotes ("") and line breaks. `columns`:
+    the header's required columns, checked before any row is read: a header without one is one error naming the
+    file, the missing columns and the columns found (not a bad row per line)."""
     text, out = read_text(path), []
-    if fmt in ("jsonl", "lines"):
-        rows = ((n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip())
+    if fmt in ("jsonl", "lines"):  # (split on "\n" only: str.splitlines would also split a JSON string at U+2028)
+        rows = ((n, line.strip()) for n, line in enumerate(text.split("\n"), start=1) if line.strip())
     else:
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")
+        check_header(path, reader.fieldnames or [], columns)
         rows = ((reader.line_num, r) for r in reader)  # line 1 is the header
     for n, row in rows:
         try:
@@ -84,11 +90,36 @@ def read_rows(path, parse, fmt="csv"):
     return out
 
 
+def check_header(path, found, columns):
+    """SystemExit naming the file, the required `columns` its header lacks and the columns it has."""
+    missing = [c for c in columns if c not in found]
+    if missing:
+        stripped = [c for c in missing if c in [f.strip().strip('"') for f in found]]
+        hint = (f" ({', '.join(stripped)} with spaces or quotes around the name)" if stripped else "")
+        raise SystemExit(f"error: {path}: the header lacks column{'s' * (len(missing) > 1)} {', '.join(missing)}"
+                         f"{hint}; it has {', '.join(repr(f) for f in found) or 'no columns (an empty file?)'}. "
+                         f"Fix the header line (line 1)")
+
+
+def no_items(n, batch_size, what="training items"):
+    """The error for a split too small for one batch. With no usable row at all it says why (the bad-row count and
+    the first reasons), never to lower --batch_size to 0."""
+    if n:
+        return SystemExit(f"error: {n} {what}, fewer than --batch_size={batch_size}: no batch can be drawn; use "
+                          f"--batch_size={n} or less")
+    if not _SKIPPED:
+        return SystemExit(f"error: no {what}: the split's annotation file holds no rows; check --data_root and "
+                          f"the split's files")
+    first = "; ".join(_SKIPPED[:3])
+    return SystemExit(f"error: no {what}: every row was unusable ({len(_SKIPPED)} bad rows skipped; first: {first}). "
+                      f"Fix the annotation file (`python -m data.check` lists every problem)")
+
+
 def read_json(path):
     """A whole JSON file; a syntax error or non-UTF-8 bytes are an error naming the file, line and column (a JSON
     file is one record: it cannot be skipped row by row; its entries can, with `bad_row(path, key, why)`)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark is dropped)
             return json.load(f)
     except UnicodeDecodeError as e:
         raise SystemExit(f"error: {path}, byte {e.start}: not UTF-8 ({e.reason})") from None

@@ -75,6 +75,8 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from common.errors import user_errors
+
 # ---------------------------------------------------------------------------------------------------------------
 # Knobs
 
@@ -1395,6 +1397,7 @@ def _generate_and_swap(root: Path, keep_existing: bool = True, **kwargs):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@user_errors  # a path it cannot write, a full disk: one `error:` line (common/errors.py)
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate the synthetic video-language corpus (see data/README.md).")
     p.add_argument("--out", default="data/synth", help="output directory (replaced atomically if --force)")
