@@ -87,9 +87,9 @@ Departures from the release, and why
    the release's [CLS]: trained from scratch, [CLS] pooling stalled on a plateau. `vtc_pool="cls"` restores the
    release; the joint pass uses the text [CLS] either way.
 10. The time code (`temporal_embed`, which frame a token comes from) starts random, std `time_init=1.0`, for every
-   `temporal=` variant alike; the release starts it at zero (`--paper` keeps that), which is harmless from ImageNet
-   weights but, from scratch, leaves a clip and its reversal the same set of tokens: no variant then learns the
-   direction of motion even when it is the label (README, "All-in-one: does rolling see time?").
+   `temporal=` variant alike; the release starts it at zero (`--paper` and `--init_video` keep that), which is
+   harmless from ImageNet weights but, from scratch, leaves a clip and its reversal the same set of tokens, and
+   no variant then learns the direction of motion even when it is the label (README, "Does rolling see time?").
 
 CPU default vs paper (`--paper --B` = the release's pre-training recipe at the paper's size)
 ------------------------------------------------------------------------------------------
@@ -1361,6 +1361,8 @@ def main(argv=None):
         if path:
             state = find_state_dict(load_checkpoint(path, paper="all_in_one")) if state is None else state
             print0(load_into(model, state, **key_map, source=path))
+            if key_map is VIT_INIT:  # from image weights the time code starts at zero, as released (departure 10)
+                model.transformer.temporal_embed.data.zero_()
     if cfg.width in PAPER_INIT and not (cfg.init or cfg.init_video):
         print0(f"note: paper-size backbone from random weights; the paper starts from timm's {PAPER_INIT[cfg.width]}"
                f" (--init_video) and loads no BERT weights (only bert-base-uncased's vocab.txt, --vocab_file)")

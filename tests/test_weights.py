@@ -352,7 +352,7 @@ AIO_TINY = dict(width=32, depth=2, heads=2, patch_size=16, img_size=32, num_fram
 def test_timm_vit_into_all_in_one_equals_a_plain_vit(distilled):
     """A frame through the video-only pass = a plain ViT of the same tensors, plus the modality row (new)."""
     torch.manual_seed(2)
-    model = aio.AllInOne(aio.Config(**AIO_TINY)).eval()
+    model = aio.AllInOne(aio.Config(**AIO_TINY, time_init=0.0)).eval()  # main() zeroes it after --init_video
     sd = timm_vit(32, 2, img=64, patch=16, classes=10, distilled=distilled)  # pos_embed resampled 4x4 -> 2x2
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = load_into(model, sd, **aio.VIT_INIT)
@@ -537,3 +537,15 @@ def test_frozen_layout_release_full_size_on_the_meta_device(paper):
     assert len(report.loaded) == len(model.state_dict()) == 327 and report.new == []
     assert report.dropped == ["text_model.embeddings.position_ids"]
     assert list(report.reshaped) == (["video_model.temporal_embed"] if paper == "egovlp" else [])
+
+
+def test_all_in_one_main_starts_the_time_code_at_zero_from_image_weights(tiny_corpus, tmp_path):
+    """Departure 10: from scratch the temporal embedding starts at std time_init; from timm weights (--init_video)
+    at zero, as released. lr=0 keeps the initial values in the checkpoint."""
+    torch.save(timm_vit(32, 2, img=224, patch=16), tmp_path / "vit.pth")
+    common = ["--tiny", f"--data_root={tiny_corpus}", "--img_size=32", "--max_steps=1", "--lr=0", "--eval_every=10"]
+    for name, extra in (("scratch", []), ("timm", [f"--init_video={tmp_path / 'vit.pth'}"])):
+        aio.main(common + [f"--out_dir={tmp_path / name}"] + extra)
+    code = {n: torch.load(tmp_path / n / "ckpt.pt", weights_only=False)["model"]["transformer.temporal_embed"]
+            for n in ("scratch", "timm")}
+    assert code["scratch"].std().item() > 0.5 and code["timm"].abs().max().item() == 0
