@@ -128,6 +128,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -135,7 +136,8 @@ from einops import rearrange
 from tqdm import tqdm
 
 from common import pictures
-from common.annotations import BadRow, bad_row, inside, read_json, read_rows, set_strict, skipped_rows, text_field
+from common.annotations import (BadRow, bad_row, inside, read_json, read_rows, read_table, set_strict, skipped_rows,
+                                text_field)
 from common.config import config_to_dict, parse_config
 from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import accuracy, retrieval_metrics
@@ -308,25 +310,31 @@ def decode_clip(path, cfg, train, rng=None, sample=None):
 
 
 def read_webvid(root, split):
-    """WebVid CSV (videoid, contentUrl, duration, page_dir, name[, reverse_of]) -> list of dict(path, text, twin).
-    Rows without an id, with an empty caption, a repeated id or a path leaving the corpus are bad rows
-    (common/annotations.py: skipped and counted, or an error with --strict)."""
+    """WebVid CSV (videoid, contentUrl, duration, page_dir, name[, reverse_of]) -> a Table of rows dict(id, text,
+    reverse_of, page_dir, path, twin), columnar and cached beside the CSV (common/annotations.py: WebVid-10M has
+    10.7 M rows). Rows without an id, with an empty caption, a repeated id or a path leaving the corpus are bad rows
+    (skipped and counted, or an error with --strict)."""
     path, seen = Path(root) / "webvid" / f"results_{split}.csv", set()
+    videos = str(Path(root) / "webvid" / "videos")
 
     def parse(r):
         vid = text_field(r, "videoid")
         if vid in seen:
             raise BadRow(f"duplicate videoid {vid!r}")
         seen.add(vid)
-        return dict(id=vid, text=text_field(r, "name"), reverse_of=r.get("reverse_of") or "",
-                    path=inside(str(Path(root) / "webvid" / "videos"), text_field(r, "page_dir"), f"{vid}.mp4"))
-    rows = read_rows(path, parse)
-    index = {r["id"]: i for i, r in enumerate(rows)}
-    for r in rows:  # twin index, both directions
-        r["twin"] = index.get(r["reverse_of"], -1)
-    for i, r in enumerate(rows):
-        if r["twin"] >= 0 and rows[r["twin"]]["twin"] < 0:
-            rows[r["twin"]]["twin"] = i
+        inside(videos, text_field(r, "page_dir"), f"{vid}.mp4")
+        return dict(id=vid, text=text_field(r, "name"), reverse_of=r.get("reverse_of") or "", page_dir=r["page_dir"])
+    rows = read_table(path, parse, version="all_in_one.webvid/1")
+    twin = np.full(len(rows), -1, dtype=np.int64)  # twin index, both directions (only the synthetic corpus has any)
+    if len(rows) and any(rows.distinct("reverse_of")):
+        reverse_of, index = rows.columns["reverse_of"], {rows.columns["id"][i]: i for i in range(len(rows))}
+        for i in range(len(rows)):
+            twin[i] = index.get(reverse_of[i], -1)
+        for i in range(len(rows)):
+            if twin[i] >= 0 and twin[twin[i]] < 0:
+                twin[twin[i]] = i
+    rows.twin = twin
+    rows.extra = lambda r, i: dict(path=os.path.join(videos, r["page_dir"], f"{r['id']}.mp4"), twin=int(twin[i]))
     return rows
 
 
@@ -1368,7 +1376,7 @@ def main(argv=None):
     if task == "pretrain":
         rows = read_webvid(cfg.data_root, "train")
         dataset = ClipTextDataset(rows, cfg, train=True)
-        twin = [r["twin"] for r in rows]
+        twin = rows.twin
     else:
         dataset = ClipTextDataset(build_task_items(cfg, task, "train", answer_vocab), cfg, train=True)
         twin = None

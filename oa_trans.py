@@ -126,7 +126,8 @@ from einops import rearrange, repeat
 from tqdm import tqdm
 
 from common import pictures as P
-from common.annotations import BadRow, bad_row, inside, read_json, read_rows, set_strict, skipped_rows, text_field
+from common.annotations import (BadRow, bad_row, inside, read_json, read_rows, read_table, set_strict, skipped_rows,
+                                text_field)
 from common.config import config_to_dict, parse_config
 from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import retrieval_metrics
@@ -767,8 +768,8 @@ class WebVidObjects(torch.utils.data.Dataset):
             seen.add(vid)
             inside(os.path.join(root, "webvid", "videos"), text_field(r, "page_dir"), vid + ".mp4")
             inside(os.path.join(root, "webvid", "objects"), r["page_dir"], vid)
-            return dict(r, name=text_field(r, "name"))
-        self.rows = read_rows(path, parse)
+            return dict(videoid=vid, page_dir=r["page_dir"], name=text_field(r, "name"))
+        self.rows = read_table(path, parse, version="oa_trans.webvid/1")  # columnar, cached beside the CSV
         self.transform = clip_transform(cfg, train)
         self.num_frames = cfg.num_frames  # changed by the frame curriculum
         self.object_names = read_vocab_lines(os.path.join(root, "webvid", "objects_vocab.txt"))

@@ -99,3 +99,132 @@ def test_short_side_scales_only_larger_frames(tmp_path):
         ref = [f.reformat(width=48, height=32, format="rgb24", interpolation="AREA").to_ndarray()
                for f in c.decode(video=0)]
     assert all(np.array_equal(frames[k], ref[i]) for k, i in enumerate(idx))
+
+
+# ----------------------------------------------------------------------------- columnar annotation index
+
+import os  # noqa: E402
+
+import common.annotations as A  # noqa: E402
+
+DIRTY_WEBVID = (  # header, then good and bad rows; a quoted caption spans two lines (line numbers must follow)
+    b"videoid,contentUrl,duration,page_dir,name\n"
+    b"1,u,PT1S,0_49,a red ball\n"
+    b'2,u,PT1S,0_49,"a caption, with a comma\nand a second line"\n'
+    b"3,u,PT1S,0_49\n"                                 # a missing column
+    b"4,u,PT1S,0_49,fine,extra\n"                      # one column too many
+    b"5,u,PT1S,0_49,caf\xe9 latin-1\n"                 # not UTF-8
+    b"6,u,PT1S,0_49,  \n"                              # empty caption
+    b"1,u,PT1S,0_49,a repeated id\n"
+    b"7,u,PT1S,../..,leaves the root\n"
+    b"8,u,PT1S,50_99,\xc3\xa9t\xc3\xa9 is UTF-8\n"
+    b",u,PT1S,50_99,no id\n"
+    b"9,u,PT1S,50_99,last\n")
+
+
+def webvid_parse(root):
+    seen = set()
+
+    def parse(r):
+        vid = A.text_field(r, "videoid")
+        if vid in seen:
+            raise A.BadRow(f"duplicate videoid {vid!r}")
+        seen.add(vid)
+        A.inside(str(root / "videos"), A.text_field(r, "page_dir"), vid + ".mp4")
+        return dict(id=vid, page_dir=r["page_dir"], text=A.text_field(r, "name"), n=int(vid), t=float(vid) / 2,
+                    tags=[int(vid)] * (int(vid) % 3), even=int(vid) % 2 == 0)
+    return parse
+
+
+def read_both(path, parse_factory, fmt="csv"):
+    """(rows, messages) by read_rows, then by read_table (building), then by read_table (from the cache)."""
+    out = []
+    for reader in ("rows", "build", "cache"):
+        A.set_strict(False)
+        if reader == "rows":
+            rows = A.read_rows(path, parse_factory(), fmt)
+        else:
+            rows = list(A.read_table(path, parse_factory(), fmt, version="test/1"))
+        out.append((rows, A.skipped_rows()))
+    return out
+
+
+def test_index_gives_the_rows_and_bad_row_messages_of_the_csv_reader(tmp_path, capsys):
+    path = tmp_path / "results_train.csv"
+    path.write_bytes(DIRTY_WEBVID)
+    (ref, ref_bad), (built, built_bad), (cached, cached_bad) = read_both(path, lambda: webvid_parse(tmp_path))
+    assert [r["id"] for r in ref] == ["1", "2", "8", "9"] and len(ref_bad) == 7
+    assert built == ref and cached == ref
+    assert built_bad == ref_bad and cached_bad == ref_bad  # named again at every start, from the cache
+    assert os.path.isfile(A.index_dir(path) + "/meta.json")
+    printed = capsys.readouterr().out
+    assert printed.count("line 5: 4 columns, the header has 5") == 3  # line 5: the quoted caption took two lines
+    # --strict stops on a bad row stored in the cache too
+    A.set_strict(True)
+    with pytest.raises(SystemExit, match="line 5"):
+        A.read_table(path, webvid_parse(tmp_path), version="test/1")
+    A.set_strict(False)
+
+
+def test_index_is_rebuilt_when_the_file_or_the_reader_changes(tmp_path):
+    path = tmp_path / "results_train.csv"
+    path.write_bytes(b"videoid,contentUrl,duration,page_dir,name\n1,u,PT1S,0_49,one\n")
+    parse = lambda: webvid_parse(tmp_path)  # noqa: E731
+    assert [r["text"] for r in A.read_table(path, parse(), version="test/1")] == ["one"]
+    with open(path, "ab") as f:
+        f.write(b"2,u,PT1S,0_49,two\n")
+    assert [r["text"] for r in A.read_table(path, parse(), version="test/1")] == ["one", "two"]
+    calls = []
+    A.read_table(path, lambda r: calls.append(1) or dict(x=1), version="test/1")
+    assert calls == []  # cached: parse is not called
+    A.read_table(path, lambda r: calls.append(1) or dict(x=1), version="test/2")
+    assert calls == [1, 1]  # another reader version: rebuilt
+
+
+def test_index_is_columnar(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("uid,text\n" + "".join(f"v{i % 3},caption number {i}\n" for i in range(40)))
+    table = A.read_table(path, lambda r: dict(uid=r["uid"], text=r["text"]))
+    assert isinstance(table.columns["uid"], A.CodedColumn)  # 3 distinct values: codes
+    assert isinstance(table.columns["text"], A.StringColumn)
+    assert isinstance(table.columns["text"].buffer, np.memmap)  # later loads map the file, shared by workers
+    assert table.distinct("uid") == {"v0", "v1", "v2"} and table[-1] == dict(uid="v0", text="caption number 39")
+
+
+class ListRows(list):
+    """read_rows' list, with the one Table method read_webvid calls."""
+
+    def distinct(self, name):
+        return {r[name] for r in self}
+
+
+def test_paper_loaders_read_the_same_rows_through_the_index(tmp_path, monkeypatch):
+    """all_in_one.read_webvid, oa_trans.WebVidObjects and egovlp.read_egoclip: the rows of the index equal those of
+    read_rows on the same dirty files."""
+    import all_in_one
+    import egovlp
+    (tmp_path / "webvid").mkdir()
+    (tmp_path / "webvid" / "results_train.csv").write_bytes(DIRTY_WEBVID)
+    ego = tmp_path / "egoclip.csv"
+    ego.write_text("clip_idx\tvideo_uid\tvideo_dur\tnarration_source\tnarration_ind\tnarration_time\tclip_start\t"
+                   "clip_end\tclip_text\ttag_verb\ttag_noun\n"
+                   "0\tvid_a\t100\tnarration_pass_1\t0\t5.0\t4.5\t5.5\t#C C takes the cup\t[0]\t[1, 2]\n"
+                   "1\tvid_a\t100\tnarration_pass_1\t1\t7.0\t6.5\t6.0\t#C C ends early\t[0]\t[1]\n"
+                   "2\tvid_b\t100\tnarration_pass_1\t0\t9.0\t8.5\t9.5\t#C C lifts\t[not a list\t[1]\n"
+                   "3\tvid_b\t100\tnarration_pass_1\t1\t12.0\t11.5\t12.5\t#C C puts it down\t[]\t[3]\n")
+    got = {}
+    for mode in ("table", "rows"):
+        if mode == "rows":  # the reference: the plain CSV reader with the loaders' own parse functions
+            for mod in (all_in_one, egovlp):
+                monkeypatch.setattr(mod, "read_table", lambda p, parse, fmt="csv", version="":
+                                    ListRows(A.read_rows(p, parse, fmt)))
+        A.set_strict(False)
+        webvid = all_in_one.read_webvid(tmp_path, "train")
+        rows = [webvid[i] for i in range(len(webvid))]
+        if mode == "rows":  # what the old loader added itself
+            rows = [dict(r, path=os.path.join(tmp_path, "webvid", "videos", r["page_dir"], r["id"] + ".mp4"),
+                         twin=-1) for r in rows]
+        got[mode] = (rows, list(egovlp.read_egoclip(ego)), A.skipped_rows())
+    assert got["table"] == got["rows"]
+    assert [r["id"] for r in got["table"][0]] == ["1", "2", "8", "9"]
+    assert [r["clip_text"] for r in got["table"][1]] == ["#C C takes the cup", "#C C puts it down"]
