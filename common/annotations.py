@@ -197,6 +197,8 @@ class Table:
         return self.n
 
     def __getitem__(self, i):
+        if isinstance(i, slice):  # a list of rows, as a list's slice
+            return [self[j] for j in range(*i.indices(self.n))]
         if not -self.n <= i < self.n:
             raise IndexError(i)
         i = i % self.n

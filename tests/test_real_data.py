@@ -228,3 +228,77 @@ def test_paper_loaders_read_the_same_rows_through_the_index(tmp_path, monkeypatc
     assert got["table"] == got["rows"]
     assert [r["id"] for r in got["table"][0]] == ["1", "2", "8", "9"]
     assert [r["clip_text"] for r in got["table"][1]] == ["#C C takes the cup", "#C C puts it down"]
+
+
+# ----------------------------------------------------------------------------- data.prepare
+
+def test_prepared_corpus_loads_through_every_loader_and_a_rerun_skips(tiny_corpus, tmp_path):
+    import all_in_one
+    import egovlp
+    import oa_trans
+    from common.config import parse_config
+    from common.text import Tokenizer
+    from common.video import video_meta
+    from data.prepare import prepare
+    out = tmp_path / "prep"
+    done = {fmt: prepare(str(tiny_corpus), str(out), fmt, short_side=32, workers=2, progress=False)
+            for fmt in ("webvid", "msrvtt", "egoclip", "epic_mir", "charades")}
+    assert all(r["done"] > 0 and not r["failed"] and r["skipped"] == 0 for r in done.values())
+    videos = sorted(p.relative_to(tiny_corpus) for p in tiny_corpus.rglob("*.mp4"))
+    assert videos == sorted(p.relative_to(out) for p in out.rglob("*.mp4"))  # every video, same place
+    for rel in videos[::7]:  # scaled to short side 32 (from 64), same frames count, a keyframe every second
+        a, b = video_meta(tiny_corpus / rel), video_meta(out / rel)
+        assert (b.height, b.width, b.num_frames) == (32, 32, a.num_frames) and abs(b.fps - a.fps) < 1e-6
+        with av.open(str(out / rel)) as c:
+            index = frame_index(c, c.streams.video[0], out / rel)
+        assert np.diff(index.keyframes).max() <= round(a.fps)
+    # the loaders: the same rows from --root and from --out, and items decode from --out
+    A.set_strict(True)  # a row the prepared copy could not parse would stop here
+    tok = Tokenizer(str(out / "vocab.txt"))
+    for root in (tiny_corpus, out):
+        flags = [f"--data_root={root}", "--img_size=32"]
+        cfg = parse_config(all_in_one.Config, ["--tiny"] + flags, all_in_one.PRESETS)
+        rows = all_in_one.read_webvid(root, "train")
+        items = {t: all_in_one.build_task_items(cfg, t, "test") for t in ("retrieval", "qa", "mc")}
+        ego = egovlp.read_egoclip(root / "egoclip" / "egoclip.csv")
+        if root == tiny_corpus:
+            ref = ([r["id"] for r in rows], {t: len(v) for t, v in items.items()}, list(ego))
+            continue
+        assert ref == ([r["id"] for r in rows], {t: len(v) for t, v in items.items()}, list(ego))
+        item = all_in_one.ClipTextDataset(rows, cfg, train=True)[0]
+        assert item["video"].shape == (cfg.num_frames, 3, 32, 32)
+        for t in items:
+            assert "bad_video" not in all_in_one.ClipTextDataset(items[t], cfg, train=False)[0]
+        ocfg = parse_config(oa_trans.Config, flags + ["--patch_size=8"], oa_trans.PRESETS)
+        assert "bad_video" not in oa_trans.WebVidObjects(str(root), "train", ocfg, tok)[0]
+        ecfg = parse_config(egovlp.Config, flags + ["--patch_size=8"], egovlp.PRESETS)
+        anchor, negative = egovlp.EgoClipDataset(root / "egoclip", ecfg, ego, ["take"] * 8, 8)[0]
+        assert anchor["video"].shape[-1] == 32
+        assert "video" in egovlp.EpicMIRTrain(root / "egoclip" / "epic_mir", ecfg)[0]
+        assert set(egovlp.build_evaluators(["egomcq", "epic_mir", "charades"], root, ecfg)) == {
+            "egomcq", "epic_mir", "charades"}
+    A.set_strict(False)
+    # a re-run skips every finished video, and redoes one that is gone
+    (out / videos[0]).unlink()
+    again = prepare(str(tiny_corpus), str(out), "webvid", short_side=32, workers=1, progress=False)
+    assert again["done"] == (1 if videos[0].parts[0] == "webvid" else 0)
+    assert again["skipped"] == sum(1 for v in videos if v.parts[0] == "webvid") - again["done"]
+
+
+def test_prepare_names_unreadable_videos_and_retries_them(tmp_path, capsys):
+    from data.prepare import main
+    src = tmp_path / "raw"
+    (src / "webvid" / "videos" / "0_49").mkdir(parents=True)
+    write_video(src / "webvid" / "videos" / "0_49" / "1.mp4", 30, gop=250, size=(96, 64))
+    (src / "webvid" / "videos" / "0_49" / "2.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video")
+    (src / "webvid" / "results_train.csv").write_text("videoid,contentUrl,duration,page_dir,name\n"
+                                                      "1,u,PT1S,0_49,one\n2,u,PT1S,0_49,two\n")
+    argv = ["--root", str(src), "--out", str(tmp_path / "prep"), "--format", "webvid", "--workers", "1"]
+    assert main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "1 videos prepared" in printed and "1 unreadable" in printed and "2.mp4" in printed
+    assert "2.mp4" in (tmp_path / "prep" / "prepare_failed.txt").read_text()
+    assert (tmp_path / "prep" / "webvid" / "results_train.csv").read_text().endswith("2,u,PT1S,0_49,two\n")
+    assert main(argv) == 1 and "0 videos prepared, 1 already done (skipped), 1 unreadable" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not found"):
+        main(["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p2"), "--format", "msrvtt"])
