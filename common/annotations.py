@@ -260,29 +260,54 @@ def _strings(values):
 
 
 class _ColumnBuilder:
-    """Collects one column's python values, then packs them by the type of the first value."""
+    """Collects one column's python values and packs them every CHUNK rows (a build's memory stays near the size of
+    the packed arrays); `pack` joins the chunks, typed by the first value."""
+
+    CHUNK = 1 << 18
 
     def __init__(self):
-        self.values, self.codes = [], {}
+        self.values, self.chunks, self.n = [], [], 0
+        self.code = {}  # string -> code, while the column still looks coded (few distinct values)
+
+    def add(self, value):
+        self.values.append(value)
+        if len(self.values) == self.CHUNK:
+            self.flush()
+
+    def flush(self):
+        v, self.values = self.values, []
+        if not v:
+            return
+        self.n += len(v)
+        if isinstance(v[0], str):
+            data = [x.encode("utf-8") for x in v]
+            codes = None
+            if self.code is not None:
+                codes = np.array([self.code.setdefault(x, len(self.code)) for x in v], dtype=np.int32)
+                if len(self.code) > max(1000, self.n // 4):  # many distinct values: a plain string column
+                    self.code, codes = None, None
+            self.chunks.append((b"".join(data), np.array([len(d) for d in data], dtype=np.int64), codes))
+        elif isinstance(v[0], list):
+            flat = np.array([x for item in v for x in item], dtype=np.int32)
+            self.chunks.append((flat, np.array([len(item) for item in v], dtype=np.int64)))
+        else:
+            dtype = bool if isinstance(v[0], bool) else np.int64 if isinstance(v[0], int) else np.float64
+            if not isinstance(v[0], (bool, int, float)):
+                raise TypeError(f"read_table cannot store a column of {type(v[0]).__name__}")
+            self.chunks.append((np.array(v, dtype=dtype),))
 
     def pack(self):
-        v, first = self.values, self.values[0]
-        if isinstance(first, str):
-            distinct = dict.fromkeys(v)
-            if len(distinct) <= len(v) // 4:  # few distinct values (video ids, page dirs): codes
-                code = {s: k for k, s in enumerate(distinct)}
-                return CodedColumn(np.array([code[s] for s in v], dtype=np.int32), _strings(list(distinct)))
-            return _strings(v)
-        if isinstance(first, list):
-            flat = [x for item in v for x in item]
-            return ListColumn(np.array(flat, dtype=np.int32), _offsets([len(item) for item in v]))
-        if isinstance(first, bool):
-            return NumberColumn(np.array(v, dtype=bool))
-        if isinstance(first, int):
-            return NumberColumn(np.array(v, dtype=np.int64))
-        if isinstance(first, float):
-            return NumberColumn(np.array(v, dtype=np.float64))
-        raise TypeError(f"read_table cannot store a column of {type(first).__name__}")
+        self.flush()
+        first = self.chunks[0]
+        if isinstance(first[0], bytes):
+            if self.code is not None and len(self.code) <= self.n // 4:  # few distinct values (video ids): codes
+                return CodedColumn(np.concatenate([c[2] for c in self.chunks]), _strings(list(self.code)))
+            buffer = np.frombuffer(b"".join(c[0] for c in self.chunks), dtype=np.uint8)
+            return StringColumn(buffer, _offsets(np.concatenate([c[1] for c in self.chunks])))
+        if len(first) == 2:
+            return ListColumn(np.concatenate([c[0] for c in self.chunks]),
+                              _offsets(np.concatenate([c[1] for c in self.chunks])))
+        return NumberColumn(np.concatenate([c[0] for c in self.chunks]))
 
 
 def _iter_rows(path, fmt):
@@ -328,7 +353,7 @@ def build_table(path, parse, fmt="csv", version=""):
         if parsed.keys() != builders.keys():
             raise TypeError(f"read_table: parse returned the keys {sorted(parsed)}, earlier rows {sorted(builders)}")
         for name, value in parsed.items():
-            builders[name].values.append(value)
+            builders[name].add(value)
         n += 1
     return Table({name: b.pack() for name, b in builders.items()}, n), bad
 

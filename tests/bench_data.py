@@ -256,27 +256,30 @@ def write_egoclip(path, n):
 
 def index_child(kind, root, mode):
     """Runs in its own process: read the index (building it, or from the cache, or with read_rows) and report."""
+    import all_in_one
+    import egovlp
+    from common import annotations
+    if mode == "rows":  # the reader before the index: a list of dicts
+        all_in_one.read_table = lambda p, parse, fmt="csv", version="": RowList(annotations.read_rows(p, parse))
+        egovlp.read_table = lambda p, parse, fmt="csv", version="": annotations.read_rows(p, parse, fmt)
+    rss0 = current_rss()
     t = time.perf_counter()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if kind == "webvid":
-        import all_in_one
-        if mode == "rows":  # the reader before the index: a list of dicts
-            from common import annotations
-            all_in_one.read_table = lambda p, parse, fmt="csv", version="": RowList(annotations.read_rows(p, parse))
         rows = all_in_one.read_webvid(root, "train")
     else:
-        import egovlp
-        if mode == "rows":
-            from common import annotations
-            egovlp.read_table = lambda p, parse, fmt="csv", version="": annotations.read_rows(p, parse, fmt)
         rows = egovlp.read_egoclip(Path(root) / "egoclip" / "egoclip.csv")
     seconds = time.perf_counter() - t
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
-    out = dict(rows=len(rows), seconds=seconds, peak_rss=peak)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    out = dict(rows=len(rows), seconds=seconds, peak_rss=peak, held_rss=current_rss() - rss0)
     if mode == "cache":
         out["nbytes"] = rows.nbytes()
         out.update(worker_memory(rows))
     print(json.dumps(out))
+
+
+def current_rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class RowList(list):
@@ -285,14 +288,16 @@ class RowList(list):
 
 
 def smaps(pid="self"):
-    """(USS, PSS) in bytes from /proc/<pid>/smaps_rollup."""
+    """(private dirty, PSS) in bytes from /proc/<pid>/smaps_rollup. Private dirty is memory this process alone
+    holds and wrote: what copy-on-write copies of the parent's objects cost. (USS also counts the index's file pages
+    that only this worker happened to read; those are the page cache, shared, not a copy.)"""
     fields = {}
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
             parts = line.split()
             if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
                 fields[parts[0][:-1]] = int(parts[1]) * 1024
-    return fields["Private_Clean"] + fields["Private_Dirty"], fields["Pss"]
+    return fields["Private_Dirty"], fields["Pss"]
 
 
 class RowsDataset:
@@ -323,14 +328,14 @@ def worker_memory(rows, per_worker=200_000, batch=2000):
     for wid, pid, mem, _ in loader:
         last[wid] = mem
     seconds = time.perf_counter() - t
-    return dict(worker_uss=[m[0] for m in last.values()], worker_pss=[m[1] for m in last.values()],
-                main_uss_pss=smaps(), iterate_seconds=seconds)
+    return dict(worker_dirty=[m[0] for m in last.values()], worker_pss=[m[1] for m in last.values()],
+                iterate_seconds=seconds)
 
 
 def index_part(args, work):
     lines = [f"Annotation index (the paper loaders' own parse functions), one thread; load average at each row:", "",
              "| file | rows | reader | first start (build) | peak RSS of the build | later start | bytes/row held | "
-             "2 workers' USS (PSS), 200k random rows each | load (1 min) |", "|---|---|---|---|---|---|---|---|---|"]
+             "2 workers' private dirty (PSS), 200k random rows each | load (1 min) |", "|---|---|---|---|---|---|---|---|---|"]
     sizes = [("webvid", n) for n in args.webvid_rows] + [("egoclip", n) for n in args.egoclip_rows]
     for kind, n in sizes:
         root = work / f"index_{kind}_{n}"
@@ -355,9 +360,9 @@ def index_part(args, work):
             g = got["rows"]
             lines.append(f"| {label} | {g['rows']:,} | read_rows (list of dicts) | {g['seconds']:.1f} s | "
                          f"{mib(g['peak_rss'])} | {g['seconds']:.1f} s (every start) | "
-                         f"{g['peak_rss'] / g['rows']:.0f} (RSS) | - | {g['load']:.2f} |")
+                         f"{g['held_rss'] / g['rows']:.0f} (RSS) | - | {g['load']:.2f} |")
         b, c = got["build"], got["cache"]
-        workers = ", ".join(f"{mib(u)} ({mib(p)})" for u, p in zip(c["worker_uss"], c["worker_pss"]))
+        workers = ", ".join(f"{mib(u)} ({mib(p)})" for u, p in zip(c["worker_dirty"], c["worker_pss"]))
         lines.append(f"| {label} | {b['rows']:,} | read_table (index) | {b['seconds']:.1f} s | {mib(b['peak_rss'])} | "
                      f"{c['seconds']:.2f} s | {c['nbytes'] / c['rows']:.0f} (index {mib(c['nbytes'])}) | {workers} | "
                      f"{b['load']:.2f} / {c['load']:.2f} |")
