@@ -145,6 +145,7 @@ from common.text import Tokenizer, whole_word_mask
 from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
+from common.train import data_bound, loader_settings  # DataLoader settings for the machine
 from common.video import (VideoReadError, VideoTransform, decode_videos, load_clip, read_frames,
                           sample_frame_indices, video_meta)
 from common.weights import find_state_dict, load_into
@@ -523,7 +524,7 @@ def make_loader(dataset, collate, cfg, dist, train, twin=None):
                                    cfg.twin_batches and twin is not None, cfg.seed + 7919 * dist.rank, 0, 1)
         # each rank draws its own stream (seeded by rank), the DDP equivalent of a shuffled DistributedSampler
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                           num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                                           **loader_settings(cfg.num_workers, dist.device, print0),  # <= cores
                                            generator=torch.Generator().manual_seed(cfg.seed))  # not the global one
 
     # evaluation decodes in the main process, so the clip cache survives from one evaluation to the next
@@ -1489,7 +1490,8 @@ def main(argv=None):
             tqdm.write(f"step {step:5d} | " + " ".join(f"{k} {float(v.detach()):.3f}" for k, v in out.items()) +
                        f" | lr {lr:.2e} | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s"
                        f" | data wait {rec['data_wait_pct']:.0f}%" + (f" | bad videos {len(bad.errors)}" if bad.errors
-                                                                      else "")) if dist.is_main else None
+                                                                      else "")
+                       + data_bound(rec["data_wait_pct"], cfg.num_workers)) if dist.is_main else None
             t0, seen, wait_total, wait = time.time(), 0, wait_total + wait, 0.0
     pbar.close()
     train_seconds = time.time() - t_start  # the loop, with its validation passes and checkpoints

@@ -149,6 +149,7 @@ from common.text import Tokenizer
 from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
+from common.train import data_bound, loader_settings  # DataLoader settings for the machine
 from common.video import (VideoReadError, VideoTransform, load_clip, read_frames, sample_frame_indices, video_meta,
                           window_to_frames)
 from common.weights import find_state_dict, load_into
@@ -1356,8 +1357,7 @@ def main(argv: list[str] | None = None) -> dict:
     bad.load(ckpt.get("bad_videos", bad.state()))
     sampler = EpochSampler(len(dataset), cfg.seed, dist.rank, world, skip=drawn * cfg.batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
-                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                                         prefetch_factor=4 if cfg.num_workers > 0 else None,
+                                         **loader_settings(cfg.num_workers, device, print0),  # <= cores
                                          generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
     print0(f"contrastive batch: {world} rank(s) x {cfg.batch_size} x {per_clip} = {world * cfg.batch_size * per_clip}"
            f" clips per step ({cfg.finetune or 'pre-training'}, positives={cfg.positives}, "
@@ -1423,7 +1423,8 @@ def main(argv: list[str] | None = None) -> dict:
             bar.write(f"step {step:5d} | loss {record['loss']:.4f} | lr {lr:.2e} | "
                       f"{record['ms_per_step']:.0f} ms/step | {record['clips_per_s']:.1f} clips/s"
                       f" | data wait {record['data_wait_pct']:.0f}%" + (f" | bad videos {len(bad.errors)}"
-                                                                          if bad.errors else ""))
+                                                                          if bad.errors else "")
+                      + data_bound(record["data_wait_pct"], cfg.num_workers))
             t_last, clips_since, steps_since, wait_total, wait = time.time(), 0, 0, wait_total + wait, 0.0
     bar.close()
     train_seconds = time.time() - t_start  # the loop, with its evaluations and checkpoints

@@ -135,6 +135,7 @@ from common.text import Tokenizer
 from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
+from common.train import data_bound, loader_settings  # DataLoader settings for the machine
 from common.video import (IMAGENET_MEAN, IMAGENET_STD, VideoReadError, VideoTransform, decode_videos, load_clip,
                           read_frames, sample_frame_indices, video_meta)
 from common.weights import find_state_dict, load_into
@@ -1094,7 +1095,7 @@ def frames_at(step, cfg):
     return cfg.num_frames
 
 
-def infinite_batches(dataset, collate, cfg, world, rank, seed, skip=0):
+def infinite_batches(dataset, collate, cfg, world, rank, seed, skip=0, device=torch.device("cpu")):
     """Endless shuffled batches (a new permutation every pass), this rank's shard only. The first `skip` batches
     are passed over without being read: a resumed run continues the interrupted run's order."""
     epoch = 0
@@ -1103,8 +1104,9 @@ def infinite_batches(dataset, collate, cfg, world, rank, seed, skip=0):
         sampler.set_epoch(epoch)
         indices = list(sampler)[skip * cfg.batch_size:]
         skip = max(0, skip - len(sampler) // cfg.batch_size)
+        settings = dict(loader_settings(cfg.num_workers, device, log=lambda _: None), persistent_workers=False)
         loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=indices, collate_fn=collate,
-                                             num_workers=cfg.num_workers, drop_last=True, persistent_workers=False,
+                                             drop_last=True, **settings,
                                              generator=torch.Generator().manual_seed(seed + epoch))  # not the global
         yield from loader
         epoch += 1
@@ -1241,7 +1243,7 @@ def main(argv=None):
             if stream.get("frames") != frames:  # a new stream (a resumed one continues where it was)
                 stream = dict(frames=frames, seed=cfg.seed + step, drawn=0)
             batches = infinite_batches(dataset, functools.partial(collate, tokenizer=tokenizer, cfg=cfg), cfg,
-                                       dist.world_size, dist.rank, stream["seed"], skip=stream["drawn"])
+                                       dist.world_size, dist.rank, stream["seed"], skip=stream["drawn"], device=device)
         t_wait = time.time()
         batch, n = bad.next_batch(batches, len(dataset) // cfg.batch_size + 2)  # unreadable-only batches skipped
         stream["drawn"] += n
@@ -1276,7 +1278,7 @@ def main(argv=None):
                        + ", ".join(f"{k} {v.item():.3f}" for k, v in parts.items())
                        + f") | lr {lr:.2e} | grad {rec['grad_norm']:.2f} | T={frames}"
                        f" | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s"
-                       f" | data wait {rec['data_wait_pct']:.0f}%")
+                       f" | data wait {rec['data_wait_pct']:.0f}%" + data_bound(rec["data_wait_pct"], cfg.num_workers))
             t0, clips_seen, wait_total, wait = time.time(), 0, wait_total + wait, 0.0
     pbar.close()
     train_seconds = time.time() - t_start  # the loop, with its validation passes and checkpoints

@@ -302,3 +302,23 @@ def test_prepare_names_unreadable_videos_and_retries_them(tmp_path, capsys):
     assert main(argv) == 1 and "0 videos prepared, 1 already done (skipped), 1 unreadable" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not found"):
         main(["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p2"), "--format", "msrvtt"])
+
+
+# ----------------------------------------------------------------------------- DataLoader settings
+
+def test_loader_settings_clamp_workers_to_the_cores_and_pin_on_cuda(monkeypatch):
+    import torch
+
+    from common.train import data_bound, loader_settings
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    said = []
+    cpu = loader_settings(16, torch.device("cpu"), said.append)
+    assert cpu == dict(num_workers=2, pin_memory=False, persistent_workers=True, prefetch_factor=2)
+    assert "num_workers=16" in said[0] and "2 core(s)" in said[0]
+    assert loader_settings(1, torch.device("cuda"), said.append) == dict(num_workers=1, pin_memory=True,
+                                                                        persistent_workers=True, prefetch_factor=4)
+    assert loader_settings(0, torch.device("cpu")) == dict(num_workers=0, pin_memory=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine: one core each
+    assert loader_settings(8, torch.device("cpu"), said.append)["num_workers"] == 1
+    assert "bottleneck" in data_bound(35.0, 2) and data_bound(4.0, 2) == ""
