@@ -994,7 +994,8 @@ class ClipBank:
                 if idx:
                     yield idx, [self.videos[i] for i in idx]
             return
-        loader = torch.utils.data.DataLoader(self, batch_size=size, num_workers=self.num_workers, collate_fn=list)
+        workers = loader_settings(self.num_workers, torch.device("cpu"), log=lambda _: None)["num_workers"]  # <= cores
+        loader = torch.utils.data.DataLoader(self, batch_size=size, num_workers=workers, collate_fn=list)
         ok, kept = [], []
         for clips in loader:  # in order: batch b holds clips b*size ...
             idx = [len(ok) + k for k, clip in enumerate(clips) if clip is not None]
