@@ -223,7 +223,7 @@ def _decode(container, stream, meta, indices, path, short_side=None):
                     break
         else:
             number = {int(p): i for i, p in enumerate(index.pts)}  # timestamp -> frame number
-            wanted = [f for f in wanted if f < len(index.pts)]  # beyond the end: the nearest frame, below
+            wanted = sorted({min(f, len(index.pts) - 1) for f in wanted})  # a header may overstate the count
             for seek_to, group in plan_reads(index.keyframes, wanted):
                 if seek_to is not None:  # lands on the keyframe at or before this timestamp (the file's own index)
                     container.seek(int(index.pts[seek_to]), stream=stream, backward=True)

@@ -322,3 +322,11 @@ def test_loader_settings_clamp_workers_to_the_cores_and_pin_on_cuda(monkeypatch)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine: one core each
     assert loader_settings(8, torch.device("cpu"), said.append)["num_workers"] == 1
     assert "bottleneck" in data_bound(35.0, 2) and data_bound(4.0, 2) == ""
+
+
+def test_frames_past_the_end_take_the_last_frame(tmp_path):
+    path = tmp_path / "v.mp4"
+    write_video(path, 20, gop=5)
+    ref = sequential(path)
+    frames = read_frames(path, [19, 21, 25])  # a header that overstates the frame count asks for these
+    assert all(np.array_equal(f, ref[19]) for f in frames)
