@@ -114,10 +114,10 @@ def inside(root, *parts):
     path = os.path.join(root, *parts)
     real_root = _realpath(root)
     if all(p and p not in (".", "..") and os.sep not in p for p in parts):  # plain names: only a symlink can leave
-        real = real_root  # (the same answer as below, with one lstat per part instead of one per component)
-        for p in parts:
+        real = real_root  # (the same answer as below, with one lstat per part instead of one per component, and
+        for k, p in enumerate(parts):  # the folders' answers kept: WebVid repeats each page_dir 50 times)
             real = real.rstrip(os.sep) + os.sep + p
-            if os.path.islink(real):
+            if (_is_link_cached if k < len(parts) - 1 else os.path.islink)(real):
                 real = os.path.realpath(real)
         leaves = not real.startswith(real_root.rstrip(os.sep) + os.sep)
     else:
@@ -130,6 +130,11 @@ def inside(root, *parts):
 @functools.lru_cache(maxsize=64)
 def _realpath(root):
     return os.path.realpath(root)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _is_link_cached(path):
+    return os.path.islink(path)
 
 
 # -----------------------------------------------------------------------------
@@ -320,7 +325,11 @@ def _iter_rows(path, fmt):
 
 def _check_row(row):
     """read_rows' checks before `parse`: the same BadRow messages."""
-    if not all(not isinstance(v, str) or v.isascii() for v in row.values()) and _not_utf8(row.values()):
+    try:
+        ascii_row = "".join(row.values()).isascii()  # (fast; a row with missing or extra cells holds None or a list)
+    except TypeError:
+        ascii_row = False
+    if not ascii_row and _not_utf8(row.values()):
         raise BadRow("bytes that are not UTF-8")
     if None in row or None in row.values():
         raise BadRow(f"{len([v for v in row.values() if v is not None]) + len(row.get(None) or [])} "

@@ -137,10 +137,10 @@ def time_ours(files, name, requests, which, short_side=None):
     paths = [pair[which] for pair in files[name]]
     for f, idx in requests[:3]:  # warm-up (page cache, first swscale context)
         transform(read_frames(paths[f], idx, short_side), rng=rng)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for f, idx in requests:
         transform(read_frames(paths[f], idx, short_side), rng=rng)
-    return (time.perf_counter() - t) / len(requests)
+    return (time.process_time() - cpu) / len(requests), (time.perf_counter() - t) / len(requests)
 
 
 DECORD_SCRIPT = r"""
@@ -152,10 +152,11 @@ out = []
 for paths, requests in jobs:
     vr = decord.VideoReader(paths[requests[0][0]], num_threads=1)  # warm-up
     vr.get_batch(requests[0][1]).asnumpy()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for f, idx in requests:  # one reader per clip, as the releases' datasets open it per item
         frames = decord.VideoReader(paths[f], num_threads=1).get_batch(idx).asnumpy()
-    out.append([(time.perf_counter() - t) / len(requests), list(frames.shape)])
+    out.append([(time.process_time() - cpu) / len(requests), (time.perf_counter() - t) / len(requests),
+                list(frames.shape)])
 print(json.dumps(out))
 """
 
@@ -178,10 +179,10 @@ def time_transform(shape, n=30):
     frames = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     rng = random.Random(0)
     transform(frames, rng=rng)
-    t = time.perf_counter()
+    cpu = time.process_time()
     for _ in range(n):
         transform(frames, rng=rng)
-    return (time.perf_counter() - t) / n
+    return (time.process_time() - cpu) / n
 
 
 def decode_part(args, work):
@@ -200,19 +201,21 @@ def decode_part(args, work):
             paths = [str(pair[which]) for pair in files[name]]
             got = [time_decord(args.decord_python, [[paths, req]]) for _ in range(args.repeats)]
             if got[0] is not None:
-                shape = got[0][0][1]
-                dec[label] = statistics.median(g[0][0] for g in got) + time_transform(shape)
-        med = {k: statistics.median(v) for k, v in repeats.items()}
-        rates[name] = {k: 1 / v for k, v in med.items()}
-        fmt = lambda s: f"{s * 1000:.1f} ms ({1 / s:.1f}/s)"  # noqa: E731
+                extra = time_transform(got[0][0][2])
+                dec[label] = (statistics.median(g[0][0] for g in got) + extra,
+                              statistics.median(g[0][1] for g in got) + extra)
+        med = {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in repeats.items()}
+        rates[name] = {k: 1 / v[0] for k, v in med.items()}
+        fmt = lambda s: f"{s[0] * 1000:.1f} ms, {1 / s[0]:.1f}/s ({s[1] * 1000:.0f} ms)"  # noqa: E731
         rows.append(f"| {name} | {VIDEOS[name][5]} | {fmt(med['raw'])} | {fmt(med['raw/256'])} | "
                     f"{fmt(dec['raw']) if 'raw' in dec else '-'} | {fmt(med['prepared'])} | "
                     f"{fmt(dec['prepared']) if 'prepared' in dec else '-'} | {load():.2f} |")
     lines = [f"Decoding + VideoTransform(224, train=True), one core, {args.clips} clips x {args.repeats} repeats "
-             "(median); ms per clip (clips/s per core):", "",
+             "(median): CPU ms per clip, clips/s per core (wall ms per clip, inflated on a shared machine):", "",
              "| video | frames | raw | raw/256 | decord raw | prepared | decord prepared | load (1 min) |",
              "|---|---|---|---|---|---|---|---|"] + rows
-    lines += ["", f"Cores one H100 needs at paper size ({MFU:.0%} MFU of {H100_BF16_PEAK / 1e12:.0f} TFLOP/s bf16):", "",
+    lines += ["", f"Cores one H100 needs at paper size ({MFU:.0%} MFU of {H100_BF16_PEAK / 1e12:.0f} TFLOP/s bf16, "
+              "clips/s per core from the CPU times above):", "",
               "| paper | train GFLOP/clip | GPU clips/s | cores, raw | cores, prepared |", "|---|---|---|---|---|"]
     for paper, (gflop, video) in TRAIN_GFLOP_PER_CLIP.items():
         gpu = MFU * H100_BF16_PEAK / (gflop * 1e9)
@@ -229,7 +232,7 @@ WORDS = ("a man woman dog cat car city beach forest walks runs drives sits on th
 
 def write_webvid(path, n):
     rng = random.Random(0)
-    with open(path, "w") as f:
+    with open(f"{path}.tmp", "w") as f:
         f.write("videoid,contentUrl,duration,page_dir,name\n")
         for i in range(n):
             vid = 1_000_000 + i
@@ -237,11 +240,12 @@ def write_webvid(path, n):
             caption = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14)))
             f.write(f"{vid},https://ak.picdn.net/shutterstock/videos/{vid}/preview/stock-footage.mp4,PT00H00M"
                     f"{rng.randint(5, 30)}S,{page},{caption}\n")
+    os.rename(f"{path}.tmp", path)
 
 
 def write_egoclip(path, n):
     rng = random.Random(0)
-    with open(path, "w") as f:
+    with open(f"{path}.tmp", "w") as f:
         f.write("clip_idx\tvideo_uid\tvideo_dur\tnarration_source\tnarration_ind\tnarration_time\tclip_start\t"
                 "clip_end\tclip_text\ttag_verb\ttag_noun\n")
         uid, t = "", 0.0
@@ -252,6 +256,7 @@ def write_egoclip(path, n):
             text = "#C C " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 7)))
             f.write(f"{i}\t{uid}\t3600.0\tnarration_pass_1\t{i % 1000}\t{t:.3f}\t{t - 0.5:.3f}\t{t + 0.5:.3f}\t"
                     f"{text}\t[{rng.randrange(118)}]\t[{rng.randrange(582)}, {rng.randrange(582)}]\n")
+    os.rename(f"{path}.tmp", path)
 
 
 def index_child(kind, root, mode):
@@ -263,14 +268,14 @@ def index_child(kind, root, mode):
         all_in_one.read_table = lambda p, parse, fmt="csv", version="": RowList(annotations.read_rows(p, parse))
         egovlp.read_table = lambda p, parse, fmt="csv", version="": annotations.read_rows(p, parse, fmt)
     rss0 = current_rss()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     if kind == "webvid":
         rows = all_in_one.read_webvid(root, "train")
     else:
         rows = egovlp.read_egoclip(Path(root) / "egoclip" / "egoclip.csv")
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    out = dict(rows=len(rows), seconds=seconds, peak_rss=peak, held_rss=current_rss() - rss0)
+    out = dict(rows=len(rows), seconds=seconds, cpu=cpu, peak_rss=peak, held_rss=current_rss() - rss0)
     if mode == "cache":
         out["nbytes"] = rows.nbytes()
         out.update(worker_memory(rows))
@@ -333,9 +338,11 @@ def worker_memory(rows, per_worker=200_000, batch=2000):
 
 
 def index_part(args, work):
-    lines = [f"Annotation index (the paper loaders' own parse functions), one thread; load average at each row:", "",
+    lines = ["Annotation index (the paper loaders' own parse functions), one thread. Times: CPU seconds of the "
+             "process (wall seconds in brackets: the machine is shared); load average at each row:", "",
              "| file | rows | reader | first start (build) | peak RSS of the build | later start | bytes/row held | "
-             "2 workers' private dirty (PSS), 200k random rows each | load (1 min) |", "|---|---|---|---|---|---|---|---|---|"]
+             "2 workers' private dirty (PSS), 200k random rows each | load (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     sizes = [("webvid", n) for n in args.webvid_rows] + [("egoclip", n) for n in args.egoclip_rows]
     for kind, n in sizes:
         root = work / f"index_{kind}_{n}"
@@ -358,13 +365,15 @@ def index_part(args, work):
         label = f"{'WebVid' if kind == 'webvid' else 'EgoClip'} ({csv_path.stat().st_size / 2 ** 20:.0f} MiB)"
         if "rows" in got:
             g = got["rows"]
-            lines.append(f"| {label} | {g['rows']:,} | read_rows (list of dicts) | {g['seconds']:.1f} s | "
-                         f"{mib(g['peak_rss'])} | {g['seconds']:.1f} s (every start) | "
+            lines.append(f"| {label} | {g['rows']:,} | read_rows (list of dicts) | {g['cpu']:.1f} s "
+                         f"({g['seconds']:.0f}) | {mib(g['peak_rss'])} | {g['cpu']:.1f} s ({g['seconds']:.0f}) every "
+                         f"start | "
                          f"{g['held_rss'] / g['rows']:.0f} (RSS) | - | {g['load']:.2f} |")
         b, c = got["build"], got["cache"]
         workers = ", ".join(f"{mib(u)} ({mib(p)})" for u, p in zip(c["worker_dirty"], c["worker_pss"]))
-        lines.append(f"| {label} | {b['rows']:,} | read_table (index) | {b['seconds']:.1f} s | {mib(b['peak_rss'])} | "
-                     f"{c['seconds']:.2f} s | {c['nbytes'] / c['rows']:.0f} (index {mib(c['nbytes'])}) | {workers} | "
+        lines.append(f"| {label} | {b['rows']:,} | read_table (index) | {b['cpu']:.1f} s ({b['seconds']:.0f}) | "
+                     f"{mib(b['peak_rss'])} | {c['cpu']:.2f} s ({c['seconds']:.2f}) | {c['nbytes'] / c['rows']:.0f} "
+                     f"(index {mib(c['nbytes'])}) | {workers} | "
                      f"{b['load']:.2f} / {c['load']:.2f} |")
         print(lines[-1], file=sys.stderr)
         if not args.keep:
