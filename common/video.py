@@ -12,7 +12,7 @@ Three steps turn a file into a model input:
    whether to decode on or to seek to the keyframe before it, whichever decodes fewer frames (a long GOP decodes
    on, a short GOP seeks). Only the wanted frames are converted to RGB, scaled in swscale to `short_side` when
    they are larger. Frame i is the i-th frame a plain decode from the start outputs, whatever the GOP, B-frames,
-   start time or frame rate (tests/test_common.py compares the pixels).
+   start time or frame rate (tests/test_real_data.py compares the pixels).
 3. `VideoTransform` applies one random crop, flip and colour jitter to every frame of a clip (and, with the same
    geometry, to detector boxes), then normalises.
 
@@ -136,6 +136,11 @@ class FrameIndex:
     pts: np.ndarray  # int64 (num_frames,)
     keyframes: np.ndarray  # int64 (K,), keyframes[0] == 0
 
+    def number(self, pts):
+        """The frame number of a decoded frame's timestamp, or -1 for a timestamp no packet had."""
+        i = int(np.searchsorted(self.pts, pts)) if pts is not None else -1
+        return i if 0 <= i < len(self.pts) and self.pts[i] == pts else -1
+
 
 _INDEX_CACHE = {}  # (path, mtime, size) -> FrameIndex, per process: a long video is indexed once for its many clips
 INDEX_CACHE_SIZE = 64
@@ -213,23 +218,22 @@ def _decode(container, stream, meta, indices, path, short_side=None):
     try:
         index = frame_index(container, stream, path)
         if index is None:  # count frames as they come out of the decoder, from the start
-            last = wanted[-1]
+            last, todo = wanted[-1], set(wanted)
             for i, frame in enumerate(container.decode(stream)):
                 if i in frames or i < wanted[0]:
                     continue
-                if i in set(wanted):
+                if i in todo:
                     frames[i] = convert(frame)
                 if i >= last:
                     break
         else:
-            number = {int(p): i for i, p in enumerate(index.pts)}  # timestamp -> frame number
             wanted = sorted({min(f, len(index.pts) - 1) for f in wanted})  # a header may overstate the count
             for seek_to, group in plan_reads(index.keyframes, wanted):
                 if seek_to is not None:  # lands on the keyframe at or before this timestamp (the file's own index)
                     container.seek(int(index.pts[seek_to]), stream=stream, backward=True)
                 todo = set(group)
                 for frame in container.decode(stream):
-                    i = number.get(frame.pts, -1)
+                    i = index.number(frame.pts)
                     if i in todo:
                         frames[i] = convert(frame)
                         todo.discard(i)
