@@ -10,8 +10,8 @@ Three steps turn a file into a model input:
 2. `read_frames` decodes only the frames it needs, planned from the file's own structure: one demux pass (no
    decoding) lists every frame's timestamp and the keyframes, and `plan_reads` decides for each wanted frame
    whether to decode on or to seek to the keyframe before it, whichever decodes fewer frames (a long GOP decodes
-   on, a short GOP seeks). Only the wanted frames are converted to RGB, scaled in swscale to `short_side` when
-   they are larger. Frame i is the i-th frame a plain decode from the start outputs, whatever the GOP, B-frames,
+   on, a short GOP seeks); on the way, frames nothing refers to (most B-frames) are skipped unless wanted. Only the
+   wanted frames are converted to RGB, scaled in swscale to `short_side` when they are larger. Frame i is the i-th frame a plain decode from the start outputs, whatever the GOP, B-frames,
    start time or frame rate (tests/test_real_data.py compares the pixels).
 3. `VideoTransform` applies one random crop, flip and colour jitter to every frame of a clip (and, with the same
    geometry, to detector boxes), then normalises.
@@ -198,6 +198,19 @@ def plan_reads(keyframes, wanted):
     return plan
 
 
+def _decode_skipping(container, stream, keep):
+    """Decoded frames from the demuxer's position on, skipping the frames no other frame refers to (B-frames, mostly)
+    unless their timestamp is in `keep`: the decoder knows a frame is such from its packet, before decoding it, and
+    the frames that are decoded come out the same (nothing refers to a skipped one)."""
+    context = stream.codec_context
+    try:
+        for packet in container.demux(stream):
+            context.skip_frame = "DEFAULT" if packet.size == 0 or packet.pts in keep else "NONREF"
+            yield from packet.decode()
+    finally:
+        context.skip_frame = "DEFAULT"
+
+
 def _decode(container, stream, meta, indices, path, short_side=None):
     """Frames `indices` as uint8 RGB, read by the plan of `plan_reads` (or sequentially when the file has no
     frame index); only the wanted frames are converted, and scaled in swscale so that their short side is
@@ -228,11 +241,12 @@ def _decode(container, stream, meta, indices, path, short_side=None):
                     break
         else:
             wanted = sorted({min(f, len(index.pts) - 1) for f in wanted})  # a header may overstate the count
+            keep = {int(index.pts[f]) for f in wanted}
             for seek_to, group in plan_reads(index.keyframes, wanted):
                 if seek_to is not None:  # lands on the keyframe at or before this timestamp (the file's own index)
                     container.seek(int(index.pts[seek_to]), stream=stream, backward=True)
                 todo = set(group)
-                for frame in container.decode(stream):
+                for frame in _decode_skipping(container, stream, keep):
                     i = index.number(frame.pts)
                     if i in todo:
                         frames[i] = convert(frame)
