@@ -330,3 +330,16 @@ def test_frames_past_the_end_take_the_last_frame(tmp_path):
     ref = sequential(path)
     frames = read_frames(path, [19, 21, 25])  # a header that overstates the frame count asks for these
     assert all(np.array_equal(f, ref[19]) for f in frames)
+
+
+def test_unwanted_frames_nothing_refers_to_are_not_decoded(tmp_path, monkeypatch):
+    from common import video
+    path = tmp_path / "v.mp4"
+    write_video(path, 60, gop=250, bframes=3)  # one GOP: frame 59 is reached by decoding on from the start
+    ref = sequential(path)
+    decoded = []
+    original = video._decode_skipping
+    monkeypatch.setattr(video, "_decode_skipping", lambda *a: (decoded.append(1) or f for f in original(*a)))
+    frames = read_frames(path, [58, 59, 30])
+    assert all(np.array_equal(frames[k], ref[i]) for k, i in enumerate([58, 59, 30]))
+    assert 30 < len(decoded) < 55  # the B-frames nobody refers to, except the wanted ones, were skipped
