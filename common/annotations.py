@@ -12,6 +12,7 @@ SyntaxError on a malformed field) is
 
 import csv
 import functools
+import hashlib
 import io
 import json
 import os
@@ -146,7 +147,8 @@ def _is_link_cached(path):
 # UTF-8 buffer plus offsets, a string column with few distinct values as codes into its distinct values, a list
 # of ints as values plus offsets) in `<file>.index/`, one .npy per array, and later runs memory-map those files:
 # start-up reads a few bytes, and the pages are shared by every worker process (the OS's page cache, no copy).
-# The cache records the file's size and modification time and the reader's `version`; a change rebuilds it.
+# The cache records the file's size, modification time and a hash of its ends, and the reader's `version`; a
+# change rebuilds it.
 # Bad rows met while building are stored with it and reported again (or stop a --strict run) at every load.
 
 INDEX_FORMAT = 1
@@ -337,8 +339,20 @@ def _check_row(row):
 
 
 def _stamp(path, fmt, version):
+    """What a cached index must match: the file's size, modification time and a hash of its first and last MiB
+    (the whole of a small file: an edit that keeps the size within one clock tick is still seen), the format and
+    the reader's version."""
     st = os.stat(path)
-    return dict(format=INDEX_FORMAT, size=st.st_size, mtime_ns=st.st_mtime_ns, fmt=fmt, version=version)
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        if st.st_size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            digest.update(f.read())
+        elif st.st_size > 1 << 20:
+            digest.update(f.read())
+    return dict(format=INDEX_FORMAT, size=st.st_size, mtime_ns=st.st_mtime_ns, sample_sha1=digest.hexdigest(),
+                fmt=fmt, version=version)
 
 
 def index_dir(path):

@@ -174,6 +174,8 @@ def test_index_is_rebuilt_when_the_file_or_the_reader_changes(tmp_path):
     with open(path, "ab") as f:
         f.write(b"2,u,PT1S,0_49,two\n")
     assert [r["text"] for r in A.read_table(path, parse(), version="test/1")] == ["one", "two"]
+    path.write_bytes(path.read_bytes().replace(b"two", b"TWO"))  # same size, at once (same clock tick, maybe)
+    assert [r["text"] for r in A.read_table(path, parse(), version="test/1")] == ["one", "TWO"]
     calls = []
     A.read_table(path, lambda r: calls.append(1) or dict(x=1), version="test/1")
     assert calls == []  # cached: parse is not called
