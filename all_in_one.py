@@ -86,6 +86,10 @@ Departures from the release, and why
 9. VTC pools the tokens (`vtc_pool="mean"`: the text's real tokens, all visual tokens of all frames) instead of
    the release's [CLS]: trained from scratch, [CLS] pooling stalled on a plateau. `vtc_pool="cls"` restores the
    release; the joint pass uses the text [CLS] either way.
+10. The time code (`temporal_embed`, which frame a token comes from) starts random, std `time_init=1.0`, for every
+   `temporal=` variant alike; the release starts it at zero (`--paper` keeps that), which is harmless from ImageNet
+   weights but, from scratch, leaves a clip and its reversal the same set of tokens: no variant then learns the
+   direction of motion even when it is the label (README, "All-in-one: does rolling see time?").
 
 CPU default vs paper (`--paper --B` = the release's pre-training recipe at the paper's size)
 ------------------------------------------------------------------------------------------
@@ -99,6 +103,7 @@ CPU default vs paper (`--paper --B` = the release's pre-training recipe at the p
 | `vtc_weight` | 1 | 0 (VTC off in pre-training) | zero-shot retrieval needs trained unimodal embeddings (departure 1) |
 | `joint_fraction` | 0.125 | 1.0 | a joint row costs T copies (departure 1) |
 | `vtc_pool` | mean | cls | [CLS] stalled from scratch (departure 9) |
+| `time_init` | 1.0 | 0 (zero start) | from scratch a zero time code never learns order (departure 10) |
 | `batch_size` / `grad_accum` | 64 / 1 | 16 / 32 per GPU (4096 on 8 GPUs) | one CPU process; no extra negatives |
 | `lr` / `warmup_steps` / `max_steps` | 1e-3 / 30 / 1000 | 1e-4 / 2500 / 200k | from scratch, short schedule |
 | `probe_lr` / `probe_epochs` | 1e-3 / 200 | 3e-4 (K400) or 1e-4 (HMDB51) / 50 | a tiny probe on a few hundred clips |
@@ -136,12 +141,13 @@ from einops import rearrange
 from tqdm import tqdm
 
 from common import pictures
-from common.annotations import (BadRow, bad_row, inside, read_json, read_rows, read_table, set_strict, skipped_rows,
-                                text_field)
+from common.annotations import (BadRow, bad_row, inside, no_items, read_json, read_rows, read_table, set_strict,
+                                skipped_rows, text_field)
+from common.errors import check_inputs, user_errors
 from common.config import config_to_dict, parse_config
 from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import accuracy, retrieval_metrics
-from common.text import Tokenizer, whole_word_mask
+from common.text import Tokenizer, check_vocab, whole_word_mask
 from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
@@ -193,6 +199,8 @@ class Config:
     roll_fraction: float = 0.25  # share of patch slots rolled, half by +1 frame, half by -1; release 2*24/196
     roll_tokens: str = "random"  # random (slots shuffled per frame, as the release effectively does) | fixed
     roll_unimodal: bool = False  # the temporal layer also in the video-only pass (flatten: frames joined); release False
+    time_init: float = 1.0  # std of the temporal embedding at initialisation ("the time code"); release 0 (zero start)
+    pos_init: float = 0.02  # std of the spatial position table at initialisation ("the place code"); release 0.02
     # --- loss
     vtc_weight: float = 1.0  # video-text contrastive; release: off in pre-training, used for retrieval fine-tuning
     vtm_weight: float = 1.0  # video-text matching; release 1
@@ -248,7 +256,7 @@ PRESETS = {
     "paper": dict(joint_fraction=1.0, vtc_weight=0.0, vtm_weight=1.0, mlm_weight=1.0, vtc_pool="cls",
                   batch_size=16, grad_accum=32, lr=1e-4, warmup_steps=2500, max_steps=200_000, schedule="linear",
                   dropout=0.1, drop_path=0.1, cache_videos=False, num_workers=8, eval_every=5000, ckpt_every=5000,
-                  log_every=100, probe_lr=3e-4, probe_epochs=50),
+                  log_every=100, probe_lr=3e-4, probe_epochs=50, time_init=0.0),
 }
 
 # The paper's central ablation, run over seeds by `bash run.sh ablate all_in_one` (common/ablate.py): temporal token
@@ -277,6 +285,7 @@ CHOICES = dict(precision=("auto", "bf16", "fp32"), compile=("auto", "on", "off")
 RANGES = dict(max_steps=(1, None), width=(1, None), depth=(1, None), heads=(1, None), mlp_ratio=(0, None),
               patch_size=(1, None), img_size=(1, None), num_frames=(1, None), max_text_len=(3, None),
               vocab_size=(0, None), embed_dim=(1, None), dropout=(0, 1), drop_path=(0, 1), roll_fraction=(0, 1),
+              time_init=(0, None), pos_init=(0, None),
               vtc_weight=(0, None), vtm_weight=(0, None), mlm_weight=(0, None), temperature=(1e-6, None),
               joint_fraction=(0, 1), mlm_prob=(0, 1), batch_size=(1, None), grad_accum=(1, None), lr=(0, None),
               head_lr_mult=(0, None), weight_decay=(0, None), warmup_steps=(0, None), num_workers=(0, None),
@@ -325,7 +334,7 @@ def read_webvid(root, split):
         seen.add(vid)
         inside(videos, text_field(r, "page_dir"), f"{vid}.mp4")
         return dict(id=vid, text=text_field(r, "name"), reverse_of=r.get("reverse_of") or "", page_dir=r["page_dir"])
-    rows = read_table(path, parse, version="all_in_one.webvid/1")
+    rows = read_table(path, parse, columns=("videoid", "page_dir", "name"), version="all_in_one.webvid/1")
     twin = np.full(len(rows), -1, dtype=np.int64)  # twin index, both directions (only the synthetic corpus has any)
     if len(rows) and any(rows.distinct("reverse_of")):
         reverse_of, index = rows.columns["reverse_of"], {rows.columns["id"][i]: i for i in range(len(rows))}
@@ -700,7 +709,11 @@ class VisualTransformer(nn.Module):
         self.patch_embed.proj = nn.Conv2d(3, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n, D))
-        self.temporal_embed = nn.Parameter(torch.zeros(1, cfg.num_frames, D))  # zero init: starts as time average
+        self.pos_init = cfg.pos_init
+        # the time code: which frame a token comes from. Zero in the release, which starts from ImageNet weights;
+        # from scratch a zero start leaves a clip and its reversal the same set of tokens, and training never
+        # breaks that symmetry (README, the order investigation), so here it starts random at std time_init
+        self.temporal_embed = nn.Parameter(torch.randn(1, cfg.num_frames, D) * cfg.time_init)
         self.pos_drop = nn.Dropout(cfg.dropout)
         dpr = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([Block(D, cfg.heads, cfg.mlp_ratio, cfg.dropout, p) for p in dpr])
@@ -742,7 +755,7 @@ class AllInOne(nn.Module):
             nn.init.zeros_(m.bias)
         elif isinstance(m, VisualTransformer):
             nn.init.normal_(m.cls_token, std=0.02)
-            nn.init.normal_(m.pos_embed, std=0.02)
+            nn.init.normal_(m.pos_embed, std=m.pos_init)
 
     def add_task_head(self, task, num_classes=0, in_dim=0):
         """Downstream heads, named as in the release. QA: Dropout(0.5) -> D -> D/2 -> LN -> GELU -> K;
@@ -1309,6 +1322,7 @@ def finish(cfg, dist, metrics, title):
     return metrics
 
 
+@user_errors  # a failure the user can fix (path, data file, weights, disk) is one `error:` line (common/errors.py)
 def main(argv=None):
     cfg = parse_config(Config, argv, PRESETS, CHOICES, RANGES)
     set_strict(cfg.strict)
@@ -1322,8 +1336,10 @@ def main(argv=None):
         if dist.is_main:
             ensure_corpus(cfg.data_root)
         barrier()
+    check_inputs(cfg, ["msrvtt"] + ([] if cfg.finetune or cfg.eval else ["webvid/results_train.csv"]),
+                 Config.data_root)  # the data and weights files exist, before a model is built
     if dist.is_main:  # before anything is written: another run's files are kept unless --resume / --overwrite
-        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)  # (and locked: one run writes into it)
     barrier()
     tok = Tokenizer(cfg.vocab_file or str(Path(cfg.data_root) / "vocab.txt"))
     init = load_checkpoint(cfg.init, paper="all_in_one") if cfg.init else None
@@ -1334,7 +1350,7 @@ def main(argv=None):
                 setattr(cfg, k, init["config"][k])
     if cfg.vocab_size == 0:
         cfg.vocab_size = tok.vocab_size
-    assert tok.vocab_size <= cfg.vocab_size, "the vocab file is larger than the word-embedding table"
+    check_vocab(tok, cfg.vocab_size)  # a token id past the word-embedding table would fail mid-run
     task = cfg.finetune or (cfg.eval and "eval") or "pretrain"
     os.makedirs(cfg.out_dir, exist_ok=True)
     logger = JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=dist.is_main)
@@ -1382,8 +1398,7 @@ def main(argv=None):
         dataset = ClipTextDataset(build_task_items(cfg, task, "train", answer_vocab), cfg, train=True)
         twin = None
     if len(dataset) < cfg.batch_size:  # the sampler yields full batches only: it would never yield one
-        raise SystemExit(f"error: {len(dataset)} training items, fewer than --batch_size={cfg.batch_size}: no batch "
-                         f"can be drawn; use --batch_size={len(dataset)} or less")
+        raise no_items(len(dataset), cfg.batch_size)  # (none at all: the bad-row count and the first reasons)
     # every annotation file an evaluation reads later is read now: a missing val list or a malformed MSR_VTT.json
     # stops the run here, not at step eval_every with nothing saved
     for t, split in ((VAL_TASK[task], "val"), ("zeroshot" if task == "pretrain" else task, "test")):

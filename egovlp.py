@@ -140,12 +140,13 @@ from einops import rearrange, repeat
 from tqdm import tqdm
 
 from common import pictures as P
-from common.annotations import (BadRow, CodedColumn, Table, inside, read_json, read_rows, read_table, set_strict,
-                                skipped_rows, text_field)
+from common.annotations import (BadRow, CodedColumn, Table, inside, no_items, read_json, read_rows, read_table,
+                                set_strict, skipped_rows, text_field)
+from common.errors import check_inputs, user_errors
 from common.config import config_to_dict, parse_config
 from common.dist import all_gather_nograd, all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import map_relevancy, multilabel_map, ndcg_relevancy
-from common.text import Tokenizer
+from common.text import Tokenizer, check_vocab
 from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
@@ -316,13 +317,14 @@ def read_egoclip(path) -> Table:
         if not row["clip_end"] >= row["clip_start"]:  # (also false for NaN)
             raise BadRow(f"clip window [{row['clip_start']}, {row['clip_end']}] ends before it starts")
         return row
-    return read_table(path, parse, "tsv", version="egovlp.egoclip/1")
+    return read_table(path, parse, "tsv", columns=("video_uid", "narration_time", "clip_start", "clip_end",
+                                                    "clip_text", "tag_verb", "tag_noun"), version="egovlp.egoclip/1")
 
 
-def read_csv(path) -> list[dict]:
+def read_csv(path, columns=()) -> list[dict]:
     """The rows of an EPIC / Charades CSV; a row with too few or too many cells, or bytes that are not UTF-8, is a
-    bad row (common/annotations.py)."""
-    return read_rows(path, lambda row: row)
+    bad row (common/annotations.py); a header without one of `columns` is an error before any row is read."""
+    return read_rows(path, lambda row: row, columns=columns)
 
 
 def hms_to_seconds(stamp: str) -> float:
@@ -457,8 +459,9 @@ class EpochSampler(torch.utils.data.Sampler):
 def read_epic_split(root: Path, split: str) -> tuple[list[dict], list[str], np.ndarray]:
     """EPIC_100_retrieval_<split>.csv (clips), its _sentence.csv (the unique sentences) and the relevancy matrix
     (clips, sentences) in [0, 1]. Rows align by position, so a skipped bad row stops here with a clear error."""
-    clips = read_csv(root / f"EPIC_100_retrieval_{split}.csv")
-    sentences = [r["narration"] for r in read_csv(root / f"EPIC_100_retrieval_{split}_sentence.csv")]
+    clips = read_csv(root / f"EPIC_100_retrieval_{split}.csv",
+                     ("video_id", "start_timestamp", "stop_timestamp", "narration"))
+    sentences = [r["narration"] for r in read_csv(root / f"EPIC_100_retrieval_{split}_sentence.csv", ("narration",))]
     relevancy = np.load(root / f"caption_relevancy_EPIC_100_retrieval_{split}.npy")
     if relevancy.shape != (len(clips), len(sentences)):
         raise SystemExit(f"error: {root}: the relevancy matrix is {tuple(relevancy.shape)}, the CSVs hold "
@@ -804,7 +807,7 @@ def scene_buckets(rows, window: float) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """Scene-aware negative pools: the release's segment_id = video_uid + floor(narration_time / window), held as
     arrays, not a dict of lists (EgoClip has 3.8 M clips; python lists would be copied into every worker):
     -> (order, start, end), the clips of row i's pool being order[start[i]:end[i]], in ascending order."""
-    if isinstance(rows, Table) and isinstance(rows.columns["video_uid"], CodedColumn):  # columnar: no row objects
+    if isinstance(rows, Table) and isinstance(rows.columns.get("video_uid"), CodedColumn):  # columnar: no objects
         uid, t = np.asarray(rows.columns["video_uid"].codes), np.asarray(rows.columns["narration_time"].array)
     else:
         codes: dict[str, int] = {}
@@ -1142,10 +1145,11 @@ class CharadesEgo:
 
     def __init__(self, root, cfg: Config):
         root = Path(root)
-        classes = [line.strip().split(" ", 1) for line in open(root / "Charades_v1_classes.txt") if line.strip()]
+        classes = [line.strip().split(" ", 1) for line in open(root / "Charades_v1_classes.txt", encoding="utf-8-sig")
+                   if line.strip()]  # (utf-8-sig: a byte-order mark a Windows editor wrote is dropped)
         self.class_ids = {cid: k for k, (cid, _) in enumerate(classes)}
         self.class_texts = [name for _, name in classes]  # "cXXX " prefix dropped, as the release
-        videos = read_csv(root / "CharadesEgo_v1_test_only1st.csv")
+        videos = read_csv(root / "CharadesEgo_v1_test_only1st.csv", ("id", "length"))
         if cfg.max_eval_items:
             videos = videos[:cfg.max_eval_items]
         self.labels = torch.zeros(len(videos), len(classes))
@@ -1254,7 +1258,7 @@ def build_model(cfg: Config, root: Path, device):
     """The tokenizer and the dual encoder, initialised, then loaded from --init_video / --init_text / --init."""
     tokenizer = Tokenizer(cfg.vocab_file or str(root / "vocab.txt"))
     vocab = cfg.vocab_size or tokenizer.vocab_size
-    assert vocab >= tokenizer.vocab_size, f"vocab_size {vocab} < tokenizer's {tokenizer.vocab_size}"
+    check_vocab(tokenizer, vocab)  # a token id past the word-embedding table would fail mid-run
     model = FrozenInTime(cfg, vocab).init_weights(cfg.time_init)
     for path, key_map in ((cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)):
         if path:  # ours: {"model": ...}; the release's: {"state_dict": ...}; timm / HF: the tensors themselves
@@ -1277,9 +1281,9 @@ def training_set(cfg: Config, root: Path, logger):
         bad = BadVideos(len({c["video_id"] for c in dataset.clips}), cfg.max_bad_videos, print0, logger)
         return dataset, collate_epic, ["epic_mir"], 1, bad
     rows = read_egoclip(root / "egoclip" / "egoclip.csv")
-    with open(root / "egoclip" / "verb_classes.txt") as f:
+    with open(root / "egoclip" / "verb_classes.txt", encoding="utf-8-sig") as f:
         verb_names = [line.strip() for line in f]
-    with open(root / "egoclip" / "noun_classes.txt") as f:
+    with open(root / "egoclip" / "noun_classes.txt", encoding="utf-8-sig") as f:
         num_nouns = sum(1 for _ in f)
     dataset = EgoClipDataset(root / "egoclip", cfg, rows, verb_names, num_nouns)
     uids = rows.distinct("video_uid")
@@ -1294,6 +1298,7 @@ def training_set(cfg: Config, root: Path, logger):
     return dataset, collate_pairs, ["egomcq", "epic_mir", "charades"], 2 if cfg.negatives == "scene" else 1, bad
 
 
+@user_errors  # a failure the user can fix (path, data file, weights, disk) is one `error:` line (common/errors.py)
 def main(argv: list[str] | None = None) -> dict:
     """Train (EgoNCE pre-training, or EPIC-MIR fine-tuning with --finetune) or only evaluate (--eval); returns the
     final metrics."""
@@ -1308,12 +1313,14 @@ def main(argv: list[str] | None = None) -> dict:
         if dist.is_main:
             ensure_corpus(cfg.data_root)
         barrier()
+    check_inputs(cfg, ["egoclip/epic_mir" if cfg.finetune else "egoclip/egoclip.csv" if not cfg.eval else "egoclip"],
+                 Config.data_root)  # the data and weights files exist, before a model is built
     cfg.precision, why = choose_precision(cfg.precision, device)
     print0(why)
     ctx = autocast(device, cfg.precision)
     out_dir = Path(cfg.out_dir)
     if dist.is_main:  # before anything is written: another run's files are kept unless --resume / --overwrite
-        prepare_out_dir(out_dir, cfg.resume, cfg.overwrite)
+        prepare_out_dir(out_dir, cfg.resume, cfg.overwrite)  # (and locked: one run writes into it)
     barrier()
     logger = JsonlLogger(out_dir / "log.jsonl", enabled=dist.is_main)
 
@@ -1352,8 +1359,7 @@ def main(argv: list[str] | None = None) -> dict:
     # --- data
     dataset, collate, eval_tasks, per_clip, bad = training_set(cfg, root, logger)
     if len(dataset) < cfg.batch_size:  # a batch would repeat clips: duplicates are false negatives for EgoNCE
-        raise SystemExit(f"error: {len(dataset)} training items, fewer than --batch_size={cfg.batch_size}; use "
-                         f"--batch_size={len(dataset)} or less")
+        raise no_items(len(dataset), cfg.batch_size)  # (none at all: the bad-row count and the first reasons)
     drawn = ckpt.get("batches_drawn", 0)  # batches of the interrupted run: its data order continues
     bad.load(ckpt.get("bad_videos", bad.state()))
     sampler = EpochSampler(len(dataset), cfg.seed, dist.rank, world, skip=drawn * cfg.batch_size)

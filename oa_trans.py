@@ -126,12 +126,13 @@ from einops import rearrange, repeat
 from tqdm import tqdm
 
 from common import pictures as P
-from common.annotations import (BadRow, bad_row, inside, read_json, read_rows, read_table, set_strict, skipped_rows,
-                                text_field)
+from common.annotations import (BadRow, bad_row, inside, no_items, read_json, read_rows, read_table, set_strict,
+                                skipped_rows, text_field)
+from common.errors import check_inputs, user_errors
 from common.config import config_to_dict, parse_config
 from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
 from common.metrics import retrieval_metrics
-from common.text import Tokenizer
+from common.text import Tokenizer, check_vocab
 from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
@@ -737,7 +738,7 @@ def read_detections(path, allow_pickle=False):
 
 
 def read_vocab_lines(path):
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark is dropped)
         return [line.strip() for line in f if line.strip()]
 
 
@@ -770,7 +771,8 @@ class WebVidObjects(torch.utils.data.Dataset):
             inside(os.path.join(root, "webvid", "videos"), text_field(r, "page_dir"), vid + ".mp4")
             inside(os.path.join(root, "webvid", "objects"), r["page_dir"], vid)
             return dict(videoid=vid, page_dir=r["page_dir"], name=text_field(r, "name"))
-        self.rows = read_table(path, parse, version="oa_trans.webvid/1")  # columnar, cached beside the CSV
+        self.rows = read_table(path, parse, columns=("videoid", "page_dir", "name"),  # columnar, cached (annotations)
+                               version="oa_trans.webvid/1")
         self.transform = clip_transform(cfg, train)
         self.num_frames = cfg.num_frames  # changed by the frame curriculum
         self.object_names = read_vocab_lines(os.path.join(root, "webvid", "objects_vocab.txt"))
@@ -1124,6 +1126,7 @@ def to_device(batch, device):
     return out
 
 
+@user_errors  # a failure the user can fix (path, data file, weights, disk) is one `error:` line (common/errors.py)
 def main(argv=None):
     cfg = parse_config(Config, argv, PRESETS, CHOICES, RANGES)
     set_strict(cfg.strict)
@@ -1137,9 +1140,11 @@ def main(argv=None):
         if dist.is_main:
             ensure_corpus(cfg.data_root)
         barrier()
+    check_inputs(cfg, ["msrvtt"] + ([] if cfg.finetune or cfg.eval else ["webvid/results_train.csv"]),
+                 Config.data_root)  # the data and weights files exist, before a model is built
     tokenizer = Tokenizer(cfg.vocab_file or os.path.join(cfg.data_root, "vocab.txt"))
     if dist.is_main:  # before anything is written: another run's files are kept unless --resume / --overwrite
-        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)  # (and locked: one run writes into it)
     barrier()
     log = JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=dist.is_main)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -1147,6 +1152,7 @@ def main(argv=None):
     objects = cfg.objects == "on" and not finetuning  # fine-tuning and testing drop the object streams
 
     # --- model
+    check_vocab(tokenizer, cfg.vocab_size or tokenizer.vocab_size)  # a token id past the table would fail mid-run
     model = OATrans(cfg, cfg.vocab_size or tokenizer.vocab_size)
     for path, key_map in ((cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)):
         if path:  # ours: {"model": ...}; a release: {"state_dict": ...}; timm / HF: the tensors themselves
@@ -1202,6 +1208,8 @@ def main(argv=None):
     bad = bad or BadVideos(len(dataset), cfg.max_bad_videos, print0, log)
     bad.load(ckpt.get("bad_videos", bad.state()))
     if len(dataset) // dist.world_size < cfg.batch_size:  # full batches only: none could ever be drawn
+        if not len(dataset):  # no usable row: the bad-row count and the first reasons, not a batch size
+            raise no_items(0, cfg.batch_size, "training clips")
         raise SystemExit(f"error: {len(dataset)} training clips over {dist.world_size} rank(s), fewer than "
                          f"--batch_size={cfg.batch_size} per rank: no batch can be drawn; lower --batch_size")
     if skipped_rows():

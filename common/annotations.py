@@ -48,9 +48,10 @@ def bad_row(path, where, why):
 
 
 def read_text(path):
-    """The file as text; bytes that are not UTF-8 are kept as surrogates, so that the row holding them (and only
-    that row) is reported by `read_rows`."""
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    """The file as text, as spreadsheets and editors save it: UTF-8 with or without a byte-order mark (dropped),
+    line endings left as they are (LF or CRLF; the readers below accept both). Bytes that are not UTF-8 are kept as
+    surrogates, so that the row holding them (and only that row) is reported by `read_rows`."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         return f.read()
 
 
@@ -58,15 +59,20 @@ def _not_utf8(values):
     return any(isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v) for v in values)
 
 
-def read_rows(path, parse, fmt="csv"):
+def read_rows(path, parse, fmt="csv", columns=()):
     """Rows of a "csv" / "tsv" file (with a header), a "jsonl" file or a "lines" file (one stripped line per row:
     split lists, K400-style lists), each passed through `parse(row)` -> the kept value; unusable rows follow the
-    bad-row policy. Returns the list of parsed rows, in file order."""
+    bad-row policy. Returns the list of parsed rows, in file order.
+
+    CSV / TSV as the csv module reads them: quoted fields may hold commas, quotes ("") and line breaks. `columns`:
+    the header's required columns, checked before any row is read: a header without one is one error naming the
+    file, the missing columns and the columns found (not a bad row per line)."""
     text, out = read_text(path), []
-    if fmt in ("jsonl", "lines"):
-        rows = ((n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip())
+    if fmt in ("jsonl", "lines"):  # (split on "\n" only: str.splitlines would also split a JSON string at U+2028)
+        rows = ((n, line.strip()) for n, line in enumerate(text.split("\n"), start=1) if line.strip())
     else:
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")
+        check_header(path, reader.fieldnames or [], columns)
         rows = ((reader.line_num, r) for r in reader)  # line 1 is the header
     for n, row in rows:
         try:
@@ -89,11 +95,36 @@ def read_rows(path, parse, fmt="csv"):
     return out
 
 
+def check_header(path, found, columns):
+    """SystemExit naming the file, the required `columns` its header lacks and the columns it has."""
+    missing = [c for c in columns if c not in found]
+    if missing:
+        stripped = [c for c in missing if c in [f.strip().strip('"') for f in found]]
+        hint = (f" ({', '.join(stripped)} with spaces or quotes around the name)" if stripped else "")
+        raise SystemExit(f"error: {path}: the header lacks column{'s' * (len(missing) > 1)} {', '.join(missing)}"
+                         f"{hint}; it has {', '.join(repr(f) for f in found) or 'no columns (an empty file?)'}. "
+                         f"Fix the header line (line 1)")
+
+
+def no_items(n, batch_size, what="training items"):
+    """The error for a split too small for one batch. With no usable row at all it says why (the bad-row count and
+    the first reasons), never to lower --batch_size to 0."""
+    if n:
+        return SystemExit(f"error: {n} {what}, fewer than --batch_size={batch_size}: no batch can be drawn; use "
+                          f"--batch_size={n} or less")
+    if not _SKIPPED:
+        return SystemExit(f"error: no {what}: the split's annotation file holds no rows; check --data_root and "
+                          f"the split's files")
+    first = "; ".join(_SKIPPED[:3])
+    return SystemExit(f"error: no {what}: every row was unusable ({len(_SKIPPED)} bad rows skipped; first: {first}). "
+                      f"Fix the annotation file (`python -m data.check` lists every problem)")
+
+
 def read_json(path):
     """A whole JSON file; a syntax error or non-UTF-8 bytes are an error naming the file, line and column (a JSON
     file is one record: it cannot be skipped row by row; its entries can, with `bad_row(path, key, why)`)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark is dropped)
             return json.load(f)
     except UnicodeDecodeError as e:
         raise SystemExit(f"error: {path}, byte {e.start}: not UTF-8 ({e.reason})") from None
@@ -231,6 +262,8 @@ class Table:
 
     def distinct(self, name):
         """The set of values of a column (fast for a coded string column: its distinct values are stored)."""
+        if not self.n:  # (an empty table has no columns)
+            return set()
         col = self.columns[name]
         if isinstance(col, CodedColumn):
             return {col.values[k] for k in np.unique(col.codes).tolist()}
@@ -238,6 +271,10 @@ class Table:
 
     def __iter__(self):
         return (self[i] for i in range(self.n))
+
+    def tolist(self):
+        """Every row as a list of dicts (what read_rows returns; python objects again, for small tables)."""
+        return list(self)
 
     def nbytes(self):
         """Bytes of the arrays (what a process maps; shared between processes)."""
@@ -317,10 +354,12 @@ class _ColumnBuilder:
         return NumberColumn(np.concatenate([c[0] for c in self.chunks]))
 
 
-def _iter_rows(path, fmt):
-    """(line number, row) of a csv / tsv file with a header, read as a stream (read_rows reads the whole text)."""
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+def _iter_rows(path, fmt, columns=()):
+    """(line number, row) of a csv / tsv file with a header, read as a stream (read_rows reads the whole text), as
+    read_text opens it (a byte-order mark dropped, LF or CRLF) and with read_rows' header check."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
+        check_header(path, reader.fieldnames or [], columns)
         for row in reader:
             yield reader.line_num, row
 
@@ -338,7 +377,7 @@ def _check_row(row):
                      f"columns, the header has {len([k for k in row if k is not None])}")
 
 
-def _stamp(path, fmt, version):
+def _stamp(path, fmt, columns, version):
     """What a cached index must match: the file's size, modification time and a hash of its first and last MiB
     (the whole of a small file: an edit that keeps the size within one clock tick is still seen), the format and
     the reader's version."""
@@ -352,17 +391,17 @@ def _stamp(path, fmt, version):
         elif st.st_size > 1 << 20:
             digest.update(f.read())
     return dict(format=INDEX_FORMAT, size=st.st_size, mtime_ns=st.st_mtime_ns, sample_sha1=digest.hexdigest(),
-                fmt=fmt, version=version)
+                fmt=fmt, columns=list(columns), version=version)
 
 
 def index_dir(path):
     return str(path) + ".index"
 
 
-def build_table(path, parse, fmt="csv", version=""):
+def build_table(path, parse, fmt="csv", columns=()):
     """Parse a csv / tsv file row by row under the bad-row policy -> (Table, [(where, why)] of the skipped rows)."""
     builders, bad, n = {}, [], 0
-    for line, row in _iter_rows(path, fmt):
+    for line, row in _iter_rows(path, fmt, columns):
         try:
             _check_row(row)
             parsed = parse(row)
@@ -427,14 +466,15 @@ def load_table(directory, stamp):
         return None
 
 
-def read_table(path, parse, fmt="csv", version="", cache=True):
+def read_table(path, parse, fmt="csv", columns=(), version="", cache=True):
     """`read_rows` for the large tables: the same rows (parse returns a dict of str / int / float / bool /
     list[int], the same keys on every row) and the same bad-row messages, held as a columnar Table and cached in
-    `<path>.index/` (see above). `version` names the parse function's behaviour: change it when `parse` changes,
-    so old caches are rebuilt. Without write access beside the file the table is built in memory each run."""
+    `<path>.index/` (see above). `columns`: the header's required columns, as for read_rows (checked when the index
+    is built). `version` names the parse function's behaviour: change it when `parse` changes, so old caches are
+    rebuilt. Without write access beside the file the table is built in memory each run."""
     if fmt not in ("csv", "tsv"):
         raise ValueError(f"read_table reads csv / tsv files, not {fmt}")
-    stamp = _stamp(path, fmt, version)
+    stamp = _stamp(path, fmt, columns, version)
     directory = index_dir(path)
     found = load_table(directory, stamp) if cache else None
     if found is not None:
@@ -442,7 +482,7 @@ def read_table(path, parse, fmt="csv", version="", cache=True):
         for where, why in bad:  # reported (or, --strict, an error) as when the file was read
             bad_row(path, where, why)
         return table
-    table, bad = build_table(path, parse, fmt, version)
+    table, bad = build_table(path, parse, fmt, columns)
     if cache and table.n:
         try:
             save_table(table, bad, directory, stamp)

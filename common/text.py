@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from common.errors import UnusableFile
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_WORD_CHARS = 100  # BERT's WordpieceTokenizer.max_input_chars_per_word
 
@@ -151,8 +153,8 @@ class Tokenizer:
     """
 
     def __init__(self, vocab_file: str, lowercase: bool = True):
-        self.lowercase = lowercase
-        with open(vocab_file, encoding="utf-8") as f:
+        self.lowercase, self.vocab_file = lowercase, vocab_file
+        with open(vocab_file, encoding="utf-8-sig") as f:  # (a byte-order mark is dropped)
             # keep everything but the line break: a token could in principle start or end with a space
             self.ids_to_tokens = [line.rstrip("\n").rstrip("\r") for line in f]
         while self.ids_to_tokens and self.ids_to_tokens[-1] == "":  # trailing empty lines
@@ -163,7 +165,8 @@ class Tokenizer:
         self.vocab_size = len(self.ids_to_tokens)
         missing = [t for t in SPECIAL_TOKENS if t not in self.vocab]
         if missing:
-            raise ValueError(f"{vocab_file}: special tokens {missing} are not in the vocab")
+            raise UnusableFile(f"{vocab_file}: special tokens {missing} are not in the vocab (is it a BERT "
+                               f"vocab.txt? --vocab_file)")
         self.pad_id = self.vocab["[PAD]"]
         self.unk_id = self.vocab["[UNK]"]
         self.cls_id = self.vocab["[CLS]"]
@@ -233,6 +236,15 @@ class Tokenizer:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Vocab for the synthetic corpus
+
+def check_vocab(tokenizer: Tokenizer, vocab_size: int):
+    """A vocab file larger than the model's word-embedding table (--vocab_size, or the --init checkpoint's) is an
+    error at start-up: its last ids would index past the table at the first caption that uses them."""
+    if tokenizer.vocab_size > vocab_size:
+        raise UnusableFile(f"{tokenizer.vocab_file}: {tokenizer.vocab_size} tokens, more than the model's "
+                           f"word-embedding table (vocab_size={vocab_size}); use --vocab_size=0 (the file's size) "
+                           f"or the --vocab_file the model was built with")
+
 
 def build_vocab(texts, path) -> list[str]:
     """Write a BERT-format vocab.txt covering `texts` and return its tokens (line i = id i).

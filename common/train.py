@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from common.errors import UserError, os_error
+
 
 def resolve_device(name="auto", has_cuda=None, has_mps=None):
     """"auto" -> cuda, then Apple mps, then cpu (the first one present). An explicit device that is absent is an
@@ -234,12 +236,19 @@ def save_checkpoint(state, path):
         raise SystemExit(f"error: step {state.get('step')}: {len(bad)} weight tensors are not finite (first: "
                          f"{bad[0]}); {path} was not overwritten and keeps the last good weights. Lower --lr?")
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=PARTIAL, suffix=".tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=PARTIAL, suffix=".tmp")
+    except OSError as e:
+        raise os_error(e, path, "cannot write") from None
     os.close(fd)
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:  # a Python file, not a path: a full disk is then an OSError saying so (torch's
+            torch.save(state, f)    # own writer reports it as "RuntimeError: ... unexpected pos")
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a quota, a lost mount: the previous checkpoint is untouched
+        raise os_error(e, path, "cannot write", f"the last good {os.path.basename(path)} there (if one was written) "
+                                                f"is kept whole, --resume continues from it") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -269,10 +278,60 @@ def check_paper(ck, paper, path):
         raise SystemExit(f"error: {path} is a checkpoint of {ck['paper']}.py, not of {paper}.py")
 
 
+LOCK = ".lock"  # out_dir/.lock: held (fcntl.flock) by the run writing there, and holding its process id
+_HELD = {}  # real path of an out_dir -> the open lock file this process holds on it
+
+
+def lock_out_dir(out_dir, resume=False):
+    """One writer per out_dir: an exclusive flock on out_dir/.lock, held until this process ends (the OS releases
+    it then, SIGKILL included, so a dead run never blocks the next), with our process id written into it. A second
+    run on the same out_dir (or a --resume of a run still running) is refused at once, naming the other process.
+    A process that already holds the lock (main() called twice, as the tests do) keeps it. Without fcntl
+    (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = os.path.realpath(out_dir)
+    if key in _HELD:
+        return
+    path = os.path.join(out_dir, LOCK)
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise os_error(e, out_dir, "--out_dir", "a run writes its checkpoints there") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        what = (f"--resume refused: the run in {out_dir} is still running" if resume else
+                f"{out_dir} is in use by another run")
+        raise UserError(f"{what} (process {pid}, holding {path}); two runs would write the same ckpt.pt, log.jsonl "
+                        f"and metrics.json. Wait for it to end (or stop it: kill {pid}), or choose another --out_dir") \
+            from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _HELD[key] = f  # kept open: closing it would release the lock
+
+
 def prepare_out_dir(out_dir, resume=False, overwrite=False):
-    """Make out_dir safe to write: remove half-written checkpoints a killed run left (.partial-*.tmp); refuse to
-    write over another run's files unless --resume (continue it) or --overwrite (start afresh, its files removed)."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Make out_dir safe to write: a folder (created if need be) that we can write, locked for this run
+    (lock_out_dir); remove half-written checkpoints a killed run left (.partial-*.tmp); refuse to write over another
+    run's files unless --resume (continue it) or --overwrite (start afresh, its files removed)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir={out_dir} is a file, not a folder; choose another --out_dir (or move the file)")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, out_dir, "cannot create --out_dir", "choose a folder you can write") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--out_dir={out_dir} is not writable (permission denied); check its permissions or choose "
+                        f"another --out_dir")
+    lock_out_dir(out_dir, resume)  # before anything is removed or written: the other run's files are its own
     for tmp in glob.glob(os.path.join(out_dir, PARTIAL + "*.tmp")):
         os.remove(tmp)
         print(f"removed {tmp}: a checkpoint write that a killed run left unfinished")
@@ -384,18 +443,27 @@ class JsonlLogger:
 
     def log(self, record):
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            except OSError as e:  # a full disk: stop here, naming it (the last checkpoint is kept)
+                raise os_error(e, self.path, "cannot write") from None
 
 
 def write_metrics(out_dir, metrics):
     """metrics.json: a flat {"<task>/<metric>": number} object, keys sorted, written atomically."""
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "metrics.json")
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({k: float(v) for k, v in sorted(metrics.items())}, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump({k: float(v) for k, v in sorted(metrics.items())}, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: the numbers go into the error line, so that they are not lost
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise os_error(e, path, "cannot write", "the metrics were: " + json.dumps(
+            {k: round(float(v), 4) for k, v in sorted(metrics.items())})) from None
     return path
 
 

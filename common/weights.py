@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from common.errors import UnusableFile  # a ValueError; the scripts' main() prints it as one error, no traceback
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
@@ -202,8 +204,8 @@ def load_into(model, state, rules=(), drop=(), new=(), source="checkpoint"):
     drop:  regexes over source names (or their mapped names): tensors the model has no place for, discarded on
            purpose (only when the model lacks the mapped key; a key the model has is always loaded).
     new:   regexes over model names: parameters the source is not expected to provide (only when it doesn't).
-    Anything else left over on either side, or a shape that adapt_shape cannot adapt, raises a ValueError that
-    lists every such key. Nothing is loaded when it raises.
+    Anything else left over on either side, or a shape that adapt_shape cannot adapt, raises an UnusableFile (a
+    ValueError) that lists every such key. Nothing is loaded when it raises.
     """
     own = model.state_dict()
     report = Report(source, source_keys=list(state), model_keys=list(own))
@@ -240,6 +242,6 @@ def load_into(model, state, rules=(), drop=(), new=(), source="checkpoint"):
         errors.append(f"{len(bad_shapes)} shapes differ (is the model built with the checkpoint's sizes?):\n    "
                       + "\n    ".join(bad_shapes))
     if errors:
-        raise ValueError(f"cannot load {source}:\n  " + "\n  ".join(errors))
+        raise UnusableFile(f"cannot load {source}:\n  " + "\n  ".join(errors))
     model.load_state_dict(weights, strict=False)  # strict=False only because `new` keys stay at their init
     return report

@@ -33,9 +33,12 @@ import csv
 import json
 import os
 import random
+import sys
 from collections import defaultdict
 
 from tqdm import tqdm
+
+from common.errors import user_errors
 
 KINDS = ("bad_row", "duplicate", "missing_file", "undecodable", "too_short", "window_outside")
 
@@ -69,7 +72,7 @@ class Findings:
 
 def read_rows(path, delimiter, findings, required):
     """(line number, row dict) of a CSV with a header; rows missing a required field are reported, not returned."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
@@ -117,14 +120,14 @@ def scan_msrvtt(root, split, findings):
     base = os.path.join(root, "msrvtt")
     ann_path = os.path.join(base, "annotation", "MSR_VTT.json")
     captions = defaultdict(int)
-    for i, a in enumerate(json.load(open(ann_path, encoding="utf-8"))["annotations"]):
+    for i, a in enumerate(json.load(open(ann_path, encoding="utf-8-sig"))["annotations"]):
         where = f"{ann_path}:annotations[{i}]"
         if not isinstance(a, dict) or not a.get("image_id") or not str(a.get("caption") or "").strip():
             findings.add("bad_row", where, f"needs image_id and a caption: {a}")
         elif findings.unique(("caption", a["image_id"], a["caption"]), where):
             captions[a["image_id"]] += 1
     split_path = os.path.join(base, "splits", f"{split}_list.txt")
-    for line, vid in enumerate(open(split_path, encoding="utf-8").read().split("\n"), start=1):
+    for line, vid in enumerate(open(split_path, encoding="utf-8-sig").read().split("\n"), start=1):
         vid, where = vid.strip(), f"{split_path}:{line}"
         if not vid or not findings.unique(("split", vid), where):
             continue
@@ -136,7 +139,7 @@ def scan_msrvtt(root, split, findings):
         path = os.path.join(base, name)
         if not os.path.exists(path):
             continue
-        for line, text in enumerate(open(path, encoding="utf-8"), start=1):
+        for line, text in enumerate(open(path, encoding="utf-8-sig"), start=1):
             where = f"{path}:{line}"
             if not text.strip():
                 continue
@@ -169,7 +172,7 @@ def scan_egoclip(root, split, findings):
     mcq_path = os.path.join(base, "egomcq.json")
     if not os.path.exists(mcq_path):
         return
-    for qid, q in json.load(open(mcq_path, encoding="utf-8")).items():
+    for qid, q in json.load(open(mcq_path, encoding="utf-8-sig")).items():
         try:
             clips = [("query", q["query"])] + [(f"choices.{k}", c) for k, c in q["choices"].items()]
             assert str(q["answer"]) in q["choices"], f"answer {q['answer']} is not a choice"
@@ -214,7 +217,7 @@ def scan_epic_mir(root, split, findings):
 def scan_charades(root, split, findings):
     base = os.path.join(root, "egoclip", "charades")
     classes_path = os.path.join(base, "Charades_v1_classes.txt")
-    classes = {line.split()[0] for line in open(classes_path, encoding="utf-8") if line.strip()}
+    classes = {line.split()[0] for line in open(classes_path, encoding="utf-8-sig") if line.strip()}
     for where, r in read_rows(os.path.join(base, f"CharadesEgo_v1_{split}_only1st.csv"), ",", findings,
                               ("id", "length")):
         if not findings.unique(("charades", r["id"]), where):
@@ -279,6 +282,7 @@ def check(root, fmt, split="train", all_videos=False, sample=200, min_frames=4, 
     return {k: findings.problems[k] for k in KINDS}, findings
 
 
+@user_errors  # an unreadable path or folder is one `error:` line (common/errors.py)
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", required=True, help="the --data_root of the paper files")
@@ -295,7 +299,7 @@ def main(argv=None):
         problems, findings = check(args.root, args.format, args.split, args.all, args.sample, args.min_frames,
                                    args.seed)
     except FileNotFoundError as e:  # an annotation file itself is absent: nothing else can be checked
-        print(f"error: {e.filename}: not found (layouts: data/README.md)")
+        print(f"error: {e.filename}: not found; check --root (layouts: data/README.md)", file=sys.stderr)
         return 2
     print(f"{args.format} ({args.split}) under {args.root}: {findings.total} videos named, {findings.opened} opened")
     for kind in KINDS:

@@ -35,7 +35,8 @@ Files written (root = data/synth by default; details and real-dataset equivalent
   webvid/                    results_{train,val}.csv, videos/<page_dir>/<videoid>.mp4, BUTD-style detections
                              objects/<page_dir>/<videoid>/<k>.npz, objects_vocab.txt, attributes_vocab.txt
   msrvtt/                    annotation/MSR_VTT.json, splits/*.txt, videos/all/*.mp4, msrvtt_qa_*.jsonl,
-                             msrvtt_mc_*.jsonl, action/classes.txt + {train,val,test}.list
+                             msrvtt_mc_*.jsonl, action/classes.txt + {train,val,test}.list + videos/ (motion
+                             classes: clips of one object, its motion the label)
   egoclip/                   videos/<uid>.mp4, egoclip.csv, {verb,noun}_classes.txt, egomcq.json,
                              epic_mir/ (EPIC-100 retrieval CSVs, relevancy .npy, videos/),
                              charades/ (Charades_v1_classes.txt, CharadesEgo CSVs, videos/)
@@ -74,6 +75,8 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from common.errors import user_errors
+
 # ---------------------------------------------------------------------------------------------------------------
 # Knobs
 
@@ -82,15 +85,18 @@ SIZES = {
     "tiny": dict(webvid_train=24, webvid_val=8, msrvtt_train=24, msrvtt_val=8, msrvtt_test=16,
                  ego_train_videos=3, ego_mcq_videos=5, ego_duration=(36, 48),
                  epic_train_videos=2, epic_test_videos=2, epic_duration=(30, 40),
-                 charades_train=6, charades_test=8, captions_per_video=3),
+                 charades_train=6, charades_test=8, captions_per_video=3,
+                 action_train=27, action_val=9, action_test=18),
     "default": dict(webvid_train=3000, webvid_val=200, msrvtt_train=1500, msrvtt_val=200, msrvtt_test=500,
                     ego_train_videos=180, ego_mcq_videos=16, ego_duration=(120, 180),
                     epic_train_videos=12, epic_test_videos=6, epic_duration=(100, 140),
-                    charades_train=150, charades_test=100, captions_per_video=5),
+                    charades_train=150, charades_test=100, captions_per_video=5,
+                    action_train=4000, action_val=200, action_test=1000),
     "large": dict(webvid_train=12000, webvid_val=500, msrvtt_train=6000, msrvtt_val=500, msrvtt_test=1000,
                   ego_train_videos=240, ego_mcq_videos=40, ego_duration=(120, 180),
                   epic_train_videos=48, epic_test_videos=16, epic_duration=(100, 140),
-                  charades_train=600, charades_test=300, captions_per_video=5),
+                  charades_train=600, charades_test=300, captions_per_video=5,
+                  action_train=16000, action_val=500, action_test=2000),
 }
 CLIP_FRAMES = 24          # WebVid / MSR-VTT clip length in frames: 2.4 s at 10 fps (3-4 or 16 frames sample well)
 CLIP_FPS = 10
@@ -101,7 +107,9 @@ NUM_DETECTION_FRAMES = 8  # BUTD detections on the midpoints of 8 equal segments
 MIN_BOXES = 10            # BUTD's --min-max-boxes 10,100: every frame has at least 10 boxes
 # Bumped whenever a change alters the files a seed produces; ensure_corpus regenerates an older corpus.
 # 2: 180 EgoClip training videos (was 60); EgoMCQ's held-out videos drawn from their own random stream.
-CORPUS_VERSION = 2
+# 3: the motion classes (msrvtt/action) get clips of their own, one object each (was: the MSR-VTT videos, labelled
+#    with the motion of the first of their 1-3 objects).
+CORPUS_VERSION = 3
 
 # ---------------------------------------------------------------------------------------------------------------
 # The world's vocabulary
@@ -1018,16 +1026,36 @@ def build_msrvtt(root: Path, cfg: dict, seed: int, S: float, texts: list, jobs: 
                          "reversed_option": kinds.index("rev") if "rev" in kinds else None, "id": len(rows)})
             texts += options
         _write_jsonl(out / f"msrvtt_mc_{short[split]}.jsonl", rows)
-    # motion classification (K400-style lists), label = the main object's motion
-    _write_lines(out / "action" / "classes.txt", MOTION_CLASS_NAMES)
+    counts = build_motion_classes(out, cfg, seed, S, jobs)
     texts += MOTION_CLASS_NAMES
-    for split, ids in split_ids.items():
-        _write_lines(out / "action" / f"{short[split]}.list",
-                     [f"videos/all/{v}.mp4\t{MOTIONS.index(specs[v]['objects'][0]['motion'])}" for v in ids])
     test_caps = [a["caption"] for a in annotations if a["image_id"] in set(split_ids["test"])]
     return {"msrvtt_train": len(split_ids["train"]), "msrvtt_val": len(split_ids["validate"]),
             "msrvtt_test": len(split_ids["test"]), "msrvtt_captions": len(annotations),
-            "msrvtt_test_duplicate_caption_fraction": round(1 - len(set(test_caps)) / max(1, len(test_caps)), 4)}
+            "msrvtt_test_duplicate_caption_fraction": round(1 - len(set(test_caps)) / max(1, len(test_caps)), 4),
+            **counts}
+
+
+def build_motion_classes(out: Path, cfg: dict, seed: int, S: float, jobs: list) -> dict:
+    """Motion classification (K400-style lists, MOTION_CLASS_NAMES): clips of their own with exactly one object,
+    whose motion is the label -- so the label is what the pixels show, and a perfect motion reader scores 100%.
+    (In the MSR-VTT videos 70% of the clips hold 2-3 objects, each with its own motion, and nothing marks the one
+    a label would name.) The motion is drawn uniformly over the 9 classes; scene, clutter, camera jitter and the
+    object's look as in every other clip. Their own random stream: the other files do not change with their
+    number."""
+    rng = item_rng(seed, "action", 0)
+    _write_lines(out / "action" / "classes.txt", MOTION_CLASS_NAMES)
+    counts, k = {}, 0
+    for split in ("train", "val", "test"):
+        lines = []
+        for _ in range(cfg[f"action_{split}"]):
+            spec = make_clip_spec(rng, S, num_objects=1)
+            rel = f"action/videos/motion{k}.mp4"
+            k += 1
+            lines.append(f"{rel}\t{MOTIONS.index(spec['objects'][0]['motion'])}")
+            jobs.append(("clip", spec, S, str(out / rel), None, None, None, 0))
+        _write_lines(out / "action" / f"{split}.list", lines)
+        counts[f"action_{split}"] = len(lines)
+    return counts
 
 
 def _fake_uid(rng) -> str:
@@ -1280,6 +1308,7 @@ def summary(info: dict) -> str:
         f"  epic_mir train {c['epic_train_clips']} clips / {c['epic_train_sentences']} sentences, "
         f"test {c['epic_test_clips']} / {c['epic_test_sentences']}",
         f"  charades train {c['charades_train']} / test {c['charades_test']} videos",
+        f"  action   train/val/test {c['action_train']}/{c['action_val']}/{c['action_test']} one-object motion clips",
         f"  {c['videos_written']} videos written in {c['seconds']} s (annotations {c['seconds_annotations']} s)"])
 
 
@@ -1368,6 +1397,7 @@ def _generate_and_swap(root: Path, keep_existing: bool = True, **kwargs):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@user_errors  # a path it cannot write, a full disk: one `error:` line (common/errors.py)
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate the synthetic video-language corpus (see data/README.md).")
     p.add_argument("--out", default="data/synth", help="output directory (replaced atomically if --force)")

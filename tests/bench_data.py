@@ -265,8 +265,10 @@ def index_child(kind, root, mode):
     import egovlp
     from common import annotations
     if mode == "rows":  # the reader before the index: a list of dicts
-        all_in_one.read_table = lambda p, parse, fmt="csv", version="": RowList(annotations.read_rows(p, parse))
-        egovlp.read_table = lambda p, parse, fmt="csv", version="": annotations.read_rows(p, parse, fmt)
+        all_in_one.read_table = lambda p, parse, fmt="csv", columns=(), version="": RowList(
+            annotations.read_rows(p, parse, fmt, columns))
+        egovlp.read_table = lambda p, parse, fmt="csv", columns=(), version="": annotations.read_rows(p, parse, fmt,
+                                                                                                     columns)
     rss0 = current_rss()
     t, cpu = time.perf_counter(), time.process_time()
     if kind == "webvid":

@@ -27,38 +27,44 @@ set by which motion words it prefers, not by the video's direction (which is how
 `--random_init` probes the same architecture with random weights (what the features give before any training);
 without `--init` the architecture is the flags' (`--pretrain` defaults plus e.g. `--temporal=flatten`).
 
-    python tests/probe_order.py --init=<ckpt.pt> --finetune_steps=300 [--lr=3e-4] [--seed=S] [--random_init]
+The supervised motion task (issue 24) asks the opposite question: can a model learn the direction of motion when
+it is the training signal itself?
 
-asks the opposite question: can the model learn the direction of motion when it is the training signal itself?
-The whole model is fine-tuned from the checkpoint (or from random weights of its architecture), with a new linear
-head on the joint [CLS] of the action prompt (the features of `--finetune=action`; the joint pass rolls), to name
-the main object's motion among the 9 classes of msrvtt/action (train split, 1500 clips, bin-midpoint frames, batch
-64, AdamW), then tested on the test split, forward and with every clip reversed. Eight classes come in reversal
-pairs (left / right, up / down, growing / shrinking, appearing / disappearing), so the printed `pair` accuracy --
-the true class against its reversal only, chance 50 -- is the order-sensitive part. This is supervised
-fine-tuning: it says what the architecture can see at 3 frames of 64x64, not what pre-training teaches it.
-Two controls:
+    python tests/probe_order.py --random_init --temporal=flatten --motion_steps=1500 [--lr=1e-3] [--seed=S]
+    python tests/probe_order.py --cnn_steps=1500                  # the positive control: a small CNN
+    ... [--warmup=N (default 10% of the steps)] [--clip_cache=/tmp/motion.pt] [--out=results.jsonl]
 
-    ... --finetune_steps=300 --target=scene     the same route and recipe on a static label (the background scene)
-    python tests/probe_order.py --cnn_steps=600 --lr=1e-3    a small CNN with the frames stacked as channels
+It trains the whole model (from random weights with `--random_init`, or from `--init`) with a linear head on the
+joint [CLS] of the action prompt (the features of `--finetune=action`; the joint pass runs the temporal layer) to
+name the motion of msrvtt/action's clips: 9 classes, one object per clip and its motion the label (4000 training,
+200 val, 1000 test clips). Training: batches of 64, AdamW, linear warm-up then cosine decay; each clip a random
+frame in each of the T bins and three label-mapping symmetries, each with probability 1/2 -- played backwards
+(every motion becomes its reversal), mirrored left-right (left <-> right), upside down (up <-> down) -- so no
+variant sees one direction of a pair more than the other. Reported on the test split at bin midpoints: accuracy,
+the reversal-pair accuracy (the true class against its reversal, chance 50: the order-sensitive part, overall and
+per pair), accuracy with every clip reversed, and the first step at which val accuracy reached 70%.
+The CNN sees the T frames stacked as channels (order is in its input by construction): if it learns and a
+transformer does not, the signal is in the pixels and the transformer misses it.
 
-The first checks the route itself learns (a single frame shows the scene); the second that the motion is in the
-pixels (it sees frame order by construction, so reversing the clips should break it).
-
-Not collected by pytest (its scoring, `test_classifier`, is tested in tests/test_tools.py); the numbers go to the
-README (the order investigation, points 3, 6 and 7).
+Not collected by pytest (its scoring and its symmetries are tested in tests/test_tools.py); the numbers go to the
+README (All-in-one: does rolling see time?).
 """
+import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import all_in_one as aio  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.text import Tokenizer  # noqa: E402
-from common.train import autocast, choose_precision, load_checkpoint, seed_everything  # noqa: E402
+from common.train import autocast, choose_precision, load_checkpoint, lr_at, seed_everything  # noqa: E402
+from common.video import IMAGENET_MEAN, IMAGENET_STD, VideoReadError, read_frames, video_meta  # noqa: E402
+from data.synthetic import MOTION_CLASS_NAMES as MOTION_CLASSES  # noqa: E402
 
 
 def linear_probe_accuracy(x, y, pair, folds=5, epochs=300, weight_decay=1e-3):
@@ -135,111 +141,160 @@ def mc_order_flip(model, cfg, tok):
 MOTION_PARTNERS = {"moving left": "moving right", "moving up": "moving down", "growing": "shrinking",
                    "appearing": "disappearing"}
 
+# The three symmetries of the motion task, each a class permutation (classes in MOTION_CLASS_NAMES order: left,
+# right, up, down, grow, shrink, appear, disappear, still): played backwards every motion becomes its reversal;
+# mirrored left-right, left and right swap; upside down, up and down swap.
+REVERSED = [1, 0, 3, 2, 5, 4, 7, 6, 8]
+H_FLIPPED = [1, 0, 2, 3, 4, 5, 6, 7, 8]
+V_FLIPPED = [0, 1, 3, 2, 4, 5, 6, 7, 8]
 
-def load_classes(cfg, target):
-    """Every clip of msrvtt/action decoded once (bin-midpoint frames, centre crop) -> (class names, {split: (videos
-    (n, T, 3, H, W), labels (n,))}). target "motion": the action label, the main object's motion; "scene": the
-    background, read from the clip's MSR-VTT captions by the corpus's scene phrases (data/synthetic.py SCENE_WORDS;
-    a clip whose captions name no scene, or two, is left out) -- a label a single frame shows."""
-    if target == "motion":
-        names = [n for n in (Path(cfg.data_root) / "msrvtt" / "action" / "classes.txt").read_text().split("\n") if n]
-    else:
-        from data.synthetic import SCENE_WORDS
-        names = list(SCENE_WORDS)
-        captions = {Path(path).stem: caps for split in ("train", "val", "test")
-                    for _, path, caps in aio.read_msrvtt(cfg.data_root, split)}
 
-        def scene(path):
-            text = " ".join(captions.get(Path(path).stem, []))
-            hits = [i for i, phrases in enumerate(SCENE_WORDS.values()) if any(p in text for p in phrases)]
-            return hits[0] if len(hits) == 1 else -1
+def load_motion_clips(cfg, splits=("train", "val", "test"), cache=""):
+    """Every clip of msrvtt/action decoded in full once -> {split: (frames uint8 (n, F, H, W, 3), labels (n,))}.
+    Each clip holds one object and its motion is the label (data/synthetic.py build_motion_classes). `cache`: a
+    file that keeps the decoded clips for the next run (1.2 GB for the default corpus; ~45 s of decoding saved)."""
+    if cache and Path(cache).exists():
+        return torch.load(cache)
     data = {}
-    for split in ("train", "test"):
+    for split in splits:
         items = aio.build_task_items(cfg, "action", split)
-        if target == "scene":
-            items = [dict(it, label=scene(it["path"])) for it in items]
-            items = [it for it in items if it["label"] >= 0]
-        ds = aio.ClipTextDataset(items, cfg, train=False)
-        clips = [c for c in (ds[i] for i in range(len(ds))) if "bad_video" not in c]
-        data[split] = torch.stack([c["video"] for c in clips]), torch.tensor([c["label"] for c in clips])
-    return names, data
+        frames, labels = [], []
+        for it in items:
+            try:
+                frames.append(torch.from_numpy(read_frames(it["path"], range(video_meta(it["path"]).num_frames))))
+                labels.append(it["label"])
+            except VideoReadError as e:
+                print(f"warning: {e}; clip skipped")
+        data[split] = torch.stack(frames), torch.tensor(labels)
+    if cache:
+        torch.save(data, cache)
+    return data
 
 
-def train_classifier(logits, params, x, y, steps, lr, seed, precision):
-    """AdamW on random batches of 64 (x, y), cross-entropy of logits(videos); prints the loss every 50 steps."""
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1)
+
+
+def motion_batch(frames, labels, T, g=None, augment=False):
+    """T frames per clip -> (video (B, T, 3, H, W) normalised as VideoTransform does, labels (B,)).
+    augment=False: the bin midpoints (evaluation). augment=True (training): a random frame in each of the T bins,
+    and each symmetry with probability 1/2 -- time reversal, left-right mirror, up-down mirror -- with the label
+    mapped by the same symmetry, so that no variant sees a clip of one direction more than its reversal."""
+    B, F = frames.shape[:2]
+    edges = torch.linspace(0, F, T + 1)
+    if augment:
+        pos = edges[:-1] + torch.rand(B, T, generator=g) * (edges[1:] - edges[:-1])   # (B, T) in [bin start, end)
+    else:
+        pos = ((edges[:-1] + edges[1:]) / 2).expand(B, T)
+    idx = pos.floor().long().clamp(0, F - 1)
+    video = frames[torch.arange(B)[:, None], idx]                                      # (B, T, H, W, 3) uint8
+    if augment:
+        video, labels = video.clone(), labels.clone()
+        for dim, perm in ((1, REVERSED), (3, H_FLIPPED), (2, V_FLIPPED)):               # dims of (B, T, H, W, 3)
+            flip = torch.rand(B, generator=g) < 0.5
+            video[flip] = video[flip].flip(dim)
+            labels[flip] = torch.tensor(perm)[labels[flip]]
+    video = rearrange(video, "b t h w c -> b t c h w").float() / 255
+    return (video - _MEAN) / _STD, labels
+
+
+def train_classifier(logits, params, data, cfg, steps, lr, warmup, precision, eval_every=250, target=70.0):
+    """AdamW (weight decay 0.01) on random batches of 64 augmented clips (motion_batch), linear warm-up then cosine
+    decay, cross-entropy of logits(video). Every `eval_every` steps the val accuracy; returns the first step at
+    which it reached `target` % (None if never)."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    g = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        idx = torch.randint(len(y), (64,), generator=g)
+    g = torch.Generator().manual_seed(cfg.seed)
+    frames, labels = data["train"]
+    reached, t0 = None, time.time()
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1, steps, lr, warmup, "cosine")
+        idx = torch.randint(len(labels), (64,), generator=g)
+        video, y = motion_batch(frames[idx], labels[idx], cfg.num_frames, g, augment=True)
         with autocast(torch.device("cpu"), precision):
-            loss = F.cross_entropy(logits(x[idx]).float(), y[idx])
+            loss = F.cross_entropy(logits(video).float(), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            print(f"    step {step:4d}  loss {loss.item():.3f}", flush=True)
+        if step % eval_every == 0 or step == steps:
+            val = evaluate(logits, data["val"], cfg.num_frames, precision)["acc"]
+            if reached is None and val >= target:
+                reached = step
+            print(f"    step {step:5d}  loss {loss.item():.3f}  val acc {val:5.1f}%  ({time.time() - t0:.0f} s)",
+                  flush=True)
+    return reached
 
 
 @torch.no_grad()
-def test_classifier(logits, names, x, y, precision):
-    """-> dict(acc, pair, n_pair, acc_reversed): accuracy (%), the true motion against its reversal on the clips
-    whose class has a reversed partner (%, chance 50; motion classes only), accuracy with every clip reversed (%)."""
+def test_classifier(logits, video, y, precision):
+    """-> dict(acc, pair, n_pair, by_pair, acc_reversed) for clips video (n, T, 3, H, W) of motions y (n,):
+    accuracy (%); the true motion against its reversal on the clips whose class has one (%, chance 50), overall
+    and per pair of classes; accuracy with every clip played backwards against its original label (%: a model
+    that reads the direction falls to about the share of "staying still")."""
     def predict(v):
         with autocast(torch.device("cpu"), precision):
             return torch.cat([logits(v[s:s + 64]).float() for s in range(0, len(v), 64)])
-    out = predict(x)
+    out = predict(video)
     result = dict(acc=(out.argmax(-1) == y).float().mean().item() * 100,
-                  acc_reversed=(predict(x.flip(1)).argmax(-1) == y).float().mean().item() * 100)
-    partners = {**MOTION_PARTNERS, **{b: a for a, b in MOTION_PARTNERS.items()}}
-    partner = torch.tensor([names.index(partners[n]) if n in partners else -1 for n in names])
-    has = partner[y] >= 0
-    if has.any():
-        rows = torch.arange(len(y))[has]
-        result.update(pair=(out[rows, y[has]] > out[rows, partner[y[has]]]).float().mean().item() * 100,
-                      n_pair=int(has.sum()))
+                  acc_reversed=(predict(video.flip(1)).argmax(-1) == y).float().mean().item() * 100)
+    partner = torch.tensor(REVERSED)[y]
+    has = partner != y
+    wins = out[has, y[has]] > out[has, partner[has]]                   # the truth beats its reversal
+    result.update(pair=wins.float().mean().item() * 100, n_pair=int(has.sum()), by_pair={})
+    for c in (6, 4, 2, 0):                                             # appear, grow, up, left and their reversals
+        rows = (y[has] == c) | (y[has] == REVERSED[c])
+        if rows.any():
+            result["by_pair"][f"{MOTION_CLASSES[c]}/{MOTION_CLASSES[REVERSED[c]]}"] = wins[rows].float().mean().item() * 100
     return result
 
 
-def finetune(model, cfg, tok, steps, lr, target):
-    """Fine-tune the whole model + a new linear head on the joint [CLS] of the action prompt (the features of
-    `--finetune=action`; the joint pass rolls) to name each clip's `target` class -> test_classifier's dict."""
-    names, data = load_classes(cfg, target)
+def evaluate(logits, data, T, precision):
+    """test_classifier on the bin-midpoint frames of data = (frames, labels)."""
+    return test_classifier(logits, *motion_batch(*data, T), precision)
+
+
+def supervised_motion(model, cfg, tok, steps, lr, warmup, data):
+    """Train the whole model (from its current weights) + a new linear head on the joint [CLS] of the action prompt
+    (the features of `--finetune=action`; the joint pass runs the temporal layer) to name each clip's motion
+    -> (test_classifier's dict on the test split, the first step with val accuracy >= 70%)."""
     prompt = tok([aio.ACTION_PROMPT], cfg.max_text_len, pad_to_max=False)
-    head = torch.nn.Linear(cfg.width, len(names))
+    head = torch.nn.Linear(cfg.width, len(MOTION_CLASSES))
     logits = lambda v: head(model.forward_joint(prompt["input_ids"].expand(len(v), -1),
                                                 prompt["attention_mask"].expand(len(v), -1), v)[2].float())
     model.train()
-    train_classifier(logits, [*model.parameters(), *head.parameters()], *data["train"], steps, lr, cfg.seed,
-                     cfg.precision)
+    reached = train_classifier(logits, [*model.parameters(), *head.parameters()], data, cfg, steps, lr, warmup,
+                               cfg.precision)
     model.eval()
-    return test_classifier(logits, names, *data["test"], cfg.precision)
+    return evaluate(logits, data["test"], cfg.num_frames, cfg.precision), reached
 
 
-def cnn_control(cfg, steps, lr):
-    """The control for `finetune`: a small CNN, from scratch, that sees the T frames stacked as channels (frame
-    order is in its input by construction), trained the same way on the motion classes -> test_classifier's dict.
-    If it learns and the transformer does not, the signal is in the pixels and the transformer misses it."""
-    names, data = load_classes(cfg, "motion")
+def cnn_control(cfg, steps, lr, warmup, data):
+    """The positive control: a small CNN, from scratch, that sees the T frames stacked as channels (frame order is
+    in its input by construction), trained the same way -> (test_classifier's dict, first step >= 70%). If it
+    learns and a transformer does not, the signal is in the pixels and the transformer misses it."""
     torch.manual_seed(cfg.seed)
-    T = data["train"][0].shape[1]
+    T = cfg.num_frames
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3 * T, 64, 5, stride=2, padding=2), torch.nn.GELU(),
         torch.nn.Conv2d(64, 128, 3, stride=2, padding=1), torch.nn.GELU(),
         torch.nn.Conv2d(128, 128, 3, stride=2, padding=1), torch.nn.GELU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(128, len(names)))
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(128, len(MOTION_CLASSES)))
     logits = lambda v: net(v.flatten(1, 2))                                # (B, T, 3, H, W) -> (B, 3T, H, W)
     net.train()
-    train_classifier(logits, list(net.parameters()), *data["train"], steps, lr, cfg.seed, "fp32")
+    reached = train_classifier(logits, list(net.parameters()), data, cfg, steps, lr, warmup, "fp32")
     net.eval()
-    return test_classifier(logits, names, *data["test"], "fp32")
+    return evaluate(logits, data["test"], T, "fp32"), reached
 
 
-def report(result, target):
-    chance = {"motion": "9 classes, chance 11.1", "scene": "7 scenes, chance 14.3"}[target]
-    line = f"  test accuracy {result['acc']:.1f}% ({chance}); {result['acc_reversed']:.1f}% with every clip reversed"
-    if "pair" in result:
-        line += f"; reversal pairs {result['pair']:.1f}% (chance 50, {result['n_pair']} clips)"
-    print(line)
+def report(result, reached, out=None, **run):
+    """Print a supervised run's result (and append it, with the run's settings, to the JSON-lines file `out`)."""
+    print(f"  test accuracy {result['acc']:.1f}% (9 classes, chance 11.1); reversal pairs {result['pair']:.1f}% "
+          f"(chance 50, {result['n_pair']} clips: " + ", ".join(f"{k} {v:.0f}" for k, v in result["by_pair"].items())
+          + f"); {result['acc_reversed']:.1f}% with every clip reversed; val accuracy reached 70% at step "
+          f"{reached if reached else 'never'}")
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(dict(run, **result, steps_to_70=reached)) + "\n")
 
 
 def pop_flag(argv, name, default):
@@ -257,17 +312,25 @@ def pop_flag(argv, name, default):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     random_init = pop_flag(argv, "random_init", False)
-    finetune_steps = pop_flag(argv, "finetune_steps", 0)
+    motion_steps = pop_flag(argv, "motion_steps", 0)
     cnn_steps = pop_flag(argv, "cnn_steps", 0)
-    target = pop_flag(argv, "target", "motion")
-    assert target in ("motion", "scene"), f"--target=motion|scene, not {target!r}"
+    warmup = pop_flag(argv, "warmup", -1)
+    out = pop_flag(argv, "out", "")
+    clip_cache = pop_flag(argv, "clip_cache", "")
     lr_given = any(a.startswith("--lr=") for a in argv)
     cfg = parse_config(aio.Config, argv, aio.PRESETS)
-    lr = cfg.lr if lr_given else 3e-4  # (cfg.lr's default is the pre-training rate)
+    lr = cfg.lr if lr_given else 1e-3
+    if cnn_steps or motion_steps:
+        steps = cnn_steps or motion_steps
+        warmup = warmup if warmup >= 0 else steps // 10
+        t0 = time.time()
+        data = load_motion_clips(cfg, cache=clip_cache)
+        print(f"motion classes: {len(data['train'][1])} training clips, {len(data['val'][1])} val, "
+              f"{len(data['test'][1])} test, decoded in {time.time() - t0:.0f} s", flush=True)
     if cnn_steps:
-        print(f"CNN control (frames stacked as channels, from scratch): {cnn_steps} steps on the motion classes, "
-              f"lr {lr}, seed {cfg.seed}, fp32", flush=True)
-        report(cnn_control(cfg, cnn_steps, lr), "motion")
+        print(f"CNN control (frames stacked as channels, from scratch): {cnn_steps} steps, lr {lr}, warm-up "
+              f"{warmup}, seed {cfg.seed}, fp32", flush=True)
+        report(*cnn_control(cfg, cnn_steps, lr, warmup, data), out, model="cnn", seed=cfg.seed, steps=steps, lr=lr)
         return
     assert cfg.init or random_init, "--init=<ckpt.pt> (or --random_init)"
     ck = load_checkpoint(cfg.init) if cfg.init else None
@@ -282,12 +345,15 @@ def main(argv=None):
     if not random_init:
         model.load_state_dict(ck["model"], strict=False)
     which = (f"{cfg.init or 'the flags'} ({'random weights' if random_init else 'trained'}; temporal={cfg.temporal}, "
-             f"roll_unimodal={cfg.roll_unimodal}")
-    if finetune_steps:
+             f"time_init={cfg.time_init}, roll_unimodal={cfg.roll_unimodal}, patch {cfg.patch_size}")
+    if motion_steps:
         cfg.precision, why = choose_precision(cfg.precision, torch.device("cpu"))
-        print(f"{which}; {why}): fine-tuning {finetune_steps} steps on the {target} classes, lr {lr}, "
+        print(f"{which}; {why}): {motion_steps} steps on the motion classes, lr {lr}, warm-up {warmup}, "
               f"seed {cfg.seed}", flush=True)
-        report(finetune(model, cfg, tok, finetune_steps, lr, target), target)
+        t0 = time.time()
+        result, reached = supervised_motion(model, cfg, tok, motion_steps, lr, warmup, data)
+        report(result, reached, out, model=cfg.temporal, time_init=cfg.time_init, patch_size=cfg.patch_size,
+               init=cfg.init, seed=cfg.seed, steps=steps, lr=lr, warmup=warmup, seconds=round(time.time() - t0))
         return
     model.eval()
     motion = set(aio.MOTION_WORDS)

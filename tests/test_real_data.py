@@ -218,8 +218,8 @@ def test_paper_loaders_read_the_same_rows_through_the_index(tmp_path, monkeypatc
     for mode in ("table", "rows"):
         if mode == "rows":  # the reference: the plain CSV reader with the loaders' own parse functions
             for mod in (all_in_one, egovlp):
-                monkeypatch.setattr(mod, "read_table", lambda p, parse, fmt="csv", version="":
-                                    ListRows(A.read_rows(p, parse, fmt)))
+                monkeypatch.setattr(mod, "read_table", lambda p, parse, fmt="csv", columns=(), version="":
+                                    ListRows(A.read_rows(p, parse, fmt, columns)))
         A.set_strict(False)
         webvid = all_in_one.read_webvid(tmp_path, "train")
         rows = [webvid[i] for i in range(len(webvid))]

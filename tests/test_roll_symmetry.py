@@ -8,6 +8,7 @@ features: rolling itself carries no order; only the learned temporal embedding (
 
     python -m pytest -q tests/test_roll_symmetry.py
 """
+import pytest
 import torch
 
 import all_in_one as aio
@@ -54,3 +55,26 @@ def test_rolling_is_blind_to_the_direction_of_time_without_the_temporal_embeddin
     model.transformer.temporal_embed.data.normal_(0, 0.3)  # a learned temporal embedding breaks the symmetry
     assert (joint_cls(model, ids, video, perm, monkeypatch)
             - joint_cls(model, ids, video.flip(1), swapped, monkeypatch)).abs().max() > 1e-2
+
+
+def test_the_time_code_tells_a_clip_from_its_reversal_at_initialisation_and_a_zero_one_does_not():
+    # issue 24: from scratch, a zero temporal embedding leaves a clip and its reversal the same set of tokens for
+    # the time average and for joint attention alike; time_init gives every variant the same random time code
+    torch.manual_seed(1)
+    video, ids = torch.randn(B, T, 3, 64, 64), torch.randint(5, 50, (B, 8))
+    for temporal in ("mean", "flatten"):
+        for time_init, differs in ((0.0, False), (1.0, True)):
+            torch.manual_seed(0)
+            cfg = aio.Config(width=32, depth=2, heads=2, vocab_size=50, embed_dim=8, img_size=64, patch_size=16,
+                             num_frames=T, temporal=temporal, time_init=time_init)
+            model = aio.AllInOne(cfg).eval()
+            assert model.transformer.temporal_embed.std().item() == pytest.approx(time_init, abs=0.1)
+            with torch.no_grad():
+                fwd = model.forward_joint(ids, torch.ones_like(ids), video)[1]           # visual tokens, after norm
+                bwd = model.forward_joint(ids, torch.ones_like(ids), video.flip(1))[1]
+            gap = (fwd - bwd).abs().max().item()
+            assert (gap > 1e-2) if differs else (gap < 1e-5), (temporal, time_init, gap)
+
+
+def test_the_paper_preset_keeps_the_release_zero_time_code():
+    assert aio.PRESETS["paper"]["time_init"] == 0.0 and aio.Config().time_init > 0

@@ -254,6 +254,40 @@ def test_msrvtt_qa_and_mc(tiny_corpus):
             assert (root / path).exists() and 0 <= int(label) < len(classes)
 
 
+def test_every_motion_clip_holds_one_object_whose_rendered_motion_is_its_label(tmp_path):
+    # issue 24: the motion classes' label is what the pixels show -- one object, and its drawn boxes move (or grow,
+    # or appear) the way the label says
+    jobs = []
+    counts = synthetic.build_motion_classes(tmp_path, SIZES["tiny"], 0, 1.0, jobs)
+    lines = [l for s in ("train", "val", "test") for l in (tmp_path / f"action/{s}.list").read_text().splitlines()]
+    assert len(lines) == len(jobs) == sum(counts.values()) and counts["action_train"] == SIZES["tiny"]["action_train"]
+    shapes = set(synthetic.SHAPES)
+    seen = set()
+    for line, job in zip(lines, jobs):
+        rel, label = line.split("\t")
+        spec = job[1]
+        assert job[3] == str(tmp_path / rel) and len(spec["objects"]) == 1
+        frames, truth, _ = synthetic.render_clip(spec, 1.0)
+        boxes = [[b for b in frame if b[0] in shapes] for frame in truth]   # the object's box, when visible
+        first, last = boxes[0], boxes[-1]
+        if not first or not last:
+            shown = "appear" if not first else "disappear"
+        else:
+            (_, _, ax1, ay1, ax2, ay2), (_, _, bx1, by1, bx2, by2) = first[0], last[0]
+            dx, dy, grow = (bx1 + bx2 - ax1 - ax2) / 2, (by1 + by2 - ay1 - ay2) / 2, (bx2 - bx1) - (ax2 - ax1)
+            if abs(dx) > 10:
+                shown = "left" if dx < 0 else "right"
+            elif abs(dy) > 10:
+                shown = "up" if dy < 0 else "down"
+            elif abs(grow) > 4:
+                shown = "grow" if grow > 0 else "shrink"
+            else:
+                shown = "still"
+        assert synthetic.MOTIONS[int(label)] == shown, (line, spec["objects"][0])
+        seen.add(shown)
+    assert len(seen) >= 7       # the 9 classes are drawn uniformly
+
+
 def test_reversed_mc_option_differs_only_by_motion_words(tiny_corpus):
     mc = read_jsonl(tiny_corpus / "msrvtt/msrvtt_mc_test.jsonl")
     rows = [r for r in mc if r["reversed_option"] is not None]
