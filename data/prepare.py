@@ -28,6 +28,7 @@ a re-run tries it again; the loaders then skip it as a missing file and count it
 """
 
 import argparse
+import errno
 import os
 import shutil
 import sys
@@ -36,10 +37,13 @@ from concurrent.futures import ProcessPoolExecutor
 
 from tqdm import tqdm
 
+from common.errors import user_errors
+
 FOLDERS = {"webvid": "webvid", "msrvtt": "msrvtt", "egoclip": "egoclip", "epic_mir": "egoclip/epic_mir",
            "charades": "egoclip/charades"}
 EXCLUDE = {"egoclip": ("epic_mir", "charades")}  # sub-folders that are formats of their own
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm")
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # stop the run, not skip a file
 
 
 def output_size(width, height, short_side):
@@ -87,6 +91,9 @@ def transcode(src, dst, short_side, gop_seconds, crf):
     except Exception as e:  # PyAV raises many types (InvalidDataError, OSError, ValueError ...): all name the file
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRORS:  # the destination, not the video: stop the run
+            raise SystemExit(f"error: {dst}: cannot be written ({os.strerror(e.errno)}); free some space, or "
+                             f"choose another --out. A re-run continues where this one stopped") from None
         return f"{type(e).__name__}: {e}"
 
 
@@ -142,15 +149,11 @@ def prepare(root, out, fmt, short_side=256, gop_seconds=1.0, crf=23, workers=Non
     if os.path.realpath(root) == os.path.realpath(out):
         raise SystemExit("error: --out is --root: the prepared copy goes to another folder")
     todo, skipped, others = plan(root, out, fmt)
-    try:
-        for src, dst in others:
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            link_or_copy(src, dst)
-        for _, dst in todo:
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write under {out}: {e.strerror} ({e.filename}); free space or choose "
-                         f"another --out") from None
+    for src, dst in others:  # (an OSError names its path: one error line by @user_errors on main)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        link_or_copy(src, dst)
+    for _, dst in todo:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
     workers = workers or os.cpu_count() or 1
     jobs = [(src, dst, short_side, gop_seconds, crf) for src, dst in todo]
     failed = {}
@@ -175,6 +178,7 @@ def prepare(root, out, fmt, short_side=256, gop_seconds=1.0, crf=23, workers=Non
     return dict(done=len(jobs) - len(failed), skipped=skipped, failed=failed, linked=len(others))
 
 
+@user_errors  # a path that cannot be read or written, a full disk: one `error:` line (common/errors.py)
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", required=True, help="the raw dataset: the paper files' --data_root")

@@ -345,3 +345,19 @@ def test_unwanted_frames_nothing_refers_to_are_not_decoded(tmp_path, monkeypatch
     frames = read_frames(path, [58, 59, 30])
     assert all(np.array_equal(frames[k], ref[i]) for k, i in enumerate([58, 59, 30]))
     assert 30 < len(decoded) < 55  # the B-frames nobody refers to, except the wanted ones, were skipped
+
+
+def test_prepare_stops_with_one_line_when_the_destination_is_full(tmp_path, monkeypatch):
+    import errno
+
+    from data import prepare
+    src = tmp_path / "raw"
+    (src / "webvid" / "videos" / "0_49").mkdir(parents=True)
+    write_video(src / "webvid" / "videos" / "0_49" / "1.mp4", 10, gop=5)
+
+    def full(a, b):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(prepare.os, "replace", full)
+    with pytest.raises(SystemExit, match=r"error: .*1\.mp4: cannot be written \(No space left on device\)"):
+        prepare.main(["--root", str(src), "--out", str(tmp_path / "prep"), "--format", "webvid", "--workers", "1"])
+    assert not list((tmp_path / "prep").rglob("*.mp4")) and not list((tmp_path / "prep").rglob(".*tmp*"))
