@@ -24,7 +24,8 @@ as they read --root: `--data_root=<out>`.
 Runs over --workers processes (default: every core) with a progress bar. Resumable: a video is written to a hidden
 temporary name and renamed when whole, so a re-run (after a kill, or with new files) skips the finished ones.
 A video that cannot be read is not written: it is named on the console and in <out>/prepare_failed.txt, and
-a re-run tries it again; the loaders then skip it as a missing file and count it (data/README.md).
+a re-run tries it again; the loaders then skip it as a missing file and count it (data/README.md). A destination
+that cannot be written (a full disk, a permission) stops the run with one error line; a re-run continues.
 """
 
 import argparse
