@@ -1,7 +1,7 @@
 """The data path at paper size: clips/s per core, raw and after data.prepare, the annotation index at millions of
 rows, and the cores one GPU needs. A benchmark, not a test (pytest does not collect it).
 
-    python tests/bench_data.py                       # everything (= python tests/bench.py --data); ~15 min, 2 cores
+    python tests/bench_data.py                       # everything (= python tests/bench.py --data); ~20 min, 2 cores
     python tests/bench_data.py --parts decode        # videos only;  --parts index: annotation indexes only
     /tmp/decord-venv/bin/python -c 'import decord'   # optional: with --decord_python, decord on the same clips
     python tests/bench_data.py --decord_python /tmp/decord-venv/bin/python
