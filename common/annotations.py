@@ -144,7 +144,7 @@ def inside(root, *parts):
     """os.path.join(root, *parts), refused (BadRow) when the result leaves `root`: an annotation cell holding
     `../` or an absolute path must not make the run read files elsewhere on the machine."""
     path = os.path.join(root, *parts)
-    real_root = _realpath(root)
+    real_root = _realpath(os.path.abspath(root))  # (absolute first: a relative root follows the working directory)
     if all(p and p not in (".", "..") and os.sep not in p for p in parts):  # plain names: only a symlink can leave
         real = real_root  # (the same answer as below, with one lstat per part instead of one per component, and
         for k, p in enumerate(parts):  # the folders' answers kept: WebVid repeats each page_dir 50 times)
