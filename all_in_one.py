@@ -133,6 +133,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -140,8 +141,8 @@ from einops import rearrange
 from tqdm import tqdm
 
 from common import pictures
-from common.annotations import (BadRow, bad_row, inside, no_items, read_json, read_rows, set_strict, skipped_rows,
-                                text_field)
+from common.annotations import (BadRow, bad_row, inside, no_items, read_json, read_rows, read_table, set_strict,
+                                skipped_rows, text_field)
 from common.errors import check_inputs, user_errors
 from common.config import config_to_dict, parse_config
 from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
@@ -150,6 +151,7 @@ from common.text import Tokenizer, check_vocab, whole_word_mask
 from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
+from common.train import data_bound, loader_settings  # DataLoader settings for the machine
 from common.video import (VideoReadError, VideoTransform, decode_videos, load_clip, read_frames,
                           sample_frame_indices, video_meta)
 from common.weights import find_state_dict, load_into
@@ -318,25 +320,31 @@ def decode_clip(path, cfg, train, rng=None, sample=None):
 
 
 def read_webvid(root, split):
-    """WebVid CSV (videoid, contentUrl, duration, page_dir, name[, reverse_of]) -> list of dict(path, text, twin).
-    Rows without an id, with an empty caption, a repeated id or a path leaving the corpus are bad rows
-    (common/annotations.py: skipped and counted, or an error with --strict)."""
+    """WebVid CSV (videoid, contentUrl, duration, page_dir, name[, reverse_of]) -> a Table of rows dict(id, text,
+    reverse_of, page_dir, path, twin), columnar and cached beside the CSV (common/annotations.py: WebVid-10M has
+    10.7 M rows). Rows without an id, with an empty caption, a repeated id or a path leaving the corpus are bad rows
+    (skipped and counted, or an error with --strict)."""
     path, seen = Path(root) / "webvid" / f"results_{split}.csv", set()
+    videos = str(Path(root) / "webvid" / "videos")
 
     def parse(r):
         vid = text_field(r, "videoid")
         if vid in seen:
             raise BadRow(f"duplicate videoid {vid!r}")
         seen.add(vid)
-        return dict(id=vid, text=text_field(r, "name"), reverse_of=r.get("reverse_of") or "",
-                    path=inside(str(Path(root) / "webvid" / "videos"), text_field(r, "page_dir"), f"{vid}.mp4"))
-    rows = read_rows(path, parse, columns=("videoid", "page_dir", "name"))
-    index = {r["id"]: i for i, r in enumerate(rows)}
-    for r in rows:  # twin index, both directions
-        r["twin"] = index.get(r["reverse_of"], -1)
-    for i, r in enumerate(rows):
-        if r["twin"] >= 0 and rows[r["twin"]]["twin"] < 0:
-            rows[r["twin"]]["twin"] = i
+        inside(videos, text_field(r, "page_dir"), f"{vid}.mp4")
+        return dict(id=vid, text=text_field(r, "name"), reverse_of=r.get("reverse_of") or "", page_dir=r["page_dir"])
+    rows = read_table(path, parse, columns=("videoid", "page_dir", "name"), version="all_in_one.webvid/1")
+    twin = np.full(len(rows), -1, dtype=np.int64)  # twin index, both directions (only the synthetic corpus has any)
+    if len(rows) and any(rows.distinct("reverse_of")):
+        reverse_of, index = rows.columns["reverse_of"], {rows.columns["id"][i]: i for i in range(len(rows))}
+        for i in range(len(rows)):
+            twin[i] = index.get(reverse_of[i], -1)
+        for i in range(len(rows)):
+            if twin[i] >= 0 and twin[twin[i]] < 0:
+                twin[twin[i]] = i
+    rows.twin = twin
+    rows.extra = lambda r, i: dict(path=os.path.join(videos, r["page_dir"], f"{r['id']}.mp4"), twin=int(twin[i]))
     return rows
 
 
@@ -525,7 +533,7 @@ def make_loader(dataset, collate, cfg, dist, train, twin=None):
                                    cfg.twin_batches and twin is not None, cfg.seed + 7919 * dist.rank, 0, 1)
         # each rank draws its own stream (seeded by rank), the DDP equivalent of a shuffled DistributedSampler
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                           num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                                           **loader_settings(cfg.num_workers, dist.device, print0),  # <= cores
                                            generator=torch.Generator().manual_seed(cfg.seed))  # not the global one
 
     # evaluation decodes in the main process, so the clip cache survives from one evaluation to the next
@@ -1387,7 +1395,7 @@ def main(argv=None):
     if task == "pretrain":
         rows = read_webvid(cfg.data_root, "train")
         dataset = ClipTextDataset(rows, cfg, train=True)
-        twin = [r["twin"] for r in rows]
+        twin = rows.twin
     else:
         dataset = ClipTextDataset(build_task_items(cfg, task, "train", answer_vocab), cfg, train=True)
         twin = None
@@ -1499,7 +1507,8 @@ def main(argv=None):
             tqdm.write(f"step {step:5d} | " + " ".join(f"{k} {float(v.detach()):.3f}" for k, v in out.items()) +
                        f" | lr {lr:.2e} | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s"
                        f" | data wait {rec['data_wait_pct']:.0f}%" + (f" | bad videos {len(bad.errors)}" if bad.errors
-                                                                      else "")) if dist.is_main else None
+                                                                      else "")
+                       + data_bound(rec["data_wait_pct"], cfg.num_workers)) if dist.is_main else None
             t0, seen, wait_total, wait = time.time(), 0, wait_total + wait, 0.0
     pbar.close()
     train_seconds = time.time() - t_start  # the loop, with its validation passes and checkpoints

@@ -140,7 +140,8 @@ from einops import rearrange, repeat
 from tqdm import tqdm
 
 from common import pictures as P
-from common.annotations import BadRow, inside, no_items, read_json, read_rows, set_strict, skipped_rows, text_field
+from common.annotations import (BadRow, CodedColumn, Table, inside, no_items, read_json, read_rows, read_table,
+                                set_strict, skipped_rows, text_field)
 from common.errors import check_inputs, user_errors
 from common.config import config_to_dict, parse_config
 from common.dist import all_gather_nograd, all_gather_with_grad, barrier, cleanup, print0, setup_distributed
@@ -149,6 +150,7 @@ from common.text import Tokenizer, check_vocab
 from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
+from common.train import data_bound, loader_settings  # DataLoader settings for the machine
 from common.video import (VideoReadError, VideoTransform, load_clip, read_frames, sample_frame_indices, video_meta,
                           window_to_frames)
 from common.weights import find_state_dict, load_into
@@ -298,8 +300,9 @@ def multi_hot(ids: list[int], size: int) -> torch.Tensor:
     return out
 
 
-def read_egoclip(path) -> list[dict]:
-    """egoclip.csv (tab-separated, EgoClip's columns) -> rows. A malformed line (a missing column, a tag list that
+def read_egoclip(path) -> Table:
+    """egoclip.csv (tab-separated, EgoClip's columns) -> a Table of rows, columnar and cached beside the file
+    (common/annotations.py: EgoClip has 3.8 M rows). A malformed line (a missing column, a tag list that
     is not a list of ints, an empty narration, a window ending before it starts, a video_uid leaving the videos
     folder) is a bad row, named with its file and line: skipped and counted, or an error with --strict
     (common/annotations.py; the release's pandas `error_bad_lines=False` drops such lines silently)."""
@@ -314,8 +317,8 @@ def read_egoclip(path) -> list[dict]:
         if not row["clip_end"] >= row["clip_start"]:  # (also false for NaN)
             raise BadRow(f"clip window [{row['clip_start']}, {row['clip_end']}] ends before it starts")
         return row
-    return read_rows(path, parse, "tsv", columns=("video_uid", "narration_time", "clip_start", "clip_end",
-                                                  "clip_text", "tag_verb", "tag_noun"))
+    return read_table(path, parse, "tsv", columns=("video_uid", "narration_time", "clip_start", "clip_end",
+                                                    "clip_text", "tag_verb", "tag_noun"), version="egovlp.egoclip/1")
 
 
 def read_csv(path, columns=()) -> list[dict]:
@@ -800,12 +803,27 @@ def sim_matrix(a, b, eps: float = 1e-8):
     return a @ b.t()
 
 
-def scene_buckets(rows: list[dict], window: float) -> dict[tuple, list[int]]:
-    """Scene-aware negative pools: the release's segment_id = video_uid + floor(narration_time / window)."""
-    buckets: dict[tuple, list[int]] = {}
-    for i, r in enumerate(rows):
-        buckets.setdefault((r["video_uid"], int(r["narration_time"] // window)), []).append(i)
-    return buckets
+def scene_buckets(rows, window: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scene-aware negative pools: the release's segment_id = video_uid + floor(narration_time / window), held as
+    arrays, not a dict of lists (EgoClip has 3.8 M clips; python lists would be copied into every worker):
+    -> (order, start, end), the clips of row i's pool being order[start[i]:end[i]], in ascending order."""
+    if isinstance(rows, Table) and isinstance(rows.columns.get("video_uid"), CodedColumn):  # columnar: no objects
+        uid, t = np.asarray(rows.columns["video_uid"].codes), np.asarray(rows.columns["narration_time"].array)
+    else:
+        codes: dict[str, int] = {}
+        uid = np.array([codes.setdefault(r["video_uid"], len(codes)) for r in rows], dtype=np.int64)
+        t = np.array([r["narration_time"] for r in rows], dtype=np.float64)
+    seg = (t // window).astype(np.int64)  # python's // on floats, elementwise
+    order = np.lexsort((seg, uid))  # by video, then window; stable, so each pool is in row order
+    su, ss = uid[order], seg[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (su[1:] != su[:-1]) | (ss[1:] != ss[:-1])
+    starts = np.flatnonzero(first)
+    ends = np.append(starts[1:], len(order))
+    pool = np.cumsum(first) - 1  # the pool of each sorted position
+    start, end = np.empty(len(order), dtype=np.int64), np.empty(len(order), dtype=np.int64)
+    start[order], end[order] = starts[pool], ends[pool]
+    return order, start, end
 
 
 class EgoClipDataset(torch.utils.data.Dataset):
@@ -818,7 +836,7 @@ class EgoClipDataset(torch.utils.data.Dataset):
         self.cfg, self.rows, self.num_verbs, self.num_nouns = cfg, rows, len(verb_names), num_nouns
         self.verb_mirror = mirror_classes(verb_names)  # for hflip="mirror": move_left <-> move_right
         self.reader = ClipReader(Path(root) / "videos", cfg.chunk_seconds, cfg.cache_videos)
-        self.buckets = scene_buckets(rows, cfg.neg_window)
+        self.order, self.pool_start, self.pool_end = scene_buckets(rows, cfg.neg_window)
         self.transform = VideoTransform(cfg.img_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
 
     def __len__(self):
@@ -826,10 +844,11 @@ class EgoClipDataset(torch.utils.data.Dataset):
 
     def scene_negative(self, i: int, rng=random) -> int:
         """One clip from the anchor's neg_window bucket, drawn uniformly; the anchor itself only if it is alone."""
-        r = self.rows[i]
-        pool = self.buckets[(r["video_uid"], int(r["narration_time"] // self.cfg.neg_window))]
-        others = [j for j in pool if j != i]
-        return rng.choice(others) if others else i
+        pool = self.order[self.pool_start[i]:self.pool_end[i]]  # ascending row numbers
+        if len(pool) == 1:
+            return i
+        k = rng.randrange(len(pool) - 1)  # the k-th of the others (the same draw as rng.choice(others))
+        return int(pool[k] if k < np.searchsorted(pool, i) else pool[k + 1])
 
     def load(self, i: int) -> dict:
         r = self.rows[i]
@@ -978,7 +997,8 @@ class ClipBank:
                 if idx:
                     yield idx, [self.videos[i] for i in idx]
             return
-        loader = torch.utils.data.DataLoader(self, batch_size=size, num_workers=self.num_workers, collate_fn=list)
+        workers = loader_settings(self.num_workers, torch.device("cpu"), log=lambda _: None)["num_workers"]  # <= cores
+        loader = torch.utils.data.DataLoader(self, batch_size=size, num_workers=workers, collate_fn=list)
         ok, kept = [], []
         for clips in loader:  # in order: batch b holds clips b*size ...
             idx = [len(ok) + k for k, clip in enumerate(clips) if clip is not None]
@@ -1266,7 +1286,7 @@ def training_set(cfg: Config, root: Path, logger):
     with open(root / "egoclip" / "noun_classes.txt", encoding="utf-8-sig") as f:
         num_nouns = sum(1 for _ in f)
     dataset = EgoClipDataset(root / "egoclip", cfg, rows, verb_names, num_nouns)
-    uids = {r["video_uid"] for r in rows}
+    uids = rows.distinct("video_uid")
     bad = BadVideos(len(uids), cfg.max_bad_videos, print0, logger)
     if cfg.cache_videos and not cfg.chunk_seconds:
         t0 = time.time()
@@ -1344,8 +1364,7 @@ def main(argv: list[str] | None = None) -> dict:
     bad.load(ckpt.get("bad_videos", bad.state()))
     sampler = EpochSampler(len(dataset), cfg.seed, dist.rank, world, skip=drawn * cfg.batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
-                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                                         prefetch_factor=4 if cfg.num_workers > 0 else None,
+                                         **loader_settings(cfg.num_workers, device, print0),  # <= cores
                                          generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
     print0(f"contrastive batch: {world} rank(s) x {cfg.batch_size} x {per_clip} = {world * cfg.batch_size * per_clip}"
            f" clips per step ({cfg.finetune or 'pre-training'}, positives={cfg.positives}, "
@@ -1411,7 +1430,8 @@ def main(argv: list[str] | None = None) -> dict:
             bar.write(f"step {step:5d} | loss {record['loss']:.4f} | lr {lr:.2e} | "
                       f"{record['ms_per_step']:.0f} ms/step | {record['clips_per_s']:.1f} clips/s"
                       f" | data wait {record['data_wait_pct']:.0f}%" + (f" | bad videos {len(bad.errors)}"
-                                                                          if bad.errors else ""))
+                                                                          if bad.errors else "")
+                      + data_bound(record["data_wait_pct"], cfg.num_workers))
             t_last, clips_since, steps_since, wait_total, wait = time.time(), 0, 0, wait_total + wait, 0.0
     bar.close()
     train_seconds = time.time() - t_start  # the loop, with its evaluations and checkpoints

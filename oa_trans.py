@@ -126,8 +126,8 @@ from einops import rearrange, repeat
 from tqdm import tqdm
 
 from common import pictures as P
-from common.annotations import (BadRow, bad_row, inside, no_items, read_json, read_rows, set_strict, skipped_rows,
-                                text_field)
+from common.annotations import (BadRow, bad_row, inside, no_items, read_json, read_rows, read_table, set_strict,
+                                skipped_rows, text_field)
 from common.errors import check_inputs, user_errors
 from common.config import config_to_dict, parse_config
 from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
@@ -136,6 +136,7 @@ from common.text import Tokenizer, check_vocab
 from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
                           count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
                           rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
+from common.train import data_bound, loader_settings  # DataLoader settings for the machine
 from common.video import (IMAGENET_MEAN, IMAGENET_STD, VideoReadError, VideoTransform, decode_videos, load_clip,
                           read_frames, sample_frame_indices, video_meta)
 from common.weights import find_state_dict, load_into
@@ -769,8 +770,9 @@ class WebVidObjects(torch.utils.data.Dataset):
             seen.add(vid)
             inside(os.path.join(root, "webvid", "videos"), text_field(r, "page_dir"), vid + ".mp4")
             inside(os.path.join(root, "webvid", "objects"), r["page_dir"], vid)
-            return dict(r, name=text_field(r, "name"))
-        self.rows = read_rows(path, parse, columns=("videoid", "page_dir", "name"))
+            return dict(videoid=vid, page_dir=r["page_dir"], name=text_field(r, "name"))
+        self.rows = read_table(path, parse, columns=("videoid", "page_dir", "name"),  # columnar, cached (annotations)
+                               version="oa_trans.webvid/1")
         self.transform = clip_transform(cfg, train)
         self.num_frames = cfg.num_frames  # changed by the frame curriculum
         self.object_names = read_vocab_lines(os.path.join(root, "webvid", "objects_vocab.txt"))
@@ -1095,7 +1097,7 @@ def frames_at(step, cfg):
     return cfg.num_frames
 
 
-def infinite_batches(dataset, collate, cfg, world, rank, seed, skip=0):
+def infinite_batches(dataset, collate, cfg, world, rank, seed, skip=0, device=torch.device("cpu")):
     """Endless shuffled batches (a new permutation every pass), this rank's shard only. The first `skip` batches
     are passed over without being read: a resumed run continues the interrupted run's order."""
     epoch = 0
@@ -1104,8 +1106,9 @@ def infinite_batches(dataset, collate, cfg, world, rank, seed, skip=0):
         sampler.set_epoch(epoch)
         indices = list(sampler)[skip * cfg.batch_size:]
         skip = max(0, skip - len(sampler) // cfg.batch_size)
+        settings = dict(loader_settings(cfg.num_workers, device, log=lambda _: None), persistent_workers=False)
         loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=indices, collate_fn=collate,
-                                             num_workers=cfg.num_workers, drop_last=True, persistent_workers=False,
+                                             drop_last=True, **settings,
                                              generator=torch.Generator().manual_seed(seed + epoch))  # not the global
         yield from loader
         epoch += 1
@@ -1248,7 +1251,7 @@ def main(argv=None):
             if stream.get("frames") != frames:  # a new stream (a resumed one continues where it was)
                 stream = dict(frames=frames, seed=cfg.seed + step, drawn=0)
             batches = infinite_batches(dataset, functools.partial(collate, tokenizer=tokenizer, cfg=cfg), cfg,
-                                       dist.world_size, dist.rank, stream["seed"], skip=stream["drawn"])
+                                       dist.world_size, dist.rank, stream["seed"], skip=stream["drawn"], device=device)
         t_wait = time.time()
         batch, n = bad.next_batch(batches, len(dataset) // cfg.batch_size + 2)  # unreadable-only batches skipped
         stream["drawn"] += n
@@ -1283,7 +1286,7 @@ def main(argv=None):
                        + ", ".join(f"{k} {v.item():.3f}" for k, v in parts.items())
                        + f") | lr {lr:.2e} | grad {rec['grad_norm']:.2f} | T={frames}"
                        f" | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s"
-                       f" | data wait {rec['data_wait_pct']:.0f}%")
+                       f" | data wait {rec['data_wait_pct']:.0f}%" + data_bound(rec["data_wait_pct"], cfg.num_workers))
             t0, clips_seen, wait_total, wait = time.time(), 0, wait_total + wait, 0.0
     pbar.close()
     train_seconds = time.time() - t_start  # the loop, with its validation passes and checkpoints

@@ -168,6 +168,32 @@ class _Bf16:
         return self.stack.__exit__(*exc)
 
 
+def loader_settings(num_workers, device, log=print):
+    """DataLoader keyword arguments for this machine. Workers: at most the cores this rank has (the machine's
+    cores over torchrun's LOCAL_WORLD_SIZE; `--paper` asks for 8-16, and a 2-core machine running 16 decoders
+    only thrashes). With workers: persistent (no re-fork, no re-import, every epoch). On CUDA: pinned memory (the
+    loop's non_blocking copies then overlap the step) and 4 batches prefetched per worker, enough to ride out
+    a slow clip while the GPU works (the log's `data wait` says whether it does)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    workers = min(num_workers, cores)
+    if workers < num_workers:
+        log(f"num_workers={num_workers} but this rank has {cores} core(s): using {workers} loader workers")
+    kwargs = dict(num_workers=workers, pin_memory=device.type == "cuda")
+    if workers:
+        kwargs.update(persistent_workers=True, prefetch_factor=4 if device.type == "cuda" else 2)
+    return kwargs
+
+
+def data_bound(wait_pct, num_workers, threshold=20.0):
+    """A note for the log line when the loop waited on its DataLoader for more than threshold % of the interval:
+    the loader, not the model, is the bottleneck (README, "Real data at its real size")."""
+    if wait_pct <= threshold:
+        return ""
+    return (f" | data-bound: the loader (workers {num_workers}) is the bottleneck; more cores, or "
+            f"`python -m data.prepare` the videos")
+
+
 def lr_at(step, max_steps, base_lr, warmup_steps, schedule="cosine", min_lr_ratio=0.0):
     """Linear warmup over `warmup_steps`, then cosine / linear decay to min_lr_ratio * base_lr, or constant."""
     if step < warmup_steps:

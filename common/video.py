@@ -7,8 +7,12 @@ Three steps turn a file into a model input:
    in training (`rand`), the bin midpoint in evaluation (`uniform`). This is the sparse sampling of Frozen,
    All-in-one and EgoVLP, made robust where theirs crashes: a bin narrower than one frame still yields a frame
    (indices may repeat), a zero-length window yields n copies of one frame, a window past the end is clamped.
-2. `read_frames` decodes only the frames it needs: it seeks to the keyframe before the first wanted frame when
-   that frame is far from the start (long egocentric videos), and stops after the last one.
+2. `read_frames` decodes only the frames it needs, planned from the file's own structure: one demux pass (no
+   decoding) lists every frame's timestamp and the keyframes, and `plan_reads` decides for each wanted frame
+   whether to decode on or to seek to the keyframe before it, whichever decodes fewer frames (a long GOP decodes
+   on, a short GOP seeks); on the way, frames nothing refers to (most B-frames) are skipped unless wanted. Only the
+   wanted frames are converted to RGB, scaled in swscale to `short_side` when they are larger. Frame i is the i-th frame a plain decode from the start outputs, whatever the GOP, B-frames,
+   start time or frame rate (tests/test_real_data.py compares the pixels).
 3. `VideoTransform` applies one random crop, flip and colour jitter to every frame of a clip (and, with the same
    geometry, to detector boxes), then normalises.
 
@@ -29,8 +33,6 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-SEEK_THRESHOLD_SEC = 2.0  # seek instead of decoding from the start when the first wanted frame is further away
 
 
 class VideoReadError(RuntimeError):
@@ -125,45 +127,150 @@ def video_meta(path):
         container.close()
 
 
-def _decode(container, stream, meta, indices, path):
-    wanted = set(indices)
-    first, last = min(wanted), max(wanted)
+@dataclass
+class FrameIndex:
+    """Where each frame sits in the file, read from its packets without decoding: pts[i] is the timestamp of frame i
+    (frames counted in presentation order, as a decoder outputs them from the start) and keyframes the frame
+    numbers a seek can land on (sorted). With B-frames the packets come in decode order; sorting their timestamps
+    gives the presentation order, so the numbering is that of a plain sequential decode, whatever the frame rate."""
+    pts: np.ndarray  # int64 (num_frames,)
+    keyframes: np.ndarray  # int64 (K,), keyframes[0] == 0
+
+    def number(self, pts):
+        """The frame number of a decoded frame's timestamp, or -1 for a timestamp no packet had."""
+        i = int(np.searchsorted(self.pts, pts)) if pts is not None else -1
+        return i if 0 <= i < len(self.pts) and self.pts[i] == pts else -1
+
+
+_INDEX_CACHE = {}  # (path, mtime, size) -> FrameIndex, per process: a long video is indexed once for its many clips
+INDEX_CACHE_SIZE = 64
+
+
+def frame_index(container, stream, path):
+    """The FrameIndex of a video (one demux pass: reads packets, decodes nothing), or None when the packets carry
+    no usable timestamps (some raw or AVI streams): such files are decoded sequentially."""
+    st = os.stat(path)
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key in _INDEX_CACHE:
+        return _INDEX_CACHE[key]
+    pts, key_pts = [], []
+    for packet in container.demux(stream):
+        if packet.size == 0 or packet.is_discard:  # the flush packet; samples an edit list drops are never shown
+            continue
+        if packet.pts is None:
+            container.seek(0)  # (the caller decodes from the start)
+            return None
+        pts.append(packet.pts)
+        if packet.is_keyframe:
+            key_pts.append(packet.pts)
+    container.seek(0)
+    pts = np.array(pts, dtype=np.int64)
+    order = np.sort(pts)
+    if len(order) == 0 or len(np.unique(order)) != len(order) or not key_pts or min(key_pts) != order[0]:
+        return None  # repeated timestamps, or a first frame that is no keyframe: sequential decoding only
+    index = FrameIndex(order, np.searchsorted(order, np.unique(np.array(key_pts, dtype=np.int64))))
+    if len(_INDEX_CACHE) >= INDEX_CACHE_SIZE:
+        _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))  # oldest first
+    _INDEX_CACHE[key] = index
+    return index
+
+
+SEEK_COST_FRAMES = 4  # a seek (demuxer jump, decoder flush) costs about as much as decoding this many frames
+
+
+def plan_reads(keyframes, wanted):
+    """Which frames to reach by seeking: -> list of (keyframe to seek to, or None to go on decoding, [frames]).
+
+    `wanted` sorted, distinct. Decoding goes forward from the current frame; a wanted frame is reached either by
+    decoding on (cost: the frames in between) or by seeking to the keyframe at or before it (cost: the frames
+    from that keyframe, plus SEEK_COST_FRAMES). A long GOP then decodes on from the start, a short GOP seeks to
+    each wanted frame, and a clip whose frames share a GOP is decoded once from its keyframe."""
+    plan, pos = [], -1  # pos: the last frame decoded (-1: before the first, at the file's start)
+    for f in wanted:
+        k = int(keyframes[np.searchsorted(keyframes, f, side="right") - 1])  # the keyframe at or before f
+        if k - 1 - pos > SEEK_COST_FRAMES:  # the frames a seek skips are worth more than the seek
+            plan.append((k, [f]))
+        elif plan:
+            plan[-1][1].append(f)
+        else:
+            plan.append((None, [f]))
+        pos = f
+    return plan
+
+
+def _decode_skipping(container, stream, keep):
+    """Decoded frames from the demuxer's position on, skipping the frames no other frame refers to (B-frames, mostly)
+    unless their timestamp is in `keep`: the decoder knows a frame is such from its packet, before decoding it, and
+    the frames that are decoded come out the same (nothing refers to a skipped one)."""
+    context = stream.codec_context
+    try:
+        for packet in container.demux(stream):
+            context.skip_frame = "DEFAULT" if packet.size == 0 or packet.pts in keep else "NONREF"
+            yield from packet.decode()
+    finally:
+        context.skip_frame = "DEFAULT"
+
+
+def _decode(container, stream, meta, indices, path, short_side=None):
+    """Frames `indices` as uint8 RGB, read by the plan of `plan_reads` (or sequentially when the file has no
+    frame index); only the wanted frames are converted, and scaled in swscale so that their short side is
+    `short_side` when they are larger (a resize follows in VideoTransform anyway)."""
+    wanted = sorted(set(indices))
     frames = {}
+    height, width = stream.codec_context.height, stream.codec_context.width
+    if short_side and min(height, width) > short_side:  # scale down in the conversion, never up
+        ratio = short_side / min(height, width)
+        height, width = max(short_side, round(height * ratio)), max(short_side, round(width * ratio))
     # One reformatter for the whole call: frame.to_ndarray(format="rgb24") builds a new swscale context per frame,
     # which took 27x longer than this (same bytes) on the 64x64 EgoClip videos.
     to_rgb = av.video.reformatter.VideoReformatter()
+
+    def convert(frame):
+        size = dict(width=width, height=height) if (frame.height, frame.width) != (height, width) else {}
+        return to_rgb.reformat(frame, format="rgb24", interpolation="AREA" if size else None, **size).to_ndarray()
     try:
-        seek = first / meta.fps > SEEK_THRESHOLD_SEC and stream.time_base is not None
-        if seek:  # jump to the keyframe before `first`; frame indices then come from timestamps
-            start_pts = stream.start_time or 0
-            container.seek(start_pts + int(first / meta.fps / stream.time_base), stream=stream, backward=True)
-        for i, frame in enumerate(container.decode(stream)):
-            if seek and frame.pts is not None:
-                idx = int(round(float((frame.pts - (stream.start_time or 0)) * stream.time_base) * meta.fps))
-            else:
-                idx = i
-            if idx in frames or idx < first:
-                continue
-            if idx in wanted:
-                frames[idx] = to_rgb.reformat(frame, format="rgb24").to_ndarray()
-            if idx >= last:
-                break
+        index = frame_index(container, stream, path)
+        if index is None:  # count frames as they come out of the decoder, from the start
+            last, todo = wanted[-1], set(wanted)
+            for i, frame in enumerate(container.decode(stream)):
+                if i in frames or i < wanted[0]:
+                    continue
+                if i in todo:
+                    frames[i] = convert(frame)
+                if i >= last:
+                    break
+        else:
+            wanted = sorted({min(f, len(index.pts) - 1) for f in wanted})  # a header may overstate the count
+            keep = {int(index.pts[f]) for f in wanted}
+            for seek_to, group in plan_reads(index.keyframes, wanted):
+                if seek_to is not None:  # lands on the keyframe at or before this timestamp (the file's own index)
+                    container.seek(int(index.pts[seek_to]), stream=stream, backward=True)
+                todo = set(group)
+                for frame in _decode_skipping(container, stream, keep):
+                    i = index.number(frame.pts)
+                    if i in todo:
+                        frames[i] = convert(frame)
+                        todo.discard(i)
+                    if not todo or i > group[-1]:
+                        break
     except av.FFmpegError as e:
         raise VideoReadError(f"cannot decode {path}: {e}") from e
     if not frames:
-        raise VideoReadError(f"decoded no frames from {path} (wanted {first}..{last}, header says {meta.num_frames})")
+        raise VideoReadError(f"decoded no frames from {path} (wanted {min(indices)}..{max(indices)}, header says "
+                             f"{meta.num_frames})")
     # Headers can overstate the frame count by a frame or two: a missing index takes the nearest decoded frame.
     have = sorted(frames)
     out = [frames.get(i) if i in frames else frames[min(have, key=lambda h: abs(h - i))] for i in indices]
     return np.stack(out)
 
 
-def read_frames(path, indices):
-    """Decode frames `indices` (any order, repeats allowed) of `path` -> uint8 array (n, H, W, 3), RGB."""
+def read_frames(path, indices, short_side=None):
+    """Decode frames `indices` (any order, repeats allowed) of `path` -> uint8 array (n, H, W, 3), RGB; frames
+    whose short side exceeds `short_side` come scaled down to it (aspect kept)."""
     container, stream = _open(path)
     try:
         meta = _meta(container, stream, path)
-        return _decode(container, stream, meta, list(indices), path)
+        return _decode(container, stream, meta, list(indices), path, short_side)
     except av.FFmpegError as e:
         raise VideoReadError(f"cannot decode {path}: {e}") from e
     finally:
@@ -186,8 +293,9 @@ def decode_videos(paths, threads):
     return frames, unreadable
 
 
-def load_clip(path, n, mode, start_sec=None, end_sec=None, rng=None):
-    """Sample and decode n frames of a whole video, or of the window [start_sec, end_sec].
+def load_clip(path, n, mode, start_sec=None, end_sec=None, rng=None, short_side=None):
+    """Sample and decode n frames of a whole video, or of the window [start_sec, end_sec] (short_side: see
+    read_frames).
 
     Returns (frames uint8 (n, H, W, 3), indices list[int]).
     """
@@ -198,7 +306,7 @@ def load_clip(path, n, mode, start_sec=None, end_sec=None, rng=None):
         if start_sec is not None:
             start, end = window_to_frames(start_sec, end_sec, meta.fps, meta.num_frames)
         indices = sample_frame_indices(meta.num_frames, n, mode, start, end, rng)
-        return _decode(container, stream, meta, indices, path), indices
+        return _decode(container, stream, meta, indices, path, short_side), indices
     except av.FFmpegError as e:
         raise VideoReadError(f"cannot decode {path}: {e}") from e
     finally:

@@ -4,6 +4,7 @@
     python tests/bench.py --papers egovlp --configs default --steps 10
     python tests/bench.py --device cuda --paper_batch 16      # on a GPU
     python tests/bench.py --flops               # the FLOPs / parameters table (batch 1, forward), no timing
+    python tests/bench.py --data                # the data path at paper size: tests/bench_data.py
     python tests/bench.py --papers all_in_one --configs default --data_steps 0 --profile   # + where the time goes
 
 Each row runs in its own process (so its peak memory is its own) and times forward + backward + AdamW on random
@@ -232,6 +233,9 @@ def flops_table():
 
 
 def main():
+    if "--data" in sys.argv[1:]:  # the data path: tests/bench_data.py (its flags follow --data)
+        import bench_data
+        return bench_data.main([a for a in sys.argv[1:] if a != "--data"])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--papers", default="all_in_one,egovlp,oa_trans")
     p.add_argument("--configs", default="", help="comma list of row names (default: all of each paper's)")

@@ -269,7 +269,8 @@ def _rows():
 
 def test_scene_negatives_come_from_the_same_video_and_window(tmp_path):
     rows = _rows()
-    assert scene_buckets(rows, 60.0) == {("a", 0): [0, 1, 2], ("a", 1): [3, 4], ("b", 0): [5]}
+    order, start, end = scene_buckets(rows, 60.0)
+    assert [order[start[i]:end[i]].tolist() for i in range(6)] == [[0, 1, 2]] * 3 + [[3, 4]] * 2 + [[5]]
     ds = egovlp.EgoClipDataset(tmp_path, Config(), rows, ["take"], 1)
     import random
     rng = random.Random(0)

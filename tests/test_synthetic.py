@@ -39,9 +39,11 @@ def read_jsonl(path):
 
 
 def file_hashes(root):
-    """sha256 of every file under root except DONE (which records the generation time)."""
+    """sha256 of every file under root except DONE (which records the generation time) and the annotation indexes
+    that the loaders cache beside the files they read (`<file>.index/`, common/annotations.py)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "DONE"}
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "DONE" and not p.parent.name.endswith(".index")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
