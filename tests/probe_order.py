@@ -352,7 +352,8 @@ def main(argv=None):
               f"seed {cfg.seed}", flush=True)
         t0 = time.time()
         result, reached = supervised_motion(model, cfg, tok, motion_steps, lr, warmup, data)
-        report(result, reached, out, model=cfg.temporal, time_init=cfg.time_init, patch_size=cfg.patch_size,
+        report(result, reached, out, model=cfg.temporal, time_init=cfg.time_init, pos_init=cfg.pos_init,
+               patch_size=cfg.patch_size,
                init=cfg.init, seed=cfg.seed, steps=steps, lr=lr, warmup=warmup, seconds=round(time.time() - t0))
         return
     model.eval()
