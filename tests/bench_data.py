@@ -143,6 +143,8 @@ def time_ours(files, name, requests, which, short_side=None):
     return (time.process_time() - cpu) / len(requests), (time.perf_counter() - t) / len(requests)
 
 
+# Run only by the interpreter given as --decord_python (a separate virtual environment): decord is never imported by
+# this project's own Python and never a dependency.
 DECORD_SCRIPT = r"""
 import json, os, sys, time
 os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})

@@ -64,7 +64,8 @@ from common.config import parse_config  # noqa: E402
 from common.text import Tokenizer  # noqa: E402
 from common.train import autocast, choose_precision, load_checkpoint, lr_at, seed_everything  # noqa: E402
 from common.video import IMAGENET_MEAN, IMAGENET_STD, VideoReadError, read_frames, video_meta  # noqa: E402
-from data.synthetic import MOTION_CLASS_NAMES as MOTION_CLASSES  # noqa: E402
+from common.errors import UserError, user_errors  # noqa: E402
+from data.synthetic import MOTION_CLASS_NAMES as MOTION_CLASSES, MOTIONS, REVERSE  # noqa: E402
 
 
 def linear_probe_accuracy(x, y, pair, folds=5, epochs=300, weight_decay=1e-3):
@@ -138,13 +139,10 @@ def mc_order_flip(model, cfg, tok):
     return order_acc("fwd"), order_acc("bwd"), changed("fwd", "bwd"), changed("fwd", "again"), len(rows)
 
 
-MOTION_PARTNERS = {"moving left": "moving right", "moving up": "moving down", "growing": "shrinking",
-                   "appearing": "disappearing"}
-
 # The three symmetries of the motion task, each a class permutation (classes in MOTION_CLASS_NAMES order: left,
 # right, up, down, grow, shrink, appear, disappear, still): played backwards every motion becomes its reversal;
 # mirrored left-right, left and right swap; upside down, up and down swap.
-REVERSED = [1, 0, 3, 2, 5, 4, 7, 6, 8]
+REVERSED = [MOTIONS.index(REVERSE[m]) for m in MOTIONS]         # [1, 0, 3, 2, 5, 4, 7, 6, 8]
 H_FLIPPED = [1, 0, 2, 3, 4, 5, 6, 7, 8]
 V_FLIPPED = [0, 1, 3, 2, 4, 5, 6, 7, 8]
 
@@ -309,6 +307,7 @@ def pop_flag(argv, name, default):
     return default
 
 
+@user_errors
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     random_init = pop_flag(argv, "random_init", False)
@@ -320,6 +319,8 @@ def main(argv=None):
     lr_given = any(a.startswith("--lr=") for a in argv)
     cfg = parse_config(aio.Config, argv, aio.PRESETS)
     lr = cfg.lr if lr_given else 1e-3
+    if not (cfg.init or random_init or cnn_steps):  # (checked before the clips are decoded)
+        raise UserError("probe_order needs --init=<ckpt.pt> (or --random_init, or --cnn_steps=N)")
     if cnn_steps or motion_steps:
         steps = cnn_steps or motion_steps
         warmup = warmup if warmup >= 0 else steps // 10
@@ -332,7 +333,6 @@ def main(argv=None):
               f"{warmup}, seed {cfg.seed}, fp32", flush=True)
         report(*cnn_control(cfg, cnn_steps, lr, warmup, data), out, model="cnn", seed=cfg.seed, steps=steps, lr=lr)
         return
-    assert cfg.init or random_init, "--init=<ckpt.pt> (or --random_init)"
     ck = load_checkpoint(cfg.init) if cfg.init else None
     if ck:  # the checkpoint's architecture; --random_init without --init keeps the flags'
         for k in aio.ARCH_FIELDS:
