@@ -48,7 +48,8 @@ def matmul_rates(device, n=256, budget_seconds=0.05, max_rounds=20):
     slows both alike; on a CPU the probe runs on one thread (the ratio is what matters, and a thread that waits for a
     busy core would otherwise dominate the timing). A few ms where bf16 is native; on a CPU without native bf16 one bf16 matmul of this size
     takes ~0.1 s (PyTorch falls back to a path ~150x slower than fp32) and the probe stops after two of them."""
-    mats = {name: [torch.randn(n, n, device=device).to(dtype) for _ in range(2)]
+    g = torch.Generator().manual_seed(0)  # its own draws: a run's seeded ones do not depend on whether it probed
+    mats = {name: [torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2)]
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     best = {name: float("inf") for name in mats}
     threads = torch.get_num_threads()

@@ -267,3 +267,14 @@ def test_checkpoint_roundtrip_and_logs(tmp_path):
     assert (tmp_path / "log.jsonl").read_text().count("\n") == 2
     write_metrics(tmp_path, {"b/x": 1, "a/y": 2.5})
     assert (tmp_path / "metrics.json").read_text().index("a/y") < (tmp_path / "metrics.json").read_text().index("b/x")
+
+
+def test_precision_probe_leaves_the_seeded_draws_alone():
+    """precision=auto times matmuls on random matrices; a run's seeded draws (model init, data order) must be the
+    same whether or not it probed (--precision=fp32 skips the probe)."""
+    from common.train import matmul_rates
+    torch.manual_seed(1)
+    without = torch.rand(4)
+    torch.manual_seed(1)
+    matmul_rates(torch.device("cpu"), n=32, budget_seconds=0.001, max_rounds=1)
+    assert torch.equal(torch.rand(4), without)
