@@ -419,7 +419,9 @@ class BadVideos:
         return {"errors": dict(self.errors), "skipped": self.skipped}
 
     def load(self, state):
-        self.errors, self.skipped = dict(state["errors"]), state["skipped"]
+        """The counts of an interrupted run (its checkpoint's "bad_videos"; None: nothing to load)."""
+        if state:
+            self.errors, self.skipped = dict(state["errors"]), state["skipped"]
 
     def metrics(self, prefix):
         return {f"{prefix}/bad_videos": len(self.errors), f"{prefix}/skipped_clips": self.skipped}
@@ -476,3 +478,126 @@ def format_table(metrics, title=None):
     lines = [title] if title else []
     lines += [f"{k:<{width}}  {v:8.2f}" for k, v in sorted(metrics.items())]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A run's frame, the same in the three paper files: start_run, the training state (save_state / resume_state),
+# StepClock (step timing and data wait), log_step, data_report and end_run. main() calls them by name.
+
+def start_run(cfg, default_root, needs):
+    """Everything before a model is built -> (dist, logger).
+
+    --strict (common/annotations.py), the process group (common/dist.py), precision (cfg.precision becomes "bf16"
+    or "fp32", the reason printed), seeds (seed + rank), the built-in corpus (written on first use and rewritten
+    when outdated, when data_root is `default_root`), the inputs (`needs`: paths under data_root, and every weights
+    or vocab file a flag names: a missing one is one error line, common/errors.py), out_dir (another run's files
+    are refused unless --resume / --overwrite, and it is locked: one run writes into it) and the JSONL log (rank 0
+    writes it)."""
+    from common.annotations import set_strict
+    from common.dist import barrier, print0, setup_distributed
+    from common.errors import check_inputs
+    set_strict(cfg.strict)
+    dist = setup_distributed(cfg.device)
+    cfg.precision, why = choose_precision(cfg.precision, dist.device)
+    print0(why)
+    seed_everything(cfg.seed + dist.rank)
+    if cfg.data_root == default_root:
+        from data.synthetic import ensure_corpus  # (the repo's corpus generator; common/ itself reads no corpus)
+        if dist.is_main:
+            ensure_corpus(cfg.data_root)
+        barrier()
+    check_inputs(cfg, needs, default_root)
+    if dist.is_main:
+        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    barrier()
+    return dist, JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=dist.is_main)
+
+
+def save_state(path, model, optimizer, step, cfg, paper, bad, **extra):
+    """ckpt.pt with everything an exact --resume needs: weights, optimiser, step, the config, the random states,
+    the unreadable videos met so far, and the paper's own entries (`extra`: e.g. how many batches were drawn)."""
+    from common.config import config_to_dict
+    save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                         config=config_to_dict(cfg), paper=paper, rng=rng_states(), bad_videos=bad.state(), **extra),
+                    path)
+
+
+def resume_state(path, model, optimizer, paper, logger):
+    """--resume: ckpt.pt's weights and optimiser state loaded, the log's records after its step dropped (a killed run
+    wrote them after its last checkpoint) -> the checkpoint dict (step, rng, bad_videos and the paper's entries).
+    The random states are set by the caller once its data stream has started (set_rng_states)."""
+    from common.dist import print0
+    ck = load_checkpoint(path, paper=paper, need=("model", "optimizer", "step"))
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    logger.truncate_after(ck["step"])
+    print0(f"resumed from {path} at step {ck['step']}")
+    return ck
+
+
+class StepClock:
+    """Step timing and data-wait accounting: wall time, seconds blocked on the data loader and clips trained, per
+    logging interval (`interval`) and for the whole loop (`data_wait_pct`: validation and checkpoints included)."""
+
+    def __init__(self):
+        self.start = self.t0 = time.time()
+        self.wait = self.wait_total = 0.0
+        self.clips = self.steps = 0
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """`with clock.waiting(): batch = next(batches)`: the time inside counts as waiting for data."""
+        t = time.time()
+        yield
+        self.wait += time.time() - t
+
+    def tick(self, clips):
+        """One optimiser step done, on `clips` clips (all ranks)."""
+        self.clips, self.steps = self.clips + clips, self.steps + 1
+
+    def interval(self):
+        """-> ms_per_step, clips_per_s and data_wait_pct since the last call; the next interval starts now."""
+        dt = max(1e-9, time.time() - self.t0)
+        rec = {"ms_per_step": 1000 * dt / max(1, self.steps), "clips_per_s": self.clips / dt,
+               "data_wait_pct": 100 * self.wait / dt}
+        self.t0, self.clips, self.steps, self.wait_total, self.wait = time.time(), 0, 0, self.wait_total + self.wait, 0.0
+        return rec
+
+    def data_wait_pct(self):
+        """The share of the loop so far spent waiting for data, %."""
+        return 100 * (self.wait_total + self.wait) / max(1e-9, time.time() - self.start)
+
+
+def log_step(logger, step, numbers, clock, bad, num_workers, write=print):
+    """One training record into the log (`numbers`: losses, lr, ...; then speed, data wait and the unreadable
+    videos so far) and, on rank 0, one console line, ending in a hint when the loop mostly waits for data."""
+    rec = {"step": step, **numbers, **clock.interval(), "bad_videos": len(bad.errors), "skipped_clips": bad.skipped}
+    logger.log(rec)
+    if logger.enabled:
+        shown = " ".join(f"{k} {v:.2e}" if k == "lr" else f"{k} {v:.4g}" for k, v in numbers.items())
+        write(f"step {step:5d} | {shown} | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s"
+              f" | data wait {rec['data_wait_pct']:.0f}%" + (f" | bad videos {len(bad.errors)}" if bad.errors else "")
+              + data_bound(rec["data_wait_pct"], num_workers))
+    return rec
+
+
+def data_report(bad, clock, prefix):
+    """The end-of-training data metrics: unreadable training videos and the clips dropped for them, bad annotation
+    rows (one console line when there were any; each was named when met) and the loop's data-wait share."""
+    from common.annotations import skipped_rows
+    metrics = {**bad.metrics(prefix), "data/bad_rows": len(skipped_rows())}
+    if bad.errors or skipped_rows():
+        print(f"skipped: {len(bad.errors)} unreadable training videos ({bad.skipped} clips), "
+              f"{len(skipped_rows())} bad annotation rows (named above and in the log)")
+    metrics[f"{prefix}/data_wait_pct"] = clock.data_wait_pct()
+    return metrics
+
+
+def end_run(cfg, dist, metrics, title):
+    """metrics.json and the summary table (rank 0), then the process group closed -> metrics."""
+    from common.dist import cleanup, print0
+    if dist.is_main:
+        write_metrics(cfg.out_dir, metrics)
+        print0(format_table(metrics, title=f"{title} ({cfg.out_dir}/metrics.json)"))
+    cleanup()
+    return metrics

@@ -245,3 +245,13 @@ def load_into(model, state, rules=(), drop=(), new=(), source="checkpoint"):
         raise UnusableFile(f"cannot load {source}:\n  " + "\n  ".join(errors))
     model.load_state_dict(weights, strict=False)  # strict=False only because `new` keys stay at their init
     return report
+
+
+def load_weights(model, sources, paper, log=print):
+    """Load each (path, key map) of `sources` whose path is set, in order (e.g. --init_video, --init_text, --init),
+    printing each Report. A file may be ours ({"model": ...}), a release's ({"state_dict": ...}) or the tensors
+    themselves (timm / Hugging Face); `paper` refuses a checkpoint of another paper file (common/train.py)."""
+    from common.train import load_checkpoint  # (common/train.py imports this module)
+    for path, key_map in sources:
+        if path:
+            log(load_into(model, find_state_dict(load_checkpoint(path, paper=paper)), **key_map, source=path))
