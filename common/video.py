@@ -293,6 +293,42 @@ def decode_videos(paths, threads):
     return frames, unreadable
 
 
+
+class ClipCache:
+    """Clips kept in RAM after their first read, under a key the caller chooses (a path, (video, view), a window).
+
+    `get(key, read)` calls `read()` the first time and keeps what it returns (frames or a tensor); a VideoReadError
+    is kept as None, its message in `unreadable[key]`, so an unreadable file is tried (and named) once. Once the
+    kept clips hold `limit_bytes`, later ones are not kept (read again each time): memory stays flat on a
+    benchmark of real size. One per process: a DataLoader worker fills its own."""
+
+    def __init__(self, limit_bytes=float("inf")):
+        self.clips, self.unreadable, self.nbytes, self.limit_bytes = {}, {}, 0, limit_bytes
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __contains__(self, key):
+        return key in self.clips
+
+    def get(self, key, read):
+        if key in self.clips:
+            return self.clips[key]
+        try:
+            clip = read()
+        except VideoReadError as e:
+            self.unreadable[key], clip = str(e), None
+        self.put(key, clip)
+        return clip
+
+    def put(self, key, clip):
+        """Keep `clip` (None: unreadable, always kept) unless the limit is reached; -> whether it was kept."""
+        size = 0 if clip is None else clip.nbytes
+        if self.nbytes + size > self.limit_bytes:
+            return False
+        self.clips[key], self.nbytes = clip, self.nbytes + size
+        return True
+
 def load_clip(path, n, mode, start_sec=None, end_sec=None, rng=None, short_side=None):
     """Sample and decode n frames of a whole video, or of the window [start_sec, end_sec] (short_side: see
     read_frames).

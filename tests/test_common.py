@@ -278,3 +278,24 @@ def test_precision_probe_leaves_the_seeded_draws_alone():
     torch.manual_seed(1)
     matmul_rates(torch.device("cpu"), n=32, budget_seconds=0.001, max_rounds=1)
     assert torch.equal(torch.rand(4), without)
+
+
+def test_clip_cache_reads_once_keeps_unreadable_and_respects_its_limit():
+    from common.video import ClipCache, VideoReadError
+    calls = []
+
+    def read(value):
+        def f():
+            calls.append(value)
+            if value is None:
+                raise VideoReadError("cannot open x.mp4")
+            return np.zeros(value, dtype=np.uint8)
+        return f
+    cache = ClipCache(limit_bytes=10)
+    assert cache.get("a", read(6)).shape == (6,) and cache.get("a", read(6)).shape == (6,)
+    assert calls == [6]                                         # read once, then from RAM
+    assert cache.get("bad", read(None)) is None and cache.get("bad", read(None)) is None
+    assert calls == [6, None] and "x.mp4" in cache.unreadable["bad"]
+    assert cache.get("b", read(6)).shape == (6,) and "b" not in cache   # over the limit: returned, not kept
+    cache.get("b", read(6))
+    assert calls == [6, None, 6, 6] and len(cache) == 2
