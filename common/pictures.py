@@ -242,6 +242,22 @@ def retrieval_gallery(queries, title=""):
     return stack(blocks, gap=10)
 
 
+def ranked_queries(sim, texts, own, clip, top=5):
+    """retrieval_gallery's queries from a similarity matrix sim (queries, videos): query q is texts[q], whose own
+    video is own[q]; clip(j) gives video j's frames (T, 3, H, W) for the top `top` it ranks."""
+    queries = []
+    for q, text in enumerate(texts):
+        order = sim[q].argsort(descending=True).tolist()
+        queries.append(dict(text=text, rank_of_correct=order.index(own[q]) + 1,
+                            ranked=[(clip(j), sim[q, j].item(), j == own[q]) for j in order[:top]]))
+    return queries
+
+
+def run_log(init, out_dir):
+    """The log.jsonl behind a model's training curves: the run of the checkpoint --init names, else out_dir's."""
+    return os.path.join(os.path.dirname(init), "log.jsonl") if init else os.path.join(out_dir, "log.jsonl")
+
+
 # --- which tokens a temporal layer moves -------------------------------------------------------------------------
 
 def token_slots_picture(video, before, after, patch, title="", scale=3):

@@ -299,3 +299,12 @@ def test_clip_cache_reads_once_keeps_unreadable_and_respects_its_limit():
     assert cache.get("b", read(6)).shape == (6,) and "b" not in cache   # over the limit: returned, not kept
     cache.get("b", read(6))
     assert calls == [6, None, 6, 6] and len(cache) == 2
+
+
+def test_ranked_queries_rank_the_own_video_and_keep_the_top():
+    from common.pictures import ranked_queries
+    sim = torch.tensor([[0.1, 0.9, 0.5], [0.8, 0.2, 0.3]])
+    q = ranked_queries(sim, ["a", "b"], own=[2, 0], clip=lambda j: f"clip{j}", top=2)
+    assert q[0]["rank_of_correct"] == 2 and [r[0] for r in q[0]["ranked"]] == ["clip1", "clip2"]
+    assert q[0]["ranked"][1][2] and not q[0]["ranked"][0][2]
+    assert q[1]["rank_of_correct"] == 1 and q[1]["ranked"][0] == ("clip0", pytest.approx(0.8), True)
