@@ -44,7 +44,8 @@ The file, in reading order
                          ABLATION (Table 3), CHOICES / RANGES
   Data                   EgoClip rows, the clip reader (whole videos or the release's 600-s chunks), the flips,
                          the epoch sampler; EPIC-MIR fine-tuning pairs
-  Model                  SpaceTimeTransformer (video), DistilBertModel (text), FrozenInTime (the dual encoder)
+  Model                  VideoEncoder (Frozen's space-time ViT), TextEncoder (DistilBERT), FrozenInTime (the
+                         dual encoder); the same classes and names as oa_trans.py's copy
   EgoNCE (the paper's idea) and the other loss
                          scene negatives and the batch layout (EgoClipDataset, collate_pairs), the positive mask,
                          egonce_loss, pretrain_loss; MI-MM for EPIC-MIR fine-tuning (mi_mm_loss, finetune_loss)
@@ -180,7 +181,7 @@ class Config:
     finetune: str = ""  # "" = EgoNCE pre-training on EgoClip | "epic_mir" = EPIC-MIR fine-tuning with MI-MM
     eval: str = ""  # "" = train | "egomcq" | "epic_mir" | "charades" | "all": evaluate only, no training
     pictures: bool = False  # with --eval: draw EgoMCQ questions with the model's scores + the training curves
-    # --- model: video encoder (Frozen-in-Time SpaceTimeTransformer)
+    # --- model: video encoder (Frozen-in-Time's divided space-time ViT)
     img_size: int = 64  # input frame side; paper 224
     patch_size: int = 16  # ViT patch side; paper 16
     num_frames: int = 4  # frames per clip = rows of the temporal embedding; paper 4 (pre-train), 16 (fine-tune)
@@ -510,26 +511,26 @@ def collate_epic(items) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model: video encoder (divided space-time ViT, the release's SpaceTimeTransformer)
+# Model: video encoder (divided space-time ViT, the release's SpaceTimeTransformer). oa_trans.py carries the same
+# classes under the same names (only SpaceTimeBlock builds its modules in another order); tests/test_oa_trans.py
+# loads one copy's weights into the other and checks that the outputs agree.
 # ---------------------------------------------------------------------------------------------------------------
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class VarAttention(nn.Module):
-    """Multi-head attention over groups of tokens, with a [CLS] token that sees everything.
+class DividedAttention(nn.Module):
+    """Multi-head self-attention along one axis of a clip's token grid (the release's VarAttention).
 
-    The same module does temporal and spatial attention; only the grouping differs:
-      time : 'b (t n) d -> (b n) t d'  each patch attends to [CLS] + the T patches at its position
-      space: 'b (t n) d -> (b t) n d'  each patch attends to [CLS] + the N patches of its frame
-    The [CLS] query attends to all 1 + T*N tokens in both cases (Frozen-in-Time's choice).
-    x: (B, 1 + T*N, D) -> (B, 1 + T*N, D)
+    x is (B, 1 + T*N, D): a [CLS] token, then T frames of N patches, frame-major. axis="space": each patch attends
+    to the N patches of its own frame; axis="time": each patch attends to the T patches at its grid position. In
+    both, every group also sees the [CLS] key / value, and the [CLS] query attends to all 1 + T*N tokens.
+    Module names (qkv, proj) are timm's, so ViT checkpoints load.
     """
 
     def __init__(self, dim: int, heads: int):
@@ -538,43 +539,42 @@ class VarAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, group: str, T: int, N: int):
-        q, k, v = rearrange(self.qkv(x), "b s (three h e) -> three b h s e", three=3, h=self.heads)
-        # [CLS] query against every key: (B, H, 1, e)
-        cls_out = F.scaled_dot_product_attention(q[:, :, :1], k, v)
-        # patch tokens, regrouped; each group gets its own copy of the [CLS] key / value
-        if group == "time":
-            pattern, groups = "b h (t n) e -> (b n) h t e", dict(t=T, n=N)
-        else:  # "space"
-            pattern, groups = "b h (t n) e -> (b t) h n e", dict(t=T, n=N)
-        qp, kp, vp = (rearrange(z[:, :, 1:], pattern, **groups) for z in (q, k, v))  # (B*G, H, S, e)
-        reps = qp.shape[0] // x.shape[0]
-        kc, vc = (repeat(z[:, :, :1], "b h one e -> (b r) h one e", r=reps) for z in (k, v))
-        out = F.scaled_dot_product_attention(qp, torch.cat([kc, kp], 2), torch.cat([vc, vp], 2))
-        inverse = pattern.split("->")[1] + "->" + pattern.split("->")[0]
-        out = rearrange(out, inverse, **groups)  # (B, H, T*N, e)
-        out = torch.cat([cls_out, out], 2)  # (B, H, 1 + T*N, e)
-        return self.proj(rearrange(out, "b h s e -> b s (h e)"))
+    def forward(self, x, axis: str, T: int, N: int):
+        q, k, v = rearrange(self.qkv(x), "b l (three h e) -> three b h l e", three=3, h=self.heads)
+        cls_out = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # (B, h, 1, e): [CLS] sees everything
+        if axis == "time":
+            split = "b h (t n) e -> (b n) h t e"  # one group per grid position
+        else:
+            split = "b h (t n) e -> (b t) h n e"  # one group per frame
+        qg, kg, vg = (rearrange(z[:, :, 1:], split, t=T, n=N) for z in (q, k, v))  # (B * groups, h, len, e)
+        groups = qg.shape[0] // x.shape[0]
+        kc, vc = (repeat(z[:, :, :1], "b h one e -> (b g) h one e", g=groups) for z in (k, v))
+        out = F.scaled_dot_product_attention(qg, torch.cat([kc, kg], 2), torch.cat([vc, vg], 2))
+        merge = split.split("->")[1] + "->" + split.split("->")[0]
+        out = torch.cat([cls_out, rearrange(out, merge, t=T, n=N)], 2)  # (B, h, 1 + T*N, e)
+        return self.proj(rearrange(out, "b h l e -> b l (h e)"))
 
 
 class SpaceTimeBlock(nn.Module):
-    """Temporal attention, then spatial attention, then MLP — with the release's residual wiring:
+    """Frozen-in-Time's divided space-time block: temporal attention, then spatial attention, then the MLP, with
+    the release's residual wiring:
 
-        t  = x + TimeAttn(LN3(x))
-        x1 = x + SpaceAttn(LN1(t))        # NOTE: the residual adds to x, not to t (unlike TimeSformer)
-        x  = x1 + MLP(LN2(x1))
+        t = x + TimeAttn(LN3(x));   x = x + SpaceAttn(LN1(t));   x = x + MLP(LN2(x))
 
-    so temporal attention reaches the stream only through the input of spatial attention.
+    (the spatial output is added to x, not to t, unlike TimeSformer), so temporal attention reaches the stream
+    only through the input of spatial attention.
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
+        # (modules built and registered in this order since this file's first version, so that a seed gives the
+        # same weights as before; oa_trans.py's copy builds them in another order -- same keys, same computation)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = VarAttention(dim, heads)  # spatial
+        self.attn = DividedAttention(dim, heads)  # space
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.norm3 = nn.LayerNorm(dim, eps=1e-6)
-        self.timeattn = VarAttention(dim, heads)  # temporal
+        self.timeattn = DividedAttention(dim, heads)  # time
 
     def forward(self, x, T: int, N: int):
         t = x + self.timeattn(self.norm3(x), "time", T, N)
@@ -583,47 +583,45 @@ class SpaceTimeBlock(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch: int, dim: int):
+    def __init__(self, patch_size: int, dim: int):
         super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):  # (B*T, 3, S, S) -> (B*T, N, D)
         return rearrange(self.proj(x), "bt d h w -> bt (h w) d")
 
 
-class SpaceTimeTransformer(nn.Module):
-    """video (B, T, 3, S, S) -> [CLS] feature (B, D).
+class VideoEncoder(nn.Module):
+    """Frozen-in-Time's divided space-time ViT (the release's SpaceTimeTransformer). video (B, T, 3, S, S) ->
+    tokens (B, 1 + T*N, D) after the final LayerNorm; token 0 is [CLS].
 
-    Token embeddings: patch p of frame f gets pos_embed[1 + p] + temporal_embed[f]; [CLS] gets pos_embed[0]
-    only. temporal_embed starts at zero and is sliced to the T frames given; frames beyond its rows get a zero
-    temporal embedding. That is the release's 16-frame evaluation of a 4-frame model: it builds 16 rows, trains
-    on 4 frames (rows 5-16 never get a gradient and stay zero) and feeds 16 at test time (Charades-Ego).
-    Kept in step with oa_trans.py's VideoEncoder (same keys, time_init values and output for the same weights;
-    tests/test_oa_trans.py checks it).
+    Patch n of frame f gets pos_embed[1 + n] + temporal_embed[f]; [CLS] gets pos_embed[0] only. temporal_embed
+    starts at zero and is sliced to the T frames given; frames past its rows get a zero temporal embedding (the
+    release's 16-frame evaluation of a 4-frame model: rows 5-16 never get a gradient and stay zero).
     """
 
-    def __init__(self, img_size: int, patch: int, num_frames: int, dim: int, depth: int, heads: int,
+    def __init__(self, img_size: int, patch_size: int, num_frames: int, dim: int, depth: int, heads: int,
                  mlp_ratio: float):
         super().__init__()
-        self.num_patches = (img_size // patch) ** 2
-        self.num_frames = num_frames
-        self.patch_embed = PatchEmbed(patch, dim)
+        self.grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, dim))
         self.temporal_embed = nn.Parameter(torch.zeros(1, num_frames, dim))
         self.blocks = nn.ModuleList(SpaceTimeBlock(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     @torch.no_grad()
     def init_weights(self, time_init: str = "live"):
-        """timm-style init for the spatial parts (what the ViT checkpoint would overwrite), then the temporal
-        attention: qkv = 0 (so v = 0 and every block starts as an image ViT block) and
+        """timm's init for the spatial parts (what a ViT checkpoint would overwrite), then the temporal attention:
+        qkv = 0 (so v = 0 and every block starts as an image ViT block) and
 
-          "release": proj.weight = 1 (Frozen's time_init='zeros'; meant to "let gradients reach the zeroed qkv").
+          "release": proj.weight = 1 (Frozen's time_init='zeros', meant to "let gradients reach the zeroed qkv").
               But an all-ones projection outputs the same value in every channel, LN1 removes it, and the
               gradient reaching qkv is W^T g = 1 * sum_i g_i = 0 (LayerNorm's input gradient sums to zero over
-              channels). qkv then moves only by float noise: the temporal branch stays (almost) dead.
-          "live": proj.weight ~ N(0, 0.02): same start, and qkv gets a real gradient.
+              channels): from scratch the temporal branch never trains. --paper keeps it, made for pre-trained
+              weights.
+          "live": proj.weight ~ N(0, 0.02): the same start (v = 0), and qkv gets a real gradient.
         """
         assert time_init in ("release", "live"), time_init
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -638,53 +636,56 @@ class SpaceTimeTransformer(nn.Module):
             if time_init == "release":
                 nn.init.ones_(blk.timeattn.proj.weight)
             nn.init.zeros_(blk.timeattn.proj.bias)
+        return self
 
     def forward(self, video):
         B, T = video.shape[:2]
         x = self.patch_embed(rearrange(video, "b t c h w -> (b t) c h w"))  # (B*T, N, D)
-        x = rearrange(x, "(b t) n d -> b (t n) d", b=B)  # frame-major tokens
-        N = x.shape[1] // T
-        pos = self.pos_embed[:, 1:].repeat(1, T, 1)  # (1, T*N, D)
+        x = rearrange(x, "(b t) n d -> b t n d", b=B)
+        N = x.shape[2]
         tem = self.temporal_embed[:, :T]  # (1, min(T, rows), D); zero rows for frames past the table
-        tem = torch.cat([tem, tem.new_zeros(1, T - tem.shape[1], tem.shape[2])], 1).repeat_interleave(N, dim=1)
-        cls = self.cls_token + self.pos_embed[:, :1]  # (1, 1, D)
-        x = torch.cat([cls.expand(B, -1, -1), x + pos + tem], dim=1)  # (B, 1 + T*N, D)
+        tem = torch.cat([tem, tem.new_zeros(1, T - tem.shape[1], tem.shape[2])], 1)
+        x = x + self.pos_embed[:, None, 1:] + tem[:, :, None]  # space + time position
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, rearrange(x, "b t n d -> b (t n) d")], dim=1)  # (B, 1 + T*N, D)
         for blk in self.blocks:
             x = blk(x, T, N)
-        return self.norm(x)[:, 0]
+        return self.norm(x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model: text encoder (DistilBERT architecture; names follow Hugging Face's DistilBertModel)
 # ---------------------------------------------------------------------------------------------------------------
-class DistilBertEmbeddings(nn.Module):
-    def __init__(self, vocab: int, dim: int, positions: int, dropout: float):
+class TextEmbeddings(nn.Module):
+    def __init__(self, vocab_size: int, dim: int, positions: int, dropout: float):
         super().__init__()
-        self.word_embeddings = nn.Embedding(vocab, dim)
+        self.word_embeddings = nn.Embedding(vocab_size, dim)
         self.position_embeddings = nn.Embedding(positions, dim)
         self.LayerNorm = nn.LayerNorm(dim, eps=1e-12)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, ids):  # (B, L) -> (B, L, D)
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        return self.dropout(self.LayerNorm(self.word_embeddings(ids) + self.position_embeddings(pos)))
+    def forward(self, input_ids):  # (B, L) -> (B, L, D)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.dropout(self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(pos)))
 
 
-class MultiHeadSelfAttention(nn.Module):
+class TextAttention(nn.Module):
+    """DistilBERT's MultiHeadSelfAttention: padding keys masked, dropout on the attention weights in training."""
+
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.q_lin, self.k_lin, self.v_lin, self.out_lin = (nn.Linear(dim, dim) for _ in range(4))
 
-    def forward(self, x, keep):  # x (B, L, D), keep (B, 1, 1, L) bool
-        q, k, v = (rearrange(lin(x), "b l (h e) -> b h l e", h=self.heads) for lin in (self.q_lin, self.k_lin,
-                                                                                       self.v_lin))
+    def forward(self, x, keep):  # x (B, L, D), keep (B, 1, 1, L) bool: the real tokens
+        q, k, v = (rearrange(lin(x), "b l (h e) -> b h l e", h=self.heads)
+                   for lin in (self.q_lin, self.k_lin, self.v_lin))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.out_lin(rearrange(out, "b h l e -> b l (h e)"))
 
 
-class FFN(nn.Module):
+class TextFFN(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float):
         super().__init__()
         self.lin1, self.lin2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
@@ -694,14 +695,14 @@ class FFN(nn.Module):
         return self.dropout(self.lin2(F.gelu(self.lin1(x))))
 
 
-class TransformerBlock(nn.Module):
-    """Post-LayerNorm BERT block: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+class TextLayer(nn.Module):
+    """DistilBERT's TransformerBlock, post-LayerNorm: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
 
     def __init__(self, dim: int, heads: int, hidden: int, dropout: float):
         super().__init__()
-        self.attention = MultiHeadSelfAttention(dim, heads, dropout)
+        self.attention = TextAttention(dim, heads, dropout)
         self.sa_layer_norm = nn.LayerNorm(dim, eps=1e-12)
-        self.ffn = FFN(dim, hidden, dropout)
+        self.ffn = TextFFN(dim, hidden, dropout)
         self.output_layer_norm = nn.LayerNorm(dim, eps=1e-12)
 
     def forward(self, x, keep):
@@ -709,38 +710,33 @@ class TransformerBlock(nn.Module):
         return self.output_layer_norm(x + self.ffn(x))
 
 
-class Transformer(nn.Module):
-    def __init__(self, layers: int, dim: int, heads: int, hidden: int, dropout: float):
-        super().__init__()
-        self.layer = nn.ModuleList(TransformerBlock(dim, heads, hidden, dropout) for _ in range(layers))
+class TextEncoder(nn.Module):
+    """The DistilBERT architecture, module names as in Hugging Face's DistilBertModel (so its checkpoints load).
+    input_ids, attention_mask (B, L) -> last hidden state (B, L, D). Dropout (embeddings, attention weights, FFN
+    output) is active in training, as in the release, which runs HF's DistilBERT in train mode."""
 
-    def forward(self, x, keep):
-        for blk in self.layer:
-            x = blk(x, keep)
-        return x
-
-
-class DistilBertModel(nn.Module):
-    """input_ids (B, L), attention_mask (B, L) -> last hidden state (B, L, D). Kept in step with oa_trans.py's
-    TextEncoder (same keys, dropout and output for the same weights; tests/test_oa_trans.py checks it)."""
-
-    def __init__(self, vocab: int, dim: int, layers: int, heads: int, hidden: int, positions: int,
+    def __init__(self, vocab_size: int, dim: int, depth: int, heads: int, hidden: int, positions: int,
                  dropout: float):
         super().__init__()
-        self.embeddings = DistilBertEmbeddings(vocab, dim, positions, dropout)
-        self.transformer = Transformer(layers, dim, heads, hidden, dropout)
+        self.embeddings = TextEmbeddings(vocab_size, dim, positions, dropout)
+        self.transformer = nn.Module()  # (HF's key names: transformer.layer.<i>)
+        self.transformer.layer = nn.ModuleList(TextLayer(dim, heads, hidden, dropout) for _ in range(depth))
 
     @torch.no_grad()
-    def init_weights(self):  # BERT's init (what the DistilBERT checkpoint would overwrite)
+    def init_weights(self):  # BERT's init, N(0, 0.02) (what a DistilBERT checkpoint would overwrite)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
             if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
+        return self
 
     def forward(self, input_ids, attention_mask):
-        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): pads are never attended to
-        return self.transformer(self.embeddings(input_ids), keep)
+        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): padding is never attended to
+        x = self.embeddings(input_ids)
+        for layer in self.transformer.layer:
+            x = layer(x, keep)
+        return x
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -755,10 +751,10 @@ class FrozenInTime(nn.Module):
 
     def __init__(self, cfg: Config, vocab_size: int):
         super().__init__()
-        self.video_model = SpaceTimeTransformer(cfg.img_size, cfg.patch_size, cfg.num_frames, cfg.vit_width,
-                                                cfg.vit_depth, cfg.vit_heads, cfg.vit_mlp_ratio)
-        self.text_model = DistilBertModel(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads,
-                                          cfg.text_ffn, cfg.text_positions, cfg.text_dropout)
+        self.video_model = VideoEncoder(cfg.img_size, cfg.patch_size, cfg.num_frames, cfg.vit_width, cfg.vit_depth,
+                                        cfg.vit_heads, cfg.vit_mlp_ratio)
+        self.text_model = TextEncoder(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_ffn,
+                                      cfg.text_positions, cfg.text_dropout)
         self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(cfg.text_width, cfg.embed_dim))
         self.vid_proj = nn.Sequential(nn.Linear(cfg.vit_width, cfg.embed_dim))
         self.text_pool = cfg.text_pool
@@ -776,7 +772,7 @@ class FrozenInTime(nn.Module):
         return self.txt_proj((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
 
     def encode_video(self, video):  # (B, T, 3, S, S) -> (B, 256)
-        return self.vid_proj(self.video_model(video))
+        return self.vid_proj(self.video_model(video)[:, 0])  # from [CLS]
 
     def forward(self, input_ids, attention_mask, video):  # -> text (B, 256), video (B', 256)
         return self.encode_text(input_ids, attention_mask), self.encode_video(video)

@@ -279,7 +279,9 @@ RANGES = dict(num_workers=(0, None), top_k=(1, None), main_weight=(0, None), tag
 
 
 # -----------------------------------------------------------------------------
-# model: the Frozen-in-Time dual encoder (divided space-time ViT + DistilBERT), what stays at inference
+# model: the Frozen-in-Time dual encoder (divided space-time ViT + DistilBERT), what stays at inference. egovlp.py
+# carries the same classes under the same names (only SpaceTimeBlock builds its modules in another order);
+# tests/test_oa_trans.py loads one copy's weights into the other and checks that the outputs agree.
 
 def l2norm(x):
     return F.normalize(x, dim=-1, eps=1e-8)
@@ -292,7 +294,7 @@ def masked_mean(tokens, mask):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
@@ -301,101 +303,123 @@ class Mlp(nn.Module):
 
 
 class DividedAttention(nn.Module):
-    """Self-attention along one axis of a clip's token grid, Frozen-style.
+    """Multi-head self-attention along one axis of a clip's token grid (the release's VarAttention).
 
-    x is (B, 1 + T*N, D): a CLS token, then T frames of N patches (frame-major). With axis="space" each patch
-    attends to the N patches of its own frame; with axis="time" each patch attends to the T patches at its grid
-    position. In both, the CLS key/value is prepended to every group, and the CLS query attends to all tokens.
-    Module names (qkv, proj) match timm / Frozen so their checkpoints load.
+    x is (B, 1 + T*N, D): a [CLS] token, then T frames of N patches, frame-major. axis="space": each patch attends
+    to the N patches of its own frame; axis="time": each patch attends to the T patches at its grid position. In
+    both, every group also sees the [CLS] key / value, and the [CLS] query attends to all 1 + T*N tokens.
+    Module names (qkv, proj) are timm's, so ViT checkpoints load.
     """
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, axis, T, N):
-        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        cls_out = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # (B, h, 1, d): CLS sees everything
-        if axis == "space":
-            split, groups = "b h (t n) d -> (b t) h n d", T  # one group per frame
+    def forward(self, x, axis: str, T: int, N: int):
+        q, k, v = rearrange(self.qkv(x), "b l (three h e) -> three b h l e", three=3, h=self.heads)
+        cls_out = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # (B, h, 1, e): [CLS] sees everything
+        if axis == "time":
+            split = "b h (t n) e -> (b n) h t e"  # one group per grid position
         else:
-            split, groups = "b h (t n) d -> (b n) h t d", N  # one group per grid position
-        qg, kg, vg = (rearrange(z[:, :, 1:], split, t=T, n=N) for z in (q, k, v))
-        kg = torch.cat([repeat(k[:, :, :1], "b h 1 d -> (b g) h 1 d", g=groups), kg], dim=2)
-        vg = torch.cat([repeat(v[:, :, :1], "b h 1 d -> (b g) h 1 d", g=groups), vg], dim=2)
-        out = F.scaled_dot_product_attention(qg, kg, vg)  # (B*groups, h, group_len, d)
-        merge = "(b t) h n d -> b h (t n) d" if axis == "space" else "(b n) h t d -> b h (t n) d"
-        out = torch.cat([cls_out, rearrange(out, merge, t=T, n=N)], dim=2)  # (B, h, 1 + T*N, d)
-        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
+            split = "b h (t n) e -> (b t) h n e"  # one group per frame
+        qg, kg, vg = (rearrange(z[:, :, 1:], split, t=T, n=N) for z in (q, k, v))  # (B * groups, h, len, e)
+        groups = qg.shape[0] // x.shape[0]
+        kc, vc = (repeat(z[:, :, :1], "b h one e -> (b g) h one e", g=groups) for z in (k, v))
+        out = F.scaled_dot_product_attention(qg, torch.cat([kc, kg], 2), torch.cat([vc, vg], 2))
+        merge = split.split("->")[1] + "->" + split.split("->")[0]
+        out = torch.cat([cls_out, rearrange(out, merge, t=T, n=N)], 2)  # (B, h, 1 + T*N, e)
+        return self.proj(rearrange(out, "b h l e -> b l (h e)"))
 
 
 class SpaceTimeBlock(nn.Module):
-    """Frozen's divided space-time block:
+    """Frozen-in-Time's divided space-time block: temporal attention, then spatial attention, then the MLP, with
+    the release's residual wiring:
 
         t = x + TimeAttn(LN3(x));   x = x + SpaceAttn(LN1(t));   x = x + MLP(LN2(x))
 
-    (the space output is added to x, not t -- as in Frozen). TimeAttn starts as a no-op (zero qkv, so its output
-    is the zero bias), so a freshly built model behaves like an image ViT on each frame.
+    (the spatial output is added to x, not to t, unlike TimeSformer), so temporal attention reaches the stream
+    only through the input of spatial attention.
     """
 
-    def __init__(self, dim, heads, mlp_ratio=4.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
+        # (modules built and registered in this order since this file's first version, so that a seed gives the
+        # same weights as before; egovlp.py's copy builds them in another order -- same keys, same computation)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
-        self.attn = DividedAttention(dim, heads)
-        self.timeattn = DividedAttention(dim, heads)
+        self.attn = DividedAttention(dim, heads)  # space
+        self.timeattn = DividedAttention(dim, heads)  # time
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, T, N):
+    def forward(self, x, T: int, N: int):
         t = x + self.timeattn(self.norm3(x), "time", T, N)
         x = x + self.attn(self.norm1(t), "space", T, N)
         return x + self.mlp(self.norm2(x))
 
 
-class VideoEncoder(nn.Module):
-    """Divided space-time ViT ("SpaceTimeTransformer"). video (B, T, 3, H, W) -> tokens (B, 1 + T*N, D) after
-    the final LayerNorm; token 0 is CLS. Patch (f, n) gets pos_embed[1 + n] + temporal_embed[f]. Kept in step
-    with egovlp.py's SpaceTimeTransformer: same keys, same time_init values, same output for the same weights
-    (tests/test_oa_trans.py checks it)."""
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
 
-    def __init__(self, img_size, patch_size, dim, depth, heads, num_frames, time_init="release", mlp_ratio=4.0):
+    def forward(self, x):  # (B*T, 3, S, S) -> (B*T, N, D)
+        return rearrange(self.proj(x), "bt d h w -> bt (h w) d")
+
+
+class VideoEncoder(nn.Module):
+    """Frozen-in-Time's divided space-time ViT (the release's SpaceTimeTransformer). video (B, T, 3, S, S) ->
+    tokens (B, 1 + T*N, D) after the final LayerNorm; token 0 is [CLS].
+
+    Patch n of frame f gets pos_embed[1 + n] + temporal_embed[f]; [CLS] gets pos_embed[0] only. temporal_embed
+    starts at zero and is sliced to the T frames given; frames past its rows get a zero temporal embedding (the
+    release's 16-frame evaluation of a 4-frame model: rows 5-16 never get a gradient and stay zero).
+    """
+
+    def __init__(self, img_size: int, patch_size: int, num_frames: int, dim: int, depth: int, heads: int,
+                 mlp_ratio: float):
         super().__init__()
         self.grid = img_size // patch_size
-        num_patches = self.grid ** 2
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)  # timm's key: patch_embed.proj
+        self.patch_embed = PatchEmbed(patch_size, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, dim))
-        self.temporal_embed = nn.Parameter(torch.zeros(1, num_frames, dim))  # zero init, as in Frozen
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, dim))
+        self.temporal_embed = nn.Parameter(torch.zeros(1, num_frames, dim))
         self.blocks = nn.ModuleList(SpaceTimeBlock(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self._init_weights(time_init)
 
-    def _init_weights(self, time_init):
+    @torch.no_grad()
+    def init_weights(self, time_init: str = "live"):
+        """timm's init for the spatial parts (what a ViT checkpoint would overwrite), then the temporal attention:
+        qkv = 0 (so v = 0 and every block starts as an image ViT block) and
+
+          "release": proj.weight = 1 (Frozen's time_init='zeros', meant to "let gradients reach the zeroed qkv").
+              But an all-ones projection outputs the same value in every channel, LN1 removes it, and the
+              gradient reaching qkv is W^T g = 1 * sum_i g_i = 0 (LayerNorm's input gradient sums to zero over
+              channels): from scratch the temporal branch never trains. --paper keeps it, made for pre-trained
+              weights.
+          "live": proj.weight ~ N(0, 0.02): the same start (v = 0), and qkv gets a real gradient.
+        """
+        assert time_init in ("release", "live"), time_init
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        for blk in self.blocks:  # TimeAttn outputs 0 at init: qkv = 0 (so v = 0), out-proj bias = 0
+        for blk in self.blocks:
             nn.init.zeros_(blk.timeattn.qkv.weight)
             nn.init.zeros_(blk.timeattn.qkv.bias)
-            nn.init.zeros_(blk.timeattn.proj.bias)
-            # "release" = Frozen's out-proj weight of ones: every output channel of TimeAttn is then the same number,
-            # LN1 removes such a per-token constant, so qkv's gradient is 0 and, from scratch, the temporal branch
-            # never trains (a test checks it); --paper keeps it, made for pre-trained weights. "live" keeps the
-            # trunc_normal(0.02) out-proj weight set above: still a no-op at step 0 (v = 0), but it can learn.
             if time_init == "release":
                 nn.init.ones_(blk.timeattn.proj.weight)
+            nn.init.zeros_(blk.timeattn.proj.bias)
+        return self
 
     def forward(self, video):
         B, T = video.shape[:2]
-        x = self.patch_embed.proj(rearrange(video, "b t c h w -> (b t) c h w"))  # (B*T, D, h, w)
-        x = rearrange(x, "(b t) d h w -> b t (h w) d", b=B)  # (B, T, N, D)
+        x = self.patch_embed(rearrange(video, "b t c h w -> (b t) c h w"))  # (B*T, N, D)
+        x = rearrange(x, "(b t) n d -> b t n d", b=B)
         N = x.shape[2]
-        tem = self.temporal_embed[:, :T]  # (1, min(T, rows), D); frames past the table get zeros (as egovlp.py)
+        tem = self.temporal_embed[:, :T]  # (1, min(T, rows), D); zero rows for frames past the table
         tem = torch.cat([tem, tem.new_zeros(1, T - tem.shape[1], tem.shape[2])], 1)
         x = x + self.pos_embed[:, None, 1:] + tem[:, :, None]  # space + time position
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
@@ -405,68 +429,87 @@ class VideoEncoder(nn.Module):
         return self.norm(x)
 
 
-class TextAttention(nn.Module):
-    """DistilBERT's MultiHeadSelfAttention (q_lin, k_lin, v_lin, out_lin), padding keys masked, dropout on the
-    attention weights in training."""
+class TextEmbeddings(nn.Module):
+    def __init__(self, vocab_size: int, dim: int, positions: int, dropout: float):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, dim)
+        self.position_embeddings = nn.Embedding(positions, dim)
+        self.LayerNorm = nn.LayerNorm(dim, eps=1e-12)
+        self.dropout = nn.Dropout(dropout)
 
-    def __init__(self, dim, heads, dropout=0.0):
+    def forward(self, input_ids):  # (B, L) -> (B, L, D)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.dropout(self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(pos)))
+
+
+class TextAttention(nn.Module):
+    """DistilBERT's MultiHeadSelfAttention: padding keys masked, dropout on the attention weights in training."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.q_lin, self.k_lin, self.v_lin, self.out_lin = (nn.Linear(dim, dim) for _ in range(4))
 
-    def forward(self, x, pad_mask):
-        q, k, v = (rearrange(f(x), "b l (h d) -> b h l d", h=self.heads) for f in (self.q_lin, self.k_lin, self.v_lin))
-        keep = pad_mask[:, None, None, :].bool()  # (B, 1, 1, L): attend to real tokens only
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
-        return self.out_lin(rearrange(out, "b h l d -> b l (h d)"))
+    def forward(self, x, keep):  # x (B, L, D), keep (B, 1, 1, L) bool: the real tokens
+        q, k, v = (rearrange(lin(x), "b l (h e) -> b h l e", h=self.heads)
+                   for lin in (self.q_lin, self.k_lin, self.v_lin))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_lin(rearrange(out, "b h l e -> b l (h e)"))
+
+
+class TextFFN(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.lin2(F.gelu(self.lin1(x))))
 
 
 class TextLayer(nn.Module):
-    """DistilBERT TransformerBlock, post-LN: h = LN(x + Attn(x)); h = LN(h + Dropout(FFN(h)))."""
+    """DistilBERT's TransformerBlock, post-LayerNorm: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
 
-    def __init__(self, dim, heads, hidden, dropout=0.0):
+    def __init__(self, dim: int, heads: int, hidden: int, dropout: float):
         super().__init__()
         self.attention = TextAttention(dim, heads, dropout)
         self.sa_layer_norm = nn.LayerNorm(dim, eps=1e-12)
-        self.ffn = nn.Module()
-        self.ffn.lin1, self.ffn.lin2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.ffn.dropout = nn.Dropout(dropout)
+        self.ffn = TextFFN(dim, hidden, dropout)
         self.output_layer_norm = nn.LayerNorm(dim, eps=1e-12)
 
-    def forward(self, x, pad_mask):
-        x = self.sa_layer_norm(x + self.attention(x, pad_mask))
-        return self.output_layer_norm(x + self.ffn.dropout(self.ffn.lin2(F.gelu(self.ffn.lin1(x)))))
+    def forward(self, x, keep):
+        x = self.sa_layer_norm(x + self.attention(x, keep))
+        return self.output_layer_norm(x + self.ffn(x))
 
 
 class TextEncoder(nn.Module):
-    """The DistilBERT architecture (keys as in HF's DistilBertModel). ids, mask (B, L) -> hidden (B, L, D).
-    Dropout (embeddings, attention weights, FFN output) is active in training, as in the release, which runs HF's
-    DistilBERT in train mode with dropout 0.1. Kept in step with egovlp.py's DistilBertModel: same keys, same
-    output for the same weights (tests/test_oa_trans.py checks it)."""
+    """The DistilBERT architecture, module names as in Hugging Face's DistilBertModel (so its checkpoints load).
+    input_ids, attention_mask (B, L) -> last hidden state (B, L, D). Dropout (embeddings, attention weights, FFN
+    output) is active in training, as in the release, which runs HF's DistilBERT in train mode."""
 
-    def __init__(self, vocab_size, dim, depth, heads, positions, hidden=None, dropout=0.0):
+    def __init__(self, vocab_size: int, dim: int, depth: int, heads: int, hidden: int, positions: int,
+                 dropout: float):
         super().__init__()
-        self.embeddings = nn.Module()
-        self.embeddings.word_embeddings = nn.Embedding(vocab_size, dim)
-        self.embeddings.position_embeddings = nn.Embedding(positions, dim)
-        self.embeddings.LayerNorm = nn.LayerNorm(dim, eps=1e-12)
-        self.embeddings.dropout = nn.Dropout(dropout)
-        self.transformer = nn.Module()
-        self.transformer.layer = nn.ModuleList(TextLayer(dim, heads, hidden or 4 * dim, dropout) for _ in range(depth))
-        for m in self.modules():  # BERT init: N(0, 0.02)
+        self.embeddings = TextEmbeddings(vocab_size, dim, positions, dropout)
+        self.transformer = nn.Module()  # (HF's key names: transformer.layer.<i>)
+        self.transformer.layer = nn.ModuleList(TextLayer(dim, heads, hidden, dropout) for _ in range(depth))
+
+    @torch.no_grad()
+    def init_weights(self):  # BERT's init, N(0, 0.02) (what a DistilBERT checkpoint would overwrite)
+        for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
             if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
+        return self
 
-    def forward(self, ids, pad_mask):
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        e = self.embeddings
-        x = e.dropout(e.LayerNorm(e.word_embeddings(ids) + e.position_embeddings(pos)))  # (B, L, D)
+    def forward(self, input_ids, attention_mask):
+        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): padding is never attended to
+        x = self.embeddings(input_ids)
         for layer in self.transformer.layer:
-            x = layer(x, pad_mask)
+            x = layer(x, keep)
         return x
-
 
 # -----------------------------------------------------------------------------
 # object-aware streams and loss (the paper's idea)
@@ -608,10 +651,10 @@ class OATrans(nn.Module):
         super().__init__()
         self.cfg = cfg
         assert cfg.time_init in ("release", "live") and cfg.text_pool in ("cls", "mean")
-        self.video_model = VideoEncoder(cfg.img_size, cfg.patch_size, cfg.vit_width, cfg.vit_depth, cfg.vit_heads,
-                                        cfg.num_frames, cfg.time_init, cfg.vit_mlp_ratio)
-        self.text_model = TextEncoder(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_positions,
-                                      cfg.text_ffn, cfg.text_dropout)
+        self.video_model = VideoEncoder(cfg.img_size, cfg.patch_size, cfg.num_frames, cfg.vit_width, cfg.vit_depth,
+                                        cfg.vit_heads, cfg.vit_mlp_ratio).init_weights(cfg.time_init)
+        self.text_model = TextEncoder(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_ffn,
+                                      cfg.text_positions, cfg.text_dropout).init_weights()
         self.vid_proj = nn.Linear(cfg.vit_width, cfg.embed_dim)  # Vid Proj: Linear, no activation
         self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(cfg.text_width, cfg.embed_dim))  # Txt Proj: ReLU -> Linear
         # the colour of a black pixel after ImageNet normalisation: what a "blanked" patch is painted with

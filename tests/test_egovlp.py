@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import egovlp
 from common.weights import fit_temporal_embed
-from egovlp import (Config, FrozenInTime, PRESETS, VarAttention, action_positive_mask, chunk_frame, egonce_loss,
+from egovlp import (Config, FrozenInTime, PRESETS, DividedAttention, action_positive_mask, chunk_frame, egonce_loss,
                     mcq_accuracy, mi_mm_loss, parse_tags, scene_buckets, sim_matrix)
 
 TINY_MODEL = dict(img_size=32, patch_size=16, vit_width=32, vit_depth=2, vit_heads=2, text_width=32,
@@ -130,7 +130,7 @@ def test_paper_parameter_count_on_meta_device():
         assert key in keys, key
 
 
-def naive_var_attention(attn: VarAttention, x, group, T, N):
+def naive_divided_attention(attn: DividedAttention, x, axis, T, N):
     """Per-token loop: CLS attends to everything; a patch attends to CLS + its group (same position / frame)."""
     B, S, D = x.shape
     H = attn.heads
@@ -142,7 +142,7 @@ def naive_var_attention(attn: VarAttention, x, group, T, N):
                 keys = list(range(S))
             else:
                 f, n = divmod(s - 1, N)
-                keys = [0] + ([1 + tt * N + n for tt in range(T)] if group == "time" else
+                keys = [0] + ([1 + tt * N + n for tt in range(T)] if axis == "time" else
                               [1 + f * N + nn for nn in range(N)])
             for h in range(H):
                 sl = slice(h * D // H, (h + 1) * D // H)
@@ -151,14 +151,14 @@ def naive_var_attention(attn: VarAttention, x, group, T, N):
     return attn.proj(out)
 
 
-@pytest.mark.parametrize("group", ["time", "space"])
-def test_var_attention_matches_naive_loop(group):
+@pytest.mark.parametrize("axis", ["time", "space"])
+def test_divided_attention_matches_naive_loop(axis):
     torch.manual_seed(4)
-    attn = VarAttention(8, 2)
+    attn = DividedAttention(8, 2)
     T, N = 3, 4
     x = torch.randn(2, 1 + T * N, 8)
     with torch.no_grad():
-        assert torch.allclose(attn(x, group, T, N), naive_var_attention(attn, x, group, T, N), atol=1e-5)
+        assert torch.allclose(attn(x, axis, T, N), naive_divided_attention(attn, x, axis, T, N), atol=1e-5)
 
 
 @pytest.mark.parametrize("time_init", ["release", "live"])
@@ -178,7 +178,7 @@ def test_video_model_starts_as_an_image_vit(time_init):
             x = x + blk.attn.proj(a)
             x = x + blk.mlp(blk.norm2(x))
         expected = vm.norm(x)[:, 0]
-        assert torch.allclose(vm(video), expected, atol=1e-5)
+        assert torch.allclose(vm(video)[:, 0], expected, atol=1e-5)
         assert torch.count_nonzero(vm.blocks[0].timeattn(torch.randn(2, 9, 32), "time", 2, 4)) == 0
 
 
@@ -202,8 +202,8 @@ def test_release_block_wiring():
     T, N = 2, 3
     x = torch.randn(1, 1 + T * N, 8)
     with torch.no_grad():
-        t = x + naive_var_attention(blk.timeattn, blk.norm3(x), "time", T, N)
-        x1 = x + naive_var_attention(blk.attn, blk.norm1(t), "space", T, N)
+        t = x + naive_divided_attention(blk.timeattn, blk.norm3(x), "time", T, N)
+        x1 = x + naive_divided_attention(blk.attn, blk.norm1(t), "space", T, N)
         assert torch.allclose(blk(x, T, N), x1 + blk.mlp(blk.norm2(x1)), atol=1e-5)
 
 

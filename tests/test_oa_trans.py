@@ -118,7 +118,7 @@ def test_time_attention_starts_as_identity_and_temporal_embed_inflates():
     """Frozen's init: TimeAttn outputs 0, so a fresh model embeds each frame like an image ViT; a 1-frame
     checkpoint loads into a 3-frame model with zero-padded temporal rows."""
     torch.manual_seed(0)
-    enc = oa.VideoEncoder(32, 8, 32, 2, 2, num_frames=3)
+    enc = oa.VideoEncoder(32, 8, 3, 32, 2, 2, 4.0).init_weights()
     x = torch.randn(5, 1 + 3 * 16, 32)
     assert torch.count_nonzero(enc.blocks[0].timeattn(x, "time", 3, 16)) == 0
     te = torch.randn(1, 1, 32)
@@ -133,7 +133,7 @@ def test_frozen_time_init_starves_the_temporal_branch_and_live_init_does_not():
     grads = {}
     for init in ("release", "live"):
         torch.manual_seed(0)
-        enc = oa.VideoEncoder(32, 8, 32, 2, 2, num_frames=3, time_init=init)
+        enc = oa.VideoEncoder(32, 8, 3, 32, 2, 2, 4.0).init_weights(init)
         x = torch.randn(4, 1 + 3 * 16, 32)
         assert torch.count_nonzero(enc.blocks[0].timeattn(x, "time", 3, 16)) == 0
         enc(torch.randn(4, 3, 3, 32, 32))[:, 0].pow(2).sum().backward()
@@ -162,7 +162,7 @@ def test_encoders_stay_in_step_with_egovlp_copies():
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
     for train in (False, True):
         ego.train(train), oa_model.train(train)
-        assert torch.allclose(oa_model.video_model(video)[:, 0], ego.video_model(video), atol=1e-5)
+        assert torch.allclose(oa_model.video_model(video), ego.video_model(video), atol=1e-5)
         torch.manual_seed(1)
         a = oa_model.text_model(ids, mask)
         torch.manual_seed(1)
@@ -175,9 +175,8 @@ def test_encoders_stay_in_step_with_egovlp_copies():
     for name in ("release", "live"):  # the same time_init values build the same temporal-attention start
         assert egovlp.Config(time_init=name).time_init == oa.Config(time_init=name).time_init
         torch.manual_seed(0)
-        e = egovlp.SpaceTimeTransformer(32, 8, 3, 32, 1, 2, 4.0)
-        e.init_weights(name)
-        o = oa.VideoEncoder(32, 8, 32, 1, 2, 3, time_init=name)
+        e = egovlp.VideoEncoder(32, 8, 3, 32, 1, 2, 4.0).init_weights(name)
+        o = oa.VideoEncoder(32, 8, 3, 32, 1, 2, 4.0).init_weights(name)
         assert torch.equal(e.blocks[0].timeattn.proj.weight == 1, o.blocks[0].timeattn.proj.weight == 1)
     shared_fields = {f for f in egovlp.Config.__dataclass_fields__} & {f for f in oa.Config.__dataclass_fields__}
     assert set(shared) <= shared_fields
