@@ -728,7 +728,7 @@ def step_losses(model, batch, task):
 # ---------------------------------------------------------------------------------------------------------------
 # Data: annotation readers, clip decoding, batches (the twin sampler, MLM masks and VTM pairs)
 #
-# One property of the synthetic corpus is used here (it is not in the papers' data): a quarter of its training clips
+# One property of the synthetic corpus is used here (not in the papers' data): about a quarter of its training clips
 # that move have a *time-reversed twin*, the same frames in reverse order under a caption with every motion reversed
 # ("slides to the left" <-> "slides to the right"), the two rows naming each other in the CSV's `reverse_of` column.
 # Frame by frame the pair look alike; only their order differs, so each is the other's hardest negative:
