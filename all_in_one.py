@@ -44,14 +44,13 @@ Shapes legend: B batch, T frames, N patches per frame, L text tokens, D width, V
 The file, in order
 ------------------
     Config          the dataclass of every field (`--help`), presets, the ablation, allowed values
-    Data            annotation readers, clip decoding, the batch sampler (twins), the collate (MLM masks, VTM pairs)
     Temporal token rolling (the paper's idea)   band size, roll, slot shuffle, the baselines, placement per block
     Model           one pre-LN ViT shared by text and video: the joint, text-only and video-only passes
     Losses          VTC, VTM, MLM, the pre-training step, the fine-tuning losses
+    Data            annotation readers, clip decoding, the batch sampler (reversed twins), the collate (MLM, VTM)
     Evaluation      retrieval, MC (and its order probe), QA, masked motion words, the action probe
-    Pictures        retrieval gallery, token moves, training curves (`--pictures`)
-    Weights         key maps for the release's checkpoints, timm ViTs and BERT embeddings
-    Training        helpers, then main(): setup, model, data, optimizer, resume, the loop, the final evaluation
+    Training        the model, data, optimiser and validation as named steps, then main(): the training story
+    Appendix        A. pictures (`--pictures`); B. weight key maps (the release's checkpoints, timm ViTs, BERT)
 
 What is reproduced, what is not
 -------------------------------
@@ -141,20 +140,19 @@ from einops import rearrange
 from tqdm import tqdm
 
 from common import pictures
-from common.annotations import (BadRow, bad_row, inside, no_items, read_json, read_rows, read_table, set_strict,
-                                skipped_rows, text_field)
-from common.errors import check_inputs, user_errors
+from common.annotations import (BadRow, bad_row, inside, no_items, read_json, read_rows, read_table, skipped_rows,
+                                text_field)
 from common.config import config_to_dict, parse_config
-from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
+from common.dist import all_gather_with_grad, print0
+from common.errors import user_errors
 from common.metrics import accuracy, retrieval_metrics
 from common.text import Tokenizer, check_vocab, whole_word_mask
-from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
-                          count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
-                          rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
-from common.train import data_bound, loader_settings  # DataLoader settings for the machine
-from common.video import (VideoReadError, VideoTransform, decode_videos, load_clip, read_frames,
+from common.train import (BadVideos, StepClock, autocast, check_finite, compile_blocks, count_parameters, data_report,
+                          end_run, load_checkpoint, loader_settings, log_step, lr_at, param_groups, resume_state,
+                          save_checkpoint, save_state, set_rng_states, start_run)
+from common.video import (ClipCache, VideoReadError, VideoTransform, decode_videos, load_clip, read_frames,
                           sample_frame_indices, video_meta)
-from common.weights import find_state_dict, load_into
+from common.weights import find_state_dict, load_into, load_weights
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,10 +265,7 @@ PRESETS = {
 # mlm_motion/acc (masked motion words from the joint pass).
 ABLATION = dict(
     reference="roll",
-    variants={"roll": [],
-              "mean": ["--temporal=mean"],
-              "shift": ["--temporal=shift"],
-              "flatten": ["--temporal=flatten"],
+    variants={"roll": [], "mean": ["--temporal=mean"], "shift": ["--temporal=shift"], "flatten": ["--temporal=flatten"],
               "roll+video_only": ["--roll_unimodal"]},
     metrics=["retrieval/t2v_R@1", "retrieval/t2v_R@5", "mc/acc", "mc_order/acc", "mlm_motion/acc"],
 )
@@ -285,259 +280,12 @@ CHOICES = dict(precision=("auto", "bf16", "fp32"), compile=("auto", "on", "off")
 RANGES = dict(max_steps=(1, None), width=(1, None), depth=(1, None), heads=(1, None), mlp_ratio=(0, None),
               patch_size=(1, None), img_size=(1, None), num_frames=(1, None), max_text_len=(3, None),
               vocab_size=(0, None), embed_dim=(1, None), dropout=(0, 1), drop_path=(0, 1), roll_fraction=(0, 1),
-              time_init=(0, None), pos_init=(0, None),
-              vtc_weight=(0, None), vtm_weight=(0, None), mlm_weight=(0, None), temperature=(1e-6, None),
-              joint_fraction=(0, 1), mlm_prob=(0, 1), batch_size=(1, None), grad_accum=(1, None), lr=(0, None),
-              head_lr_mult=(0, None), weight_decay=(0, None), warmup_steps=(0, None), num_workers=(0, None),
-              eval_every=(1, None), ckpt_every=(1, None), log_every=(1, None), eval_batch_size=(1, None),
-              max_eval_items=(0, None), retrieval_views=(1, None), probe_epochs=(1, None), probe_lr=(0, None),
-              max_bad_videos=(0, 1))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data: annotation readers, clip decoding, batches (the twin sampler, MLM masks and VTM pairs)
-
-_CLIP_CACHE = {}  # path -> every decoded frame, uint8 (F, H, W, 3); per process (the training worker, or main)
-
-
-def decode_clip(path, cfg, train, rng=None, sample=None):
-    """Sample T frames (random per bin in training, bin midpoints otherwise; `sample` = "rand" | "uniform" overrides
-    it, e.g. for random evaluation views) -> (T, 3, S, S) float.
-
-    With cache_videos, a clip is decoded once in full and later epochs sample from memory (decoding dominates the
-    step time of a tiny model on 64x64 clips). No flip: it would turn "moves left" into "moves right". The crop
-    scale stands in for the release's resize-to-1.2x-then-random-crop."""
-    sample = sample or ("rand" if train else "uniform")
-    if cfg.cache_videos:
-        if path not in _CLIP_CACHE:
-            _CLIP_CACHE[path] = read_frames(path, range(video_meta(path).num_frames))
-        frames = _CLIP_CACHE[path]
-        frames = frames[sample_frame_indices(len(frames), cfg.num_frames, sample, rng=rng)]
-    else:
-        frames, _ = load_clip(path, cfg.num_frames, sample, rng=rng)
-    video, _ = VideoTransform(cfg.img_size, train, scale=(0.7, 1.0), flip=False)(frames, rng=rng)
-    return video
-
-
-def read_webvid(root, split):
-    """WebVid CSV (videoid, contentUrl, duration, page_dir, name[, reverse_of]) -> a Table of rows dict(id, text,
-    reverse_of, page_dir, path, twin), columnar and cached beside the CSV (common/annotations.py: WebVid-10M has
-    10.7 M rows). Rows without an id, with an empty caption, a repeated id or a path leaving the corpus are bad rows
-    (skipped and counted, or an error with --strict)."""
-    path, seen = Path(root) / "webvid" / f"results_{split}.csv", set()
-    videos = str(Path(root) / "webvid" / "videos")
-
-    def parse(r):
-        vid = text_field(r, "videoid")
-        if vid in seen:
-            raise BadRow(f"duplicate videoid {vid!r}")
-        seen.add(vid)
-        inside(videos, text_field(r, "page_dir"), f"{vid}.mp4")
-        return dict(id=vid, text=text_field(r, "name"), reverse_of=r.get("reverse_of") or "", page_dir=r["page_dir"])
-    rows = read_table(path, parse, columns=("videoid", "page_dir", "name"), version="all_in_one.webvid/1")
-    twin = np.full(len(rows), -1, dtype=np.int64)  # twin index, both directions (only the synthetic corpus has any)
-    if len(rows) and any(rows.distinct("reverse_of")):
-        reverse_of, index = rows.columns["reverse_of"], {rows.columns["id"][i]: i for i in range(len(rows))}
-        for i in range(len(rows)):
-            twin[i] = index.get(reverse_of[i], -1)
-        for i in range(len(rows)):
-            if twin[i] >= 0 and twin[twin[i]] < 0:
-                twin[twin[i]] = i
-    rows.twin = twin
-    rows.extra = lambda r, i: dict(path=os.path.join(videos, r["page_dir"], f"{r['id']}.mp4"), twin=int(twin[i]))
-    return rows
-
-
-def msrvtt_video(root, vid):
-    """The path of MSR-VTT video `vid`; an id that would leave the corpus (`../x`, `/etc/x`) is a BadRow."""
-    return inside(str(Path(root) / "msrvtt" / "videos" / "all"), f"{vid}.mp4")
-
-
-def read_msrvtt(root, split):
-    """MSR-VTT: split ids + MSR_VTT.json captions -> list of (video_id, path, [captions]). An annotation without
-    image_id / caption, or with an empty caption, is a bad row (named by its index in "annotations")."""
-    base = Path(root) / "msrvtt"
-    ids = read_rows(base / "splits" / f"{split}_list.txt", lambda line: (line, msrvtt_video(root, line)), "lines")
-    json_path = base / "annotation" / "MSR_VTT.json"
-    caps = {}
-    for n, a in enumerate(read_json(json_path)["annotations"]):
-        try:
-            caps.setdefault(a["image_id"], []).append(text_field(a, "caption"))
-        except (BadRow, KeyError, TypeError) as e:
-            bad_row(json_path, f"annotations[{n}]", str(e) if isinstance(e, BadRow) else f"missing {e}")
-    return [(v, path, caps[v]) for v, path in ids if v in caps]
-
-
-def read_jsonl(path):
-    """JSON lines -> list of dicts; a malformed line is a bad row (skipped and named, or an error with --strict)."""
-    return read_rows(path, lambda row: row, "jsonl")
-
-
-ACTION_PROMPT = "a person is doing [MASK]"  # the release's K400 prompt (without its "persion" typo)
-
-
-def build_task_items(cfg, task, split, answer_vocab=None):
-    """The items of a downstream split, as dicts for ClipTextDataset (text / options / label)."""
-    root = Path(cfg.data_root) / "msrvtt"
-
-    def mc(q):
-        options = q["options"]
-        if not (isinstance(options, list) and options and all(isinstance(o, str) and o.strip() for o in options)):
-            raise BadRow("options must be a list of non-empty texts")
-        if not 0 <= int(q["answer"]) < len(options):
-            raise BadRow(f"answer {q['answer']} is not an option index")
-        return dict(path=msrvtt_video(cfg.data_root, q["clip_name"]), options=options, label=int(q["answer"]),
-                    reversed_option=q["reversed_option"] if q.get("reversed_option") is not None else -1)
-
-    def action(line):
-        rel, label = line.rsplit("\t", 1)
-        return dict(path=inside(str(root), rel), text=ACTION_PROMPT, label=int(label))
-    if task == "retrieval":
-        items = [dict(path=p, text=caps, vid=v) for v, p, caps in read_msrvtt(cfg.data_root, split)]
-    elif task == "qa":  # an answer outside the train answers is label -100: scored wrong, counted as qa/unseen
-        items = read_rows(root / f"msrvtt_qa_{split}.jsonl", lambda q: dict(
-            path=msrvtt_video(cfg.data_root, q["video_id"]), text=text_field(q, "question"),
-            answer=text_field(q, "answer"), label=(answer_vocab or {}).get(q["answer"], -100)), "jsonl")
-    elif task == "mc":
-        items = read_rows(root / f"msrvtt_mc_{split}.jsonl", mc, "jsonl")
-    elif task == "action":
-        items = read_rows(root / "action" / f"{split}.list", action, "lines")
-    else:
-        raise ValueError(task)
-    return items[: cfg.max_eval_items] if cfg.max_eval_items and split != "train" else items
-
-
-class ClipTextDataset(torch.utils.data.Dataset):
-    """(video path, text or texts, extra) items -> dict(video, text, index, ...). A text list means "draw one at
-    random" (MSR-VTT training). An unreadable video returns dict(bad_video=path, error); the collate drops it.
-    view = k (evaluation only): frames drawn at random in each bin with a generator seeded by (seed, k, item), centre
-    crop -- the k-th of the release's retrieval views; None = bin midpoints."""
-
-    def __init__(self, items, cfg, train, view=None):
-        self.items, self.cfg, self.train, self.view = items, cfg, train, view
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        item = self.items[i]
-        try:
-            if self.view is None:
-                video = decode_clip(item["path"], self.cfg, self.train)
-            else:
-                rng = random.Random(f"{self.cfg.seed}/{self.view}/{i}")
-                video = decode_clip(item["path"], self.cfg, False, rng=rng, sample="rand")
-        except VideoReadError as e:
-            return dict(bad_video=item["path"], error=str(e))  # the collate drops it; the loop names and counts it
-        text = item.get("text", "")
-        if isinstance(text, list):
-            text = random.choice(text) if self.train else text[0]
-        return dict(item, video=video, text=text, index=i)
-
-
-class TwinBatchSampler(torch.utils.data.Sampler):
-    """Endless random batches; with twins=True each clip's time-reversed twin rides in the same batch (as the
-    next row), so the pair are each other's hard negatives. Each rank takes every world-th batch."""
-
-    def __init__(self, twin, batch_size, twins, seed, rank=0, world=1):
-        self.twin, self.batch_size, self.twins = twin, batch_size, twins
-        self.seed, self.rank, self.world = seed, rank, world
-        self.skip = 0  # batches to pass over first: a resumed run continues the interrupted run's data order
-
-    def __iter__(self):
-        epoch, skip = 0, self.skip
-        while True:
-            g = random.Random(self.seed * 1000 + epoch)
-            groups = [[i] + ([self.twin[i]] if self.twins and self.twin[i] >= 0 else [])
-                      for i in range(len(self.twin)) if not (self.twins and 0 <= self.twin[i] < i)]
-            g.shuffle(groups)
-            batches, cur = [], []
-            for grp in groups:
-                if len(cur) + len(grp) > self.batch_size:
-                    batches.append(cur)
-                    cur = []
-                cur += grp
-            for b in batches[self.rank:len(batches) - len(batches) % self.world:self.world]:
-                if skip:
-                    skip -= 1
-                else:
-                    yield b
-            epoch += 1
-
-
-def vtm_negatives(n_joint, batch_size, twin, generator=None):
-    """Choose the VTM pairs for the first n_joint rows of a batch of batch_size clips.
-
-    Exactly floor(n_joint/2) rows, at random, get another clip's video: the row's time-reversed twin when it is in
-    the batch (twin[i] >= 0), else a random other clip. Returns (video_index (n_joint,), labels (n_joint,))."""
-    labels = torch.ones(n_joint, dtype=torch.long)
-    neg = torch.randperm(n_joint, generator=generator)[: n_joint // 2]
-    labels[neg] = 0
-    video_index = torch.arange(n_joint)
-    for i in neg.tolist():
-        if twin[i] >= 0:
-            video_index[i] = int(twin[i])
-        else:
-            j = int(torch.randint(batch_size - 1, (1,), generator=generator))
-            video_index[i] = j + (j >= i)  # any clip but i
-    return video_index, labels
-
-
-class Collate:
-    """List of items -> batch dict: stacked videos, tokenized texts, MLM inputs, VTM pairs (pre-training), labels
-    and options (downstream). Drops the unreadable videos: their (path, error) go to batch["bad_videos"], their
-    number to batch["skipped"]."""
-
-    def __init__(self, tokenizer, cfg, task):
-        self.tok, self.cfg, self.task = tokenizer, cfg, task
-
-    def __call__(self, items):
-        kept = [it for it in items if "bad_video" not in it]
-        batch = {"skipped": len(items) - len(kept),
-                 "bad_videos": [(it["bad_video"], it["error"]) for it in items if "bad_video" in it]}
-        if not kept:
-            return batch
-        batch["video"] = torch.stack([it["video"] for it in kept])       # (B, T, 3, H, W)
-        batch["index"] = torch.tensor([it["index"] for it in kept])       # dataset rows of the kept clips
-        if "options" in kept[0]:                                          # multiple choice
-            O = len(kept[0]["options"])
-            tok = self.tok([o for it in kept for o in it["options"]], self.cfg.max_text_len, pad_to_max=False)
-            batch["option_ids"] = tok["input_ids"].view(len(kept), O, -1)
-            batch["option_mask"] = tok["attention_mask"].view(len(kept), O, -1)
-        else:
-            tok = self.tok([it["text"] for it in kept], self.cfg.max_text_len, pad_to_max=False)
-            batch["text_ids"], batch["text_mask"] = tok["input_ids"], tok["attention_mask"]
-        for key in ("label", "reversed_option"):
-            if key in kept[0]:
-                batch[key] = torch.tensor([it[key] for it in kept])
-        if self.task == "pretrain":
-            batch["mlm_ids"], batch["mlm_labels"] = whole_word_mask(batch["text_ids"], batch["text_mask"], self.tok,
-                                                                    prob=self.cfg.mlm_prob)
-            pos = {it["index"]: r for r, it in enumerate(kept)}             # dataset index -> row in this batch
-            twin = [pos.get(it.get("twin", -1), -1) if self.cfg.twin_batches else -1 for it in kept]
-            n = max(2, round(self.cfg.joint_fraction * len(kept)))
-            batch["vtm_video_index"], batch["vtm_labels"] = vtm_negatives(min(n, len(kept)), len(kept), twin)
-        return batch
-
-
-def num_action_classes(cfg):
-    """The number of action classes: the non-empty lines of msrvtt/action/classes.txt."""
-    classes = (Path(cfg.data_root) / "msrvtt" / "action" / "classes.txt").read_text().split("\n")
-    return len([c for c in classes if c.strip()])
-
-
-def make_loader(dataset, collate, cfg, dist, train, twin=None):
-    """Training: endless batches from TwinBatchSampler; evaluation: one ordered pass (sharded by rank)."""
-    if train:
-        sampler = TwinBatchSampler(twin if twin is not None else [-1] * len(dataset), cfg.batch_size,
-                                   cfg.twin_batches and twin is not None, cfg.seed + 7919 * dist.rank, 0, 1)
-        # each rank draws its own stream (seeded by rank), the DDP equivalent of a shuffled DistributedSampler
-        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                           **loader_settings(cfg.num_workers, dist.device, print0),  # <= cores
-                                           generator=torch.Generator().manual_seed(cfg.seed))  # not the global one
-
-    # evaluation decodes in the main process, so the clip cache survives from one evaluation to the next
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate)
+              time_init=(0, None), pos_init=(0, None), vtc_weight=(0, None), vtm_weight=(0, None),
+              mlm_weight=(0, None), temperature=(1e-6, None), joint_fraction=(0, 1), mlm_prob=(0, 1),
+              batch_size=(1, None), grad_accum=(1, None), lr=(0, None), head_lr_mult=(0, None), weight_decay=(0, None),
+              warmup_steps=(0, None), num_workers=(0, None), eval_every=(1, None), ckpt_every=(1, None),
+              log_every=(1, None), eval_batch_size=(1, None), max_eval_items=(0, None), retrieval_views=(1, None),
+              probe_epochs=(1, None), probe_lr=(0, None), max_bad_videos=(0, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -978,6 +726,268 @@ def step_losses(model, batch, task):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Data: annotation readers, clip decoding, batches (the twin sampler, MLM masks and VTM pairs)
+#
+# One property of the synthetic corpus is used here (not in the papers' data): about a quarter of its training clips
+# that move have a *time-reversed twin*, the same frames in reverse order under a caption with every motion reversed
+# ("slides to the left" <-> "slides to the right"), the two rows naming each other in the CSV's `reverse_of` column.
+# Frame by frame the pair look alike; only their order differs, so each is the other's hardest negative:
+# `twin_batches` puts both in one batch (for VTC) and VTM prefers the twin as the mismatched video (departure 4).
+
+CLIP_CACHE = ClipCache()  # path -> every decoded frame, uint8 (F, H, W, 3); per process (the training worker, or main)
+
+
+def decode_clip(path, cfg, train, rng=None, sample=None):
+    """Sample T frames (random per bin in training, bin midpoints otherwise; `sample` = "rand" | "uniform" overrides
+    it, e.g. for random evaluation views) -> (T, 3, S, S) float.
+
+    With cache_videos, a clip is decoded once in full and later epochs sample from memory (decoding dominates the
+    step time of a tiny model on 64x64 clips). No flip: it would turn "moves left" into "moves right". The crop
+    scale stands in for the release's resize-to-1.2x-then-random-crop."""
+    sample = sample or ("rand" if train else "uniform")
+    if cfg.cache_videos:
+        frames = CLIP_CACHE.get(path, lambda: read_frames(path, range(video_meta(path).num_frames)))
+        if frames is None:  # unreadable: decoded once, named again each time the clip is drawn
+            raise VideoReadError(CLIP_CACHE.unreadable[path])
+        frames = frames[sample_frame_indices(len(frames), cfg.num_frames, sample, rng=rng)]
+    else:
+        frames, _ = load_clip(path, cfg.num_frames, sample, rng=rng)
+    video, _ = VideoTransform(cfg.img_size, train, scale=(0.7, 1.0), flip=False)(frames, rng=rng)
+    return video
+
+
+def preload_clips(paths):
+    """Decode whole training videos into CLIP_CACHE ahead of training, several at a time, so that the first epoch
+    samples from memory instead of waiting for the decoder. -> {path: error} of the unreadable ones (left out of
+    the cache: decode_clip tries them again when drawn, and raises)."""
+    frames, unreadable = decode_videos(paths, threads=min(8, os.cpu_count() or 1))
+    for path, clip in frames.items():
+        CLIP_CACHE.put(path, clip)
+    return unreadable
+
+
+def read_webvid(root, split):
+    """WebVid CSV (videoid, contentUrl, duration, page_dir, name[, reverse_of]) -> a Table of rows dict(id, text,
+    reverse_of, page_dir, path, twin), columnar and cached beside the CSV (common/annotations.py: WebVid-10M has
+    10.7 M rows). Rows without an id, with an empty caption, a repeated id or a path leaving the corpus are bad rows
+    (skipped and counted, or an error with --strict)."""
+    path, seen = Path(root) / "webvid" / f"results_{split}.csv", set()
+    videos = str(Path(root) / "webvid" / "videos")
+
+    def parse(r):
+        vid = text_field(r, "videoid")
+        if vid in seen:
+            raise BadRow(f"duplicate videoid {vid!r}")
+        seen.add(vid)
+        inside(videos, text_field(r, "page_dir"), f"{vid}.mp4")
+        return dict(id=vid, text=text_field(r, "name"), reverse_of=r.get("reverse_of") or "", page_dir=r["page_dir"])
+    rows = read_table(path, parse, columns=("videoid", "page_dir", "name"), version="all_in_one.webvid/1")
+    twin = np.full(len(rows), -1, dtype=np.int64)  # twin index, both directions (only the synthetic corpus has any)
+    if len(rows) and any(rows.distinct("reverse_of")):
+        reverse_of, index = rows.columns["reverse_of"], {rows.columns["id"][i]: i for i in range(len(rows))}
+        for i in range(len(rows)):
+            twin[i] = index.get(reverse_of[i], -1)
+        for i in range(len(rows)):
+            if twin[i] >= 0 and twin[twin[i]] < 0:
+                twin[twin[i]] = i
+    rows.twin = twin
+    rows.extra = lambda r, i: dict(path=os.path.join(videos, r["page_dir"], f"{r['id']}.mp4"), twin=int(twin[i]))
+    return rows
+
+
+def msrvtt_video(root, vid):
+    """The path of MSR-VTT video `vid`; an id that would leave the corpus (`../x`, `/etc/x`) is a BadRow."""
+    return inside(str(Path(root) / "msrvtt" / "videos" / "all"), f"{vid}.mp4")
+
+
+def read_msrvtt(root, split):
+    """MSR-VTT: split ids + MSR_VTT.json captions -> list of (video_id, path, [captions]). An annotation without
+    image_id / caption, or with an empty caption, is a bad row (named by its index in "annotations")."""
+    base = Path(root) / "msrvtt"
+    ids = read_rows(base / "splits" / f"{split}_list.txt", lambda line: (line, msrvtt_video(root, line)), "lines")
+    json_path = base / "annotation" / "MSR_VTT.json"
+    caps = {}
+    for n, a in enumerate(read_json(json_path)["annotations"]):
+        try:
+            caps.setdefault(a["image_id"], []).append(text_field(a, "caption"))
+        except (BadRow, KeyError, TypeError) as e:
+            bad_row(json_path, f"annotations[{n}]", str(e) if isinstance(e, BadRow) else f"missing {e}")
+    return [(v, path, caps[v]) for v, path in ids if v in caps]
+
+
+def read_jsonl(path):
+    """JSON lines -> list of dicts; a malformed line is a bad row (skipped and named, or an error with --strict)."""
+    return read_rows(path, lambda row: row, "jsonl")
+
+
+ACTION_PROMPT = "a person is doing [MASK]"  # the release's K400 prompt (without its "persion" typo)
+
+
+def build_task_items(cfg, task, split, answer_vocab=None):
+    """The items of a downstream split, as dicts for ClipTextDataset (text / options / label)."""
+    root = Path(cfg.data_root) / "msrvtt"
+
+    def mc(q):
+        options = q["options"]
+        if not (isinstance(options, list) and options and all(isinstance(o, str) and o.strip() for o in options)):
+            raise BadRow("options must be a list of non-empty texts")
+        if not 0 <= int(q["answer"]) < len(options):
+            raise BadRow(f"answer {q['answer']} is not an option index")
+        return dict(path=msrvtt_video(cfg.data_root, q["clip_name"]), options=options, label=int(q["answer"]),
+                    reversed_option=q["reversed_option"] if q.get("reversed_option") is not None else -1)
+
+    def action(line):
+        rel, label = line.rsplit("\t", 1)
+        return dict(path=inside(str(root), rel), text=ACTION_PROMPT, label=int(label))
+    if task == "retrieval":
+        items = [dict(path=p, text=caps, vid=v) for v, p, caps in read_msrvtt(cfg.data_root, split)]
+    elif task == "qa":  # an answer outside the train answers is label -100: scored wrong, counted as qa/unseen
+        items = read_rows(root / f"msrvtt_qa_{split}.jsonl", lambda q: dict(
+            path=msrvtt_video(cfg.data_root, q["video_id"]), text=text_field(q, "question"),
+            answer=text_field(q, "answer"), label=(answer_vocab or {}).get(q["answer"], -100)), "jsonl")
+    elif task == "mc":
+        items = read_rows(root / f"msrvtt_mc_{split}.jsonl", mc, "jsonl")
+    elif task == "action":
+        items = read_rows(root / "action" / f"{split}.list", action, "lines")
+    else:
+        raise ValueError(task)
+    return items[: cfg.max_eval_items] if cfg.max_eval_items and split != "train" else items
+
+
+class ClipTextDataset(torch.utils.data.Dataset):
+    """(video path, text or texts, extra) items -> dict(video, text, index, ...). A text list means "draw one at
+    random" (MSR-VTT training). An unreadable video returns dict(bad_video=path, error); the collate drops it.
+    view = k (evaluation only): frames drawn at random in each bin with a generator seeded by (seed, k, item), centre
+    crop -- the k-th of the release's retrieval views; None = bin midpoints."""
+
+    def __init__(self, items, cfg, train, view=None):
+        self.items, self.cfg, self.train, self.view = items, cfg, train, view
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        try:
+            if self.view is None:
+                video = decode_clip(item["path"], self.cfg, self.train)
+            else:
+                rng = random.Random(f"{self.cfg.seed}/{self.view}/{i}")
+                video = decode_clip(item["path"], self.cfg, False, rng=rng, sample="rand")
+        except VideoReadError as e:
+            return dict(bad_video=item["path"], error=str(e))  # the collate drops it; the loop names and counts it
+        text = item.get("text", "")
+        if isinstance(text, list):
+            text = random.choice(text) if self.train else text[0]
+        return dict(item, video=video, text=text, index=i)
+
+
+class TwinBatchSampler(torch.utils.data.Sampler):
+    """Endless random batches; with twins=True each clip's time-reversed twin rides in the same batch (as the
+    next row), so the pair are each other's hard negatives. Under torchrun each rank runs its own sampler with its
+    own seed (make_loader): the ranks draw independent streams, as a shuffled DistributedSampler would."""
+
+    def __init__(self, twin, batch_size, twins, seed):
+        self.twin, self.batch_size, self.twins, self.seed = twin, batch_size, twins, seed
+        self.skip = 0  # batches to pass over first: a resumed run continues the interrupted run's data order
+
+    def __iter__(self):
+        epoch, skip = 0, self.skip
+        while True:
+            g = random.Random(self.seed * 1000 + epoch)
+            groups = [[i] + ([self.twin[i]] if self.twins and self.twin[i] >= 0 else [])
+                      for i in range(len(self.twin)) if not (self.twins and 0 <= self.twin[i] < i)]
+            g.shuffle(groups)
+            batches, cur = [], []
+            for grp in groups:
+                if len(cur) + len(grp) > self.batch_size:
+                    batches.append(cur)
+                    cur = []
+                cur += grp
+            for b in batches:  # (the last, partial batch is dropped)
+                if skip:
+                    skip -= 1
+                else:
+                    yield b
+            epoch += 1
+
+
+def vtm_negatives(n_joint, batch_size, twin, generator=None):
+    """Choose the VTM pairs for the first n_joint rows of a batch of batch_size clips.
+
+    Exactly floor(n_joint/2) rows, at random, get another clip's video: the row's time-reversed twin when it is in
+    the batch (twin[i] >= 0), else a random other clip. Returns (video_index (n_joint,), labels (n_joint,))."""
+    labels = torch.ones(n_joint, dtype=torch.long)
+    neg = torch.randperm(n_joint, generator=generator)[: n_joint // 2]
+    labels[neg] = 0
+    video_index = torch.arange(n_joint)
+    for i in neg.tolist():
+        if twin[i] >= 0:
+            video_index[i] = int(twin[i])
+        else:
+            j = int(torch.randint(batch_size - 1, (1,), generator=generator))
+            video_index[i] = j + (j >= i)  # any clip but i
+    return video_index, labels
+
+
+class Collate:
+    """List of items -> batch dict: stacked videos, tokenized texts, MLM inputs, VTM pairs (pre-training), labels
+    and options (downstream). Drops the unreadable videos: their (path, error) go to batch["bad_videos"], their
+    number to batch["skipped"]."""
+
+    def __init__(self, tokenizer, cfg, task):
+        self.tok, self.cfg, self.task = tokenizer, cfg, task
+
+    def __call__(self, items):
+        kept = [it for it in items if "bad_video" not in it]
+        batch = {"skipped": len(items) - len(kept),
+                 "bad_videos": [(it["bad_video"], it["error"]) for it in items if "bad_video" in it]}
+        if not kept:
+            return batch
+        batch["video"] = torch.stack([it["video"] for it in kept])       # (B, T, 3, H, W)
+        batch["index"] = torch.tensor([it["index"] for it in kept])       # dataset rows of the kept clips
+        if "options" in kept[0]:                                          # multiple choice
+            O = len(kept[0]["options"])
+            tok = self.tok([o for it in kept for o in it["options"]], self.cfg.max_text_len, pad_to_max=False)
+            batch["option_ids"] = tok["input_ids"].view(len(kept), O, -1)
+            batch["option_mask"] = tok["attention_mask"].view(len(kept), O, -1)
+        else:
+            tok = self.tok([it["text"] for it in kept], self.cfg.max_text_len, pad_to_max=False)
+            batch["text_ids"], batch["text_mask"] = tok["input_ids"], tok["attention_mask"]
+        for key in ("label", "reversed_option"):
+            if key in kept[0]:
+                batch[key] = torch.tensor([it[key] for it in kept])
+        if self.task == "pretrain":
+            batch["mlm_ids"], batch["mlm_labels"] = whole_word_mask(batch["text_ids"], batch["text_mask"], self.tok,
+                                                                    prob=self.cfg.mlm_prob)
+            pos = {it["index"]: r for r, it in enumerate(kept)}             # dataset index -> row in this batch
+            twin = [pos.get(it.get("twin", -1), -1) if self.cfg.twin_batches else -1 for it in kept]
+            n = max(2, round(self.cfg.joint_fraction * len(kept)))
+            batch["vtm_video_index"], batch["vtm_labels"] = vtm_negatives(min(n, len(kept)), len(kept), twin)
+        return batch
+
+
+def num_action_classes(cfg):
+    """The number of action classes: the non-empty lines of msrvtt/action/classes.txt."""
+    classes = (Path(cfg.data_root) / "msrvtt" / "action" / "classes.txt").read_text().split("\n")
+    return len([c for c in classes if c.strip()])
+
+
+def make_loader(dataset, collate, cfg, dist, train, twin=None):
+    """Training: endless batches from TwinBatchSampler; evaluation: one ordered pass over the whole split."""
+    if train:
+        sampler = TwinBatchSampler(twin if twin is not None else [-1] * len(dataset), cfg.batch_size,
+                                   cfg.twin_batches and twin is not None, cfg.seed + 7919 * dist.rank)
+        # each rank draws its own stream (seeded by rank), the DDP equivalent of a shuffled DistributedSampler
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                           **loader_settings(cfg.num_workers, dist.device, print0),  # <= cores
+                                           generator=torch.Generator().manual_seed(cfg.seed))  # not the global one
+
+    # evaluation decodes in the main process, so the clip cache survives from one evaluation to the next
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Evaluation (rank 0 computes on the full split; other ranks wait)
 
 @torch.no_grad()
@@ -1190,8 +1200,224 @@ VAL_TASK = {"pretrain": "retrieval", "retrieval": "retrieval", "qa": "qa", "mc":
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pictures of what the model learned: `--eval=<task> --init=<ckpt> --pictures` writes them into out_dir/pictures
-# (drawing helpers in common/pictures.py)
+# Training: the pieces main() calls by name (the model and its heads, the data, the optimiser, validation), then
+# main(), the training story. Run start-up, checkpoints, step timing and the end-of-run summary: common/train.py.
+
+def backbone_parameters(model):
+    """Parameters of the shared transformer + text embeddings + modality embedding + pooler: the paper's count
+    (12M / 33M / 110M for Ti / S / B). Pre-training and task heads are excluded."""
+    parts = (model.text_embeddings, model.token_type_embeddings, model.transformer, model.pooler)
+    return sum(p.numel() for m in parts for p in m.parameters())
+
+
+def build_model(cfg, tok, device):
+    """The model of this run, its task heads and its starting weights -> (model on device, answer_vocab or None).
+
+    The architecture is the Config's, or --init's when that is one of our checkpoints (its ARCH_FIELDS). Heads: QA
+    classifies over the train answers (most frequent first); MC gets its head when fine-tuned, or evaluated from a
+    checkpoint that has one (else MC is zero-shot). Weights: --init_video (a timm ViT), --init_text (BERT's
+    embeddings), then --init (a whole model), each reported key by key (common/weights.py)."""
+    init = load_checkpoint(cfg.init, paper="all_in_one") if cfg.init else None
+    init_state = find_state_dict(init) if init is not None else {}
+    if isinstance(init, dict) and isinstance(init.get("config"), dict):  # ours: the architecture is the checkpoint's
+        for k in ARCH_FIELDS:
+            if k in init["config"]:  # (checkpoints from before a field existed keep this run's value)
+                setattr(cfg, k, init["config"][k])
+    if cfg.vocab_size == 0:
+        cfg.vocab_size = tok.vocab_size
+    check_vocab(tok, cfg.vocab_size)  # a token id past the word-embedding table would fail mid-run
+    model = AllInOne(cfg)
+    answer_vocab = None
+    if cfg.finetune == "qa" or cfg.eval == "qa":
+        counts = Counter(q["answer"] for q in build_task_items(cfg, "qa", "train"))
+        answer_vocab = {a: i for i, (a, _) in enumerate(counts.most_common())}
+        model.add_task_head("qa", len(answer_vocab))
+    if cfg.finetune == "mc" or (cfg.eval == "mc" and any("mc_vqa_classifier." in k for k in init_state)):
+        model.add_task_head("mc")
+    load_weights(model, [(cfg.init_video, VIT_INIT), (cfg.init_text, BERT_INIT)], "all_in_one", log=print0)
+    if cfg.init_video:  # from image weights the time code starts at zero, as released (departure 10)
+        model.transformer.temporal_embed.data.zero_()
+    if cfg.init:  # (read above for its architecture and heads: loaded from memory, not read twice)
+        print0(load_into(model, init_state, **FULL_MODEL, source=cfg.init))
+    if cfg.width in PAPER_INIT and not (cfg.init or cfg.init_video):
+        print0(f"note: paper-size backbone from random weights; the paper starts from timm's {PAPER_INIT[cfg.width]}"
+               f" (--init_video) and loads no BERT weights (only bert-base-uncased's vocab.txt, --vocab_file)")
+    model.to(device)
+    trained = not (cfg.eval or cfg.finetune == "action")  # (the action probe trains a head on frozen features)
+    print0(compile_blocks(list(model.transformer.blocks), cfg.compile, device, cfg.max_steps if trained else 0))
+    print0(f"All-in-one: D={cfg.width} depth={cfg.depth} temporal={cfg.temporal} "
+           f"params={count_parameters(model) / 1e6:.2f}M (backbone+text emb {backbone_parameters(model) / 1e6:.2f}M)")
+    return model, answer_vocab
+
+
+def evaluate_only(model, cfg, dist, tok, answer_vocab):
+    """No backbone training: --eval=<task> on test (and with --pictures, the pictures), or --finetune=action, a
+    probe trained on frozen features and selected on val. -> (metrics, what they are)."""
+    if (cfg.eval or cfg.finetune) == "action":
+        metrics = action_probe(model, cfg, tok, dist.device, num_action_classes(cfg))
+    else:
+        metrics = evaluate_task(model, cfg, tok, cfg.eval, "test", dist.device, answer_vocab)
+    if cfg.eval and cfg.pictures and dist.is_main:
+        draw_pictures(model, cfg, tok, dist.device)
+    return metrics, f"{cfg.eval} on test" if cfg.eval else "action probe (selected on val), test"
+
+
+def training_data(cfg, task, tok, dist, answer_vocab, logger):
+    """The training set of `task` and its endless loader -> (dataset, loader, bad: the unreadable videos met).
+
+    Every annotation file a later evaluation reads is read now: a missing val list or a malformed MSR_VTT.json
+    stops the run here, not at step eval_every with nothing saved. With cache_videos (and no workers, which would
+    each fill their own cache) the training videos are decoded into RAM first."""
+    if task == "pretrain":
+        rows = read_webvid(cfg.data_root, "train")
+        dataset, twin = ClipTextDataset(rows, cfg, train=True), rows.twin
+    else:
+        dataset, twin = ClipTextDataset(build_task_items(cfg, task, "train", answer_vocab), cfg, train=True), None
+    if len(dataset) < cfg.batch_size:  # the sampler yields full batches only: it would never yield one
+        raise no_items(len(dataset), cfg.batch_size)  # (none at all: the bad-row count and the first reasons)
+    for t, split in ((VAL_TASK[task], "val"), ("zeroshot" if task == "pretrain" else task, "test")):
+        for sub in ("retrieval", "mc") if t == "zeroshot" else (t,):
+            build_task_items(cfg, sub, split, answer_vocab)
+    loader = make_loader(dataset, Collate(tok, cfg, task), cfg, dist, True, twin)
+    bad = BadVideos(len(dataset), cfg.max_bad_videos, log=print0, logger=logger)
+    if cfg.cache_videos and cfg.num_workers == 0:
+        t = time.time()
+        unreadable = preload_clips([it["path"] for it in dataset.items])
+        print0(f"decoded {len(dataset.items)} training clips into RAM in {time.time() - t:.0f} s "
+               f"({len(unreadable)} unreadable)")
+        bad.add(sorted(unreadable.items()), skipped=0)  # a corpus too broken stops here
+    if skipped_rows():
+        logger.log({"bad_rows": skipped_rows()})
+    print0(f"task={task}: {len(dataset)} training items; contrastive batch = {cfg.batch_size} x {dist.world_size} "
+           f"ranks = {cfg.batch_size * dist.world_size} (grad_accum={cfg.grad_accum} adds no negatives); "
+           f"optimizer batch = {cfg.batch_size * cfg.grad_accum * dist.world_size}")
+    return dataset, loader, bad
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW, no weight decay on biases / norms / tokens (param_groups), the new task heads at lr x head_lr_mult
+    (each group's `lr_mult`, applied by set_lr)."""
+    groups = []
+    for g in param_groups(model, cfg.weight_decay):
+        for is_head in (False, True):
+            ps = [p for p in g["params"] if any(p is q for q in model.heads.parameters()) == is_head]
+            if ps:
+                groups.append({"params": ps, "weight_decay": g["weight_decay"],
+                               "lr_mult": cfg.head_lr_mult if is_head else 1.0})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8,
+                             fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
+
+
+def set_lr(opt, step, cfg):
+    """The schedule's learning rate at `step` (warm-up, then `schedule`) into every group -> lr."""
+    lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule)
+    for g in opt.param_groups:
+        g["lr"] = lr * g["lr_mult"]
+    return lr
+
+
+def validate(model, cfg, tok, task, step, device, answer_vocab, logger, best, best_state):
+    """Evaluate on val and log it. Model selection (fine-tuning): weights that beat the best score so far are kept
+    and written to best.pt; pre-training keeps its last weights (the score is still tracked). -> (best, best_state)."""
+    m = evaluate_task(model, cfg, tok, VAL_TASK[task], "val", device, answer_vocab)
+    logger.log({"step": step, **{f"val/{k}": v for k, v in m.items()}})
+    tqdm.write(f"step {step} val: " + " ".join(f"{k}={v:.2f}" for k, v in m.items()
+                                               if k.endswith(("R@1", "R@5", "MdR", "acc"))))
+    if m[SELECT_METRIC[task]] > best:
+        best = m[SELECT_METRIC[task]]
+        if task != "pretrain":
+            best_state = copy.deepcopy(model.state_dict())
+            save_checkpoint({"model": best_state, "step": step, "config": config_to_dict(cfg), "best": best,
+                             "paper": "all_in_one"}, os.path.join(cfg.out_dir, "best.pt"))
+    return best, best_state
+
+
+@user_errors  # a failure the user can fix (path, data file, weights, disk) is one `error:` line (common/errors.py)
+def main(argv=None):
+    # --- set-up: the config, then strict, process group, precision, seed, corpus, inputs, out_dir, log (start_run)
+    cfg = parse_config(Config, argv, PRESETS, CHOICES, RANGES)
+    dist, logger = start_run(cfg, Config.data_root,
+                             ["msrvtt"] + ([] if cfg.finetune or cfg.eval else ["webvid/results_train.csv"]))
+    device, task = dist.device, cfg.finetune or (cfg.eval and "eval") or "pretrain"
+    tok = Tokenizer(cfg.vocab_file or str(Path(cfg.data_root) / "vocab.txt"))
+
+    # --- the model, its task heads and starting weights; --eval and the action probe end here
+    model, answer_vocab = build_model(cfg, tok, device)
+    if cfg.eval or cfg.finetune == "action":
+        metrics, what = evaluate_only(model, cfg, dist, tok, answer_vocab)
+        return end_run(cfg, dist, metrics, f"All-in-one: {what}")
+
+    # --- data, optimiser, and where an interrupted run stopped (--resume)
+    dataset, loader, bad = training_data(cfg, task, tok, dist, answer_vocab, logger)
+    opt = make_optimizer(model, cfg, device)
+    step, best, best_state, drawn, rng = 0, -1.0, None, 0, None
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        ck = resume_state(ckpt_path, model, opt, "all_in_one", logger)
+        step, best, drawn, rng = ck["step"], ck.get("best", -1.0), ck.get("batches_drawn", 0), ck.get("rng")
+        if task != "pretrain" and os.path.exists(os.path.join(cfg.out_dir, "best.pt")):  # val-selected weights
+            best_state = load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), paper="all_in_one")["model"]
+        loader.batch_sampler.skip = drawn  # the same data order as if the run had not stopped
+        bad.load(ck.get("bad_videos"))
+    ddp = model
+    if dist.world_size > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=True)  # e.g. MLM head when mlm_weight=0
+
+    # --- the loop: validate and checkpoint, then one optimiser step
+    batches = iter(loader)
+    if rng:  # after iter(): python / numpy / torch draws continue as in the interrupted run (exact with num_workers=0)
+        set_rng_states(rng)
+    clock, start_step = StepClock(), step  # step timing and the time spent waiting for data
+    pbar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main, desc=task, dynamic_ncols=True)
+    model.train()
+    while True:
+        last_step = step == cfg.max_steps
+        if dist.is_main and step > start_step and (step % cfg.eval_every == 0 or last_step):
+            best, best_state = validate(model, cfg, tok, task, step, device, answer_vocab, logger, best, best_state)
+        if dist.is_main and step > start_step and (step % cfg.ckpt_every == 0 or last_step):
+            save_state(ckpt_path, model, opt, step, cfg, "all_in_one", bad, best=best, batches_drawn=drawn)
+        if last_step:
+            break
+        # --- the step: forward, loss, backward (over grad_accum micro-batches), update
+        lr, clips = set_lr(opt, step, cfg), 0
+        for micro in range(cfg.grad_accum):
+            with clock.waiting():  # batches of unreadable videos only are skipped (and counted)
+                batch, n = bad.next_batch(batches, len(dataset) // cfg.batch_size + 2)
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            drawn, clips = drawn + n, clips + batch["video"].shape[0] * dist.world_size
+            sync = micro == cfg.grad_accum - 1 or dist.world_size == 1  # DDP all-reduces on the last micro-batch
+            with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device, cfg.precision):
+                out = ddp(batch, task)  # {"loss", and each term detached}: step_losses
+                check_finite(step, **out)  # NaN / inf stops the run here, before backward() reaches the weights
+                (out["loss"] / cfg.grad_accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        # --- diagnostics: progress, and every log_every steps the losses, speed and data wait
+        clock.tick(clips)
+        pbar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            log_step(logger, step, {"lr": lr, **{k: round(float(v.detach()), 4) for k, v in out.items()}}, clock, bad,
+                     cfg.num_workers, write=tqdm.write)
+    pbar.close()
+
+    # --- final evaluation on test (rank 0): the zero-shot suite after pre-training, the task after fine-tuning
+    metrics = {}
+    if dist.is_main:
+        data = data_report(bad, clock, task)  # (the loop's data wait, measured before the test pass)
+        if best_state is not None:
+            model.load_state_dict(best_state)  # the val-selected weights (also in out_dir/best.pt)
+        metrics = evaluate_task(model, cfg, tok, "zeroshot" if task == "pretrain" else task, "test", device,
+                                answer_vocab)
+        metrics.update({**data, f"{task}/val_best": best})
+    return end_run(cfg, dist, metrics, "All-in-one: " + ("zero-shot on test" if task == "pretrain"
+                                                        else f"{task} fine-tuned, test"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Appendix A. Pictures of what the model learned: `--eval=<task> --init=<ckpt> --pictures` writes them into
+# out_dir/pictures (drawing helpers in common/pictures.py)
 
 def token_addresses(model, T, N):
     """Where the model's temporal layer sends each visual token: the layer runs on tokens that carry their own
@@ -1228,12 +1454,8 @@ def retrieval_examples(model, cfg, tok, device, n_queries=4, top=5):
     with autocast(device, cfg.precision):
         text = model.text_embedding(t["input_ids"].to(device), t["attention_mask"].to(device)).float().cpu()
     sim = text @ video.t()                                                # (queries, V)
-    queries = []
-    for q, i in enumerate(picks):
-        order = sim[q].argsort(descending=True).tolist()
-        queries.append(dict(text=clips[i]["text"], rank_of_correct=order.index(i) + 1,
-                            ranked=[(clips[j]["video"], sim[q, j].item(), j == i) for j in order[:top]]))
-    return queries, clips
+    return pictures.ranked_queries(sim, [clips[i]["text"] for i in picks], picks, lambda j: clips[j]["video"],
+                                   top), clips
 
 
 def draw_pictures(model, cfg, tok, device):
@@ -1252,7 +1474,7 @@ def draw_pictures(model, cfg, tok, device):
                                                                     else ""))
     written.append(pictures.save(pictures.token_slots_picture(video, before, after, cfg.patch_size, title),
                                  out / "temporal_roll.png"))
-    log = Path(cfg.init).parent / "log.jsonl" if cfg.init else Path(cfg.out_dir) / "log.jsonl"
+    log = pictures.run_log(cfg.init, cfg.out_dir)
     written.append(pictures.save(pictures.training_curves(log, ["loss", "vtc", "vtm", "mlm"],
                                                           ["val/retrieval/t2v_R@1", "val/retrieval/t2v_R@5"],
                                                           f"All-in-one training curves ({log})"),
@@ -1263,9 +1485,10 @@ def draw_pictures(model, cfg, tok, device):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pretrained weights: key maps for common/weights.py, which reads a file without running its pickled code, adapts
-# temporal_embed (cut / zero-padded to num_frames, the release's `_inflate_positional_embeds`), pos_embed (bicubic
-# for another img_size) and text positions (cut), and fails, listing the keys, on anything left unaccounted for.
+# Appendix B. Pretrained weights: key maps for common/weights.py, which reads a file without running its pickled
+# code, adapts temporal_embed (cut / zero-padded to num_frames, the release's `_inflate_positional_embeds`),
+# pos_embed (bicubic for another img_size) and text positions (cut), and fails, listing the keys, on anything left
+# unaccounted for.
 #   FULL_MODEL: our checkpoints (same names) or the release's Lightning .ckpt ("state_dict"), whose heads are
 #     named pooler.dense, itm_score.fc, mlm_score.{transform.dense, transform.LayerNorm, decoder, bias} and whose
 #     blocks hold mlp.fc1 / mlp.fc2 (timm's Mlp; ours is a Sequential). Dropped on purpose: rank_output (a copy of
@@ -1302,232 +1525,6 @@ BERT_INIT = dict(rules=[(r"^bert\.", ""), (r"LayerNorm\.gamma$", "LayerNorm.weig
 ARCH_FIELDS = ("width", "depth", "heads", "mlp_ratio", "patch_size", "img_size", "num_frames", "max_text_len",
                "vocab_size", "embed_dim", "tied_mlm_decoder", "temporal", "roll_fraction", "roll_tokens",
                "roll_unimodal", "vtc_pool")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training: helpers, then main (setup, model, data, optimizer, resume, the loop, final evaluation)
-
-def backbone_parameters(model):
-    """Parameters of the shared transformer + text embeddings + modality embedding + pooler: the paper's count
-    (12M / 33M / 110M for Ti / S / B). Pre-training and task heads are excluded."""
-    parts = (model.text_embeddings, model.token_type_embeddings, model.transformer, model.pooler)
-    return sum(p.numel() for m in parts for p in m.parameters())
-
-
-def finish(cfg, dist, metrics, title):
-    if dist.is_main:
-        write_metrics(cfg.out_dir, metrics)
-        print0(format_table(metrics, title=f"All-in-one: {title} ({cfg.out_dir}/metrics.json)"))
-    cleanup()
-    return metrics
-
-
-@user_errors  # a failure the user can fix (path, data file, weights, disk) is one `error:` line (common/errors.py)
-def main(argv=None):
-    cfg = parse_config(Config, argv, PRESETS, CHOICES, RANGES)
-    set_strict(cfg.strict)
-    dist = setup_distributed(cfg.device)
-    device = dist.device
-    cfg.precision, why = choose_precision(cfg.precision, device)
-    print0(why)
-    seed_everything(cfg.seed + dist.rank)
-    if cfg.data_root == Config.data_root:  # the built-in corpus: written on first use, rewritten when outdated
-        from data.synthetic import ensure_corpus
-        if dist.is_main:
-            ensure_corpus(cfg.data_root)
-        barrier()
-    check_inputs(cfg, ["msrvtt"] + ([] if cfg.finetune or cfg.eval else ["webvid/results_train.csv"]),
-                 Config.data_root)  # the data and weights files exist, before a model is built
-    if dist.is_main:  # before anything is written: another run's files are kept unless --resume / --overwrite
-        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)  # (and locked: one run writes into it)
-    barrier()
-    tok = Tokenizer(cfg.vocab_file or str(Path(cfg.data_root) / "vocab.txt"))
-    init = load_checkpoint(cfg.init, paper="all_in_one") if cfg.init else None
-    init_state = find_state_dict(init) if init is not None else {}
-    if isinstance(init, dict) and isinstance(init.get("config"), dict):  # ours: the architecture is the checkpoint's
-        for k in ARCH_FIELDS:
-            if k in init["config"]:  # (checkpoints from before a field existed keep this run's value)
-                setattr(cfg, k, init["config"][k])
-    if cfg.vocab_size == 0:
-        cfg.vocab_size = tok.vocab_size
-    check_vocab(tok, cfg.vocab_size)  # a token id past the word-embedding table would fail mid-run
-    task = cfg.finetune or (cfg.eval and "eval") or "pretrain"
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    logger = JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=dist.is_main)
-
-    # --- model and task heads
-    model = AllInOne(cfg)
-    answer_vocab = None
-    if cfg.finetune == "qa" or cfg.eval == "qa":  # classification over the train answers, most frequent first
-        counts = Counter(q["answer"] for q in build_task_items(cfg, "qa", "train"))
-        answer_vocab = {a: i for i, (a, _) in enumerate(counts.most_common())}
-        model.add_task_head("qa", len(answer_vocab))
-    if cfg.finetune == "mc" or (cfg.eval == "mc" and any("mc_vqa_classifier." in k for k in init_state)):
-        model.add_task_head("mc")
-    for path, state, key_map in ((cfg.init_video, None, VIT_INIT), (cfg.init_text, None, BERT_INIT),
-                                 (cfg.init, init_state, FULL_MODEL)):
-        if path:
-            state = find_state_dict(load_checkpoint(path, paper="all_in_one")) if state is None else state
-            print0(load_into(model, state, **key_map, source=path))
-            if key_map is VIT_INIT:  # from image weights the time code starts at zero, as released (departure 10)
-                model.transformer.temporal_embed.data.zero_()
-    if cfg.width in PAPER_INIT and not (cfg.init or cfg.init_video):
-        print0(f"note: paper-size backbone from random weights; the paper starts from timm's {PAPER_INIT[cfg.width]}"
-               f" (--init_video) and loads no BERT weights (only bert-base-uncased's vocab.txt, --vocab_file)")
-    model.to(device)
-    trained = not (cfg.eval or cfg.finetune == "action")  # (the action probe trains a head on frozen features)
-    print0(compile_blocks(list(model.transformer.blocks), cfg.compile, device, cfg.max_steps if trained else 0))
-    print0(f"All-in-one: D={cfg.width} depth={cfg.depth} temporal={cfg.temporal} "
-           f"params={count_parameters(model) / 1e6:.2f}M (backbone+text emb {backbone_parameters(model) / 1e6:.2f}M)")
-
-    # --- no backbone training: --eval, or the action probe (trained on frozen features)
-    if cfg.eval or cfg.finetune == "action":
-        if (cfg.eval or cfg.finetune) == "action":
-            metrics = action_probe(model, cfg, tok, device, num_action_classes(cfg))
-        else:
-            metrics = evaluate_task(model, cfg, tok, cfg.eval, "test", device, answer_vocab)
-        if cfg.eval and cfg.pictures and dist.is_main:
-            draw_pictures(model, cfg, tok, device)
-        return finish(cfg, dist, metrics, f"{cfg.eval} on test" if cfg.eval else "action probe (selected on val), "
-                                                                                 "test")
-
-    # --- data
-    if task == "pretrain":
-        rows = read_webvid(cfg.data_root, "train")
-        dataset = ClipTextDataset(rows, cfg, train=True)
-        twin = rows.twin
-    else:
-        dataset = ClipTextDataset(build_task_items(cfg, task, "train", answer_vocab), cfg, train=True)
-        twin = None
-    if len(dataset) < cfg.batch_size:  # the sampler yields full batches only: it would never yield one
-        raise no_items(len(dataset), cfg.batch_size)  # (none at all: the bad-row count and the first reasons)
-    # every annotation file an evaluation reads later is read now: a missing val list or a malformed MSR_VTT.json
-    # stops the run here, not at step eval_every with nothing saved
-    for t, split in ((VAL_TASK[task], "val"), ("zeroshot" if task == "pretrain" else task, "test")):
-        for sub in ("retrieval", "mc") if t == "zeroshot" else (t,):
-            build_task_items(cfg, sub, split, answer_vocab)
-    loader = make_loader(dataset, Collate(tok, cfg, task), cfg, dist, True, twin)
-    bad = BadVideos(len(dataset), cfg.max_bad_videos, log=print0, logger=logger)
-    if cfg.cache_videos and cfg.num_workers == 0:  # (workers would each fill their own cache)
-        t = time.time()
-        frames, unreadable = decode_videos([it["path"] for it in dataset.items], threads=min(8, os.cpu_count() or 1))
-        _CLIP_CACHE.update(frames)  # the first epoch then samples from memory instead of waiting for the decoder
-        print0(f"decoded {len(dataset.items)} training clips into RAM in {time.time() - t:.0f} s "
-               f"({len(unreadable)} unreadable)")
-        bad.add(sorted(unreadable.items()), skipped=0)  # a corpus too broken stops here
-    if skipped_rows():
-        logger.log({"bad_rows": skipped_rows()})
-    print0(f"task={task}: {len(dataset)} training items; contrastive batch = {cfg.batch_size} x {dist.world_size} "
-           f"ranks = {cfg.batch_size * dist.world_size} (grad_accum={cfg.grad_accum} adds no negatives); "
-           f"optimizer batch = {cfg.batch_size * cfg.grad_accum * dist.world_size}")
-
-    # --- optimizer: AdamW, no decay on biases / norms / tokens, new heads at lr x head_lr_mult
-    groups = []
-    for g in param_groups(model, cfg.weight_decay):
-        for is_head in (False, True):
-            ps = [p for p in g["params"] if any(p is q for q in model.heads.parameters()) == is_head]
-            if ps:
-                groups.append({"params": ps, "weight_decay": g["weight_decay"],
-                               "lr_mult": cfg.head_lr_mult if is_head else 1.0})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8,
-                            fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
-    step, best, best_state, drawn, rng = 0, -1.0, None, 0, None
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume:
-        ck = load_checkpoint(ckpt_path, paper="all_in_one", need=("model", "optimizer", "step"))
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        step, best, drawn, rng = ck["step"], ck.get("best", -1.0), ck.get("batches_drawn", 0), ck.get("rng")
-        best_path = os.path.join(cfg.out_dir, "best.pt")
-        if task != "pretrain" and os.path.exists(best_path):  # the val-selected weights so far
-            best_state = load_checkpoint(best_path, paper="all_in_one")["model"]
-        loader.batch_sampler.skip = drawn  # the same data order as if the run had not stopped
-        bad.load(ck.get("bad_videos", bad.state()))
-        logger.truncate_after(step)  # records the interrupted run wrote after this checkpoint
-        print0(f"resumed from {ckpt_path} at step {step}")
-    ddp = model
-    if dist.world_size > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  find_unused_parameters=True)  # e.g. MLM head when mlm_weight=0
-
-    # --- loop
-    batches = iter(loader)
-    if rng:  # after iter(): python / numpy / torch draws continue as in the interrupted run (exact with num_workers=0)
-        set_rng_states(rng)
-    t0, seen = time.time(), 0
-    wait, wait_total, t_start = 0.0, 0.0, time.time()  # seconds blocked on the data loader (interval, run)
-    pbar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main, desc=task, dynamic_ncols=True)
-    start_step = step
-    model.train()
-    while True:
-        last_step = step == cfg.max_steps
-        if dist.is_main and step > start_step and (step % cfg.eval_every == 0 or last_step):
-            m = evaluate_task(model, cfg, tok, VAL_TASK[task], "val", device, answer_vocab)
-            score = m[SELECT_METRIC[task]]
-            logger.log({"step": step, **{f"val/{k}": v for k, v in m.items()}})
-            tqdm.write(f"step {step} val: " + " ".join(f"{k}={v:.2f}" for k, v in m.items()
-                                                       if k.endswith(("R@1", "R@5", "MdR", "acc"))))
-            if score > best:  # model selection on val (fine-tuning); pre-training keeps the last weights
-                best = score
-                if task != "pretrain":
-                    best_state = copy.deepcopy(model.state_dict())
-                    save_checkpoint({"model": best_state, "step": step, "config": config_to_dict(cfg), "best": best,
-                                     "paper": "all_in_one"}, os.path.join(cfg.out_dir, "best.pt"))
-        if dist.is_main and step > start_step and (step % cfg.ckpt_every == 0 or last_step):
-            save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best,
-                             "config": config_to_dict(cfg), "paper": "all_in_one", "batches_drawn": drawn,
-                             "rng": rng_states(), "bad_videos": bad.state()}, ckpt_path)
-        if last_step:
-            break
-        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule)
-        for g in opt.param_groups:
-            g["lr"] = lr * g["lr_mult"]
-        for micro in range(cfg.grad_accum):
-            t_wait = time.time()
-            batch, n = bad.next_batch(batches, len(dataset) // cfg.batch_size + 2)  # unreadable-only batches skipped
-            drawn += n
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            wait += time.time() - t_wait
-            sync = micro == cfg.grad_accum - 1 or dist.world_size == 1
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device, cfg.precision):
-                out = ddp(batch, task)
-                check_finite(step, **out)  # NaN / inf stops the run here, before backward() reaches the weights
-                (out["loss"] / cfg.grad_accum).backward()
-            seen += batch["video"].shape[0] * dist.world_size
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        pbar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            dt = time.time() - t0
-            rec = {"step": step, "lr": lr, **{k: round(float(v.detach()), 4) for k, v in out.items()},
-                   "ms_per_step": 1000 * dt / cfg.log_every, "clips_per_s": seen / dt, "data_wait_pct": 100 * wait / dt,
-                   "bad_videos": len(bad.errors), "skipped_clips": bad.skipped}
-            logger.log(rec)
-            tqdm.write(f"step {step:5d} | " + " ".join(f"{k} {float(v.detach()):.3f}" for k, v in out.items()) +
-                       f" | lr {lr:.2e} | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s"
-                       f" | data wait {rec['data_wait_pct']:.0f}%" + (f" | bad videos {len(bad.errors)}" if bad.errors
-                                                                      else "")
-                       + data_bound(rec["data_wait_pct"], cfg.num_workers)) if dist.is_main else None
-            t0, seen, wait_total, wait = time.time(), 0, wait_total + wait, 0.0
-    pbar.close()
-    train_seconds = time.time() - t_start  # the loop, with its validation passes and checkpoints
-
-    # --- final evaluation on test (rank 0): zero-shot suite after pre-training, the task after fine-tuning
-    metrics = {}
-    if dist.is_main:
-        if best_state is not None:
-            model.load_state_dict(best_state)  # the val-selected weights (also in out_dir/best.pt)
-        metrics = evaluate_task(model, cfg, tok, "zeroshot" if task == "pretrain" else task, "test", device,
-                                answer_vocab)
-        metrics.update(bad.metrics(task))  # distinct unreadable training videos, clips dropped from batches
-        metrics["data/bad_rows"] = len(skipped_rows())
-        if bad.errors or skipped_rows():
-            print0(f"skipped: {len(bad.errors)} unreadable training videos ({bad.skipped} clips), "
-                   f"{len(skipped_rows())} bad annotation rows (named above and in the log)")
-        metrics[f"{task}/data_wait_pct"] = 100 * (wait_total + wait) / max(1e-9, train_seconds)
-        metrics[f"{task}/val_best"] = best
-    return finish(cfg, dist, metrics, "zero-shot on test" if task == "pretrain" else f"{task} fine-tuned, test")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Tests of all_in_one.py: token rolling and VTC against naive loop references, which frames a temporal layer
-lets interact, VTM pairs and MLM masking statistics, the paper's parameter counts, and a tiny end-to-end run with
---resume.   Run: python -m pytest -q tests/test_all_in_one.py"""
+lets interact, VTM pairs, the twin sampler and MLM masking statistics, unreadable clips, the paper's parameter
+counts, a tiny end-to-end run with --resume, and the file's reading order.
+Run: python -m pytest -q tests/test_all_in_one.py"""
 
 import json
 import random
@@ -249,6 +250,47 @@ def test_vtm_negatives_half_swapped_prefer_twin_never_self():
                     assert idx[i] == twin[i]
 
 
+def test_twin_sampler_keeps_twins_together_and_resumes_where_it_stopped():
+    """Each clip's reversed twin rides as the next row of its batch; every batch is full; `skip` continues the same
+    stream (--resume); another seed (another rank) draws another stream."""
+    twin = [1, 0, -1, 4, 3, -1, -1, 8, 7, -1, -1, 12, 11, -1]    # pairs (0, 1), (3, 4), (7, 8), (11, 12)
+
+    def stream(seed, n, skip=0, twins=True):
+        sampler = aio.TwinBatchSampler(twin, 4, twins, seed)
+        sampler.skip = skip
+        return [b for b, _ in zip(sampler, range(n))]
+    batches = stream(0, 17)                                          # several epochs of 3 or 4 batches
+    for b in batches:
+        assert 3 <= len(b) <= 4 and len(set(b)) == len(b)            # a pair never split: a batch may hold 3
+        for r, i in enumerate(b):
+            if twin[i] >= 0:
+                assert abs(b.index(twin[i]) - r) == 1
+    assert stream(0, 12, skip=5) == batches[5:]
+    assert stream(1, 17) != batches
+    assert all(len(b) == 4 for b in stream(0, 12, twins=False))
+
+
+def test_decode_clip_raises_for_an_unreadable_clip_each_time_and_reads_it_once(tmp_path, monkeypatch):
+    """With cache_videos, a clip that cannot be read is tried once (ClipCache keeps the failure) and named again,
+    as a VideoReadError, each time it is drawn; the collate then drops it."""
+    from common.video import ClipCache, VideoReadError
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    monkeypatch.setattr(aio, "CLIP_CACHE", ClipCache())
+    reads = []
+    real_meta = aio.video_meta
+    monkeypatch.setattr(aio, "video_meta", lambda path: reads.append(path) or real_meta(path))
+    cfg = tiny_cfg(cache_videos=True)
+    for _ in range(2):
+        with pytest.raises(VideoReadError, match="broken.mp4"):
+            aio.decode_clip(str(broken), cfg, train=True, rng=random.Random(0))
+    assert reads == [str(broken)]
+    item = aio.ClipTextDataset([dict(path=str(broken), text="a clip")], cfg, train=True)[0]
+    assert item["bad_video"] == str(broken) and "broken.mp4" in item["error"]
+    with pytest.raises(VideoReadError):  # without the cache too
+        aio.decode_clip(str(broken), tiny_cfg(cache_videos=False), train=False)
+
+
 @pytest.fixture
 def small_tokenizer(tmp_path):
     words = ["a", "red", "circle", "moves", "left", "big", "blue", "square", "slides", "right", "on", "grass"]
@@ -481,3 +523,13 @@ def test_retrieval_protocol_matches_a_naive_reference(tiny_corpus, captions, vie
 def test_vtc_loss_rejects_unequal_texts_and_videos():
     with pytest.raises(ValueError, match="as many texts as videos"):
         aio.vtc_loss(F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1), 0.05)
+
+
+def test_the_idea_comes_first_and_main_tells_the_story():
+    """The file's reading order (issue 27): the paper's idea (temporal token rolling) starts within the first ~300
+    lines, before the model, the losses and the data; main() stays at most 100 lines."""
+    import inspect
+    line = lambda f: inspect.getsourcelines(f)[1]
+    assert line(aio.roll_band) < 300
+    assert line(aio.roll_band) < line(aio.AllInOne) < line(aio.vtc_loss) < line(aio.read_webvid) < line(aio.main)
+    assert len(inspect.getsourcelines(aio.main)[0]) <= 100
