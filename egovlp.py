@@ -843,8 +843,8 @@ class EpochSampler(torch.utils.data.Sampler):
 class EgoClipDataset(torch.utils.data.Dataset):
     """EgoClip pairs as EgoNCE sees them. Item i = (anchor i, its scene negative, or None with --negatives=none);
     each is dict(video (T, 3, S, S), text, verb (Cv,), noun (Cn,)), read with ClipReader and the flips above; the
-    negative is drawn from the anchor's pool of scene_buckets (EgoNCE section). Returns dict(bad_video=uid, error) when a video cannot be read (the collate skips it, the loop names and
-    counts it)."""
+    negative is drawn from the anchor's pool of scene_buckets (EgoNCE section). Returns dict(bad_video=uid, error)
+    when a video cannot be read (the collate skips it, the loop names and counts it)."""
 
     def __init__(self, root, cfg: Config, rows: list[dict], verb_names: list[str], num_nouns: int):
         self.cfg, self.rows, self.num_verbs, self.num_nouns = cfg, rows, len(verb_names), num_nouns
