@@ -13,13 +13,9 @@ video: the camera moves with the wearer, hands and the objects they touch fill t
 video, DistilBERT for text, a linear head each to 256-d, cosine similarity) and changes what it learns from:
 
 1. **EgoClip**, pre-training pairs cut out of Ego4D's timestamped narrations ("#C C picks a bag from the floor").
-   The narration at time t_i gets the contextual, variable-length window (paper Eq. 1)
-
-       [t_i - beta_i / (2 alpha),  t_i + beta_i / (2 alpha)]
-
+   The narration at time t_i gets the window [t_i - beta_i / (2 alpha), t_i + beta_i / (2 alpha)] (paper Eq. 1),
    beta_i the mean gap between consecutive narrations of that video, alpha the mean of beta over all videos
-   (4.9 s). The window is precomputed in the CSV (`clip_start`, `clip_end`); this file reads it.
-
+   (4.9 s). The CSV holds the window (`clip_start`, `clip_end`); this file reads it.
 2. **EgoNCE** (paper Eq. 3), InfoNCE with egocentric-aware positives and negatives. With cosine similarities S
    (texts x videos) over the batch B~ and temperature tau,
 
@@ -30,29 +26,27 @@ video, DistilBERT for text, a linear head each to 256-d, cosine similarity) and 
    *Scene-aware negatives*: each clip brings one more clip of the same video, nearby in time (B~ = B u N(B)); it
    shares the scene but usually not the action, so the model must look at the action, not the background.
    With P_i = {i} and no added clips, EgoNCE is InfoNCE (`--positives=self --negatives=none`).
-
 3. **EgoMCQ**, a development benchmark: a narration and 5 candidate clips, pick the matching one. "Inter-video"
-   questions (type 1) draw the 5 clips from 5 videos; "intra-video" questions (type 2) draw 5 contiguous clips of
-   one video, so the scene gives nothing away.
+   questions (type 1) draw the 5 clips from 5 videos; "intra-video" ones (type 2) 5 contiguous clips of one video,
+   so the scene gives nothing away.
 
 Shapes legend: B batch (clips), T frames per clip, N patches per frame, L text tokens, D width, H heads,
 M contrastive pool size (world x local batch, x2 with scene negatives), Cv / Cn verb / noun classes.
 
 The file, in reading order
 --------------------------
-  Config                 every field with its meaning and paper value; PRESETS (--pretrain, --paper, --paper_epic),
-                         ABLATION (Table 3), CHOICES / RANGES
-  Data                   EgoClip rows, the clip reader (whole videos or the release's 600-s chunks), the flips,
-                         the epoch sampler; EPIC-MIR fine-tuning pairs
-  Model                  VideoEncoder (Frozen's space-time ViT), TextEncoder (DistilBERT), FrozenInTime (the
-                         dual encoder); the same classes and names as oa_trans.py's copy
-  EgoNCE (the paper's idea) and the other loss
-                         scene negatives and the batch layout (EgoClipDataset, collate_pairs), the positive mask,
-                         egonce_loss, pretrain_loss; MI-MM for EPIC-MIR fine-tuning (mi_mm_loss, finetune_loss)
-  Evaluation             EgoMCQ, EPIC-KITCHENS-100 multi-instance retrieval, Charades-Ego zero-shot
-  Pictures               `--eval=egomcq --init=<ckpt> --pictures`
-  Pretrained weights     key maps for our checkpoints, the release's, timm's ViT and Hugging Face's DistilBERT
-  Training               the model and training-set builders, then main(): the step loop
+  Config       every field with its meaning and paper value; PRESETS (--pretrain, --paper, --paper_epic), ABLATION
+               (Table 3), CHOICES / RANGES
+  EgoNCE       the paper's idea: sim_matrix, egonce_loss, action_positive_mask, scene_buckets (the scene negatives'
+               pools), pretrain_loss; then MI-MM, the EPIC-MIR fine-tuning loss (mi_mm_loss, finetune_loss)
+  Model        VideoEncoder (Frozen's space-time ViT), TextEncoder (DistilBERT), FrozenInTime (the dual encoder);
+               the same classes and names as oa_trans.py's copy
+  Data         EgoClip rows, the clip reader (whole videos or the release's 600-s chunks), the flips, the sampler,
+               EgoClipDataset (anchor + scene negative) and collate_pairs (the batch B~); EPIC-MIR fine-tuning pairs
+  Evaluation   EgoMCQ, EPIC-KITCHENS-100 multi-instance retrieval, Charades-Ego zero-shot
+  Training     the model, the training set, the evaluation-only run, then main(): the training story
+  Appendix     pictures (`--eval=egomcq --init=<ckpt> --pictures`); key maps for our checkpoints, the release's,
+               timm's ViT and Hugging Face's DistilBERT
 
 What is reproduced, and what is not
 -----------------------------------
@@ -64,7 +58,7 @@ EPIC-MIR fine-tuning with the multi-instance max-margin loss (margin 0.2, or the
 Not here: Ego4D itself (the default data is the synthetic corpus in data/synth, in the same formats); the
 ImageNet-21k ViT and DistilBERT weights (not shipped: the CPU default trains from scratch; the paper's start is
 `--init_video=<timm jx_vit_base_p16_224 .pth> --init_text=<distilbert-base-uncased .bin or .safetensors>
---vocab_file=<its vocab.txt>`, and `--init` reads our checkpoints and the release's); the NLQ / MQ / OSCC / PNR heads.
+--vocab_file=<its vocab.txt>`; `--init` reads our checkpoints and the release's); the NLQ / MQ / OSCC / PNR heads.
 
 Departures from the release (and why)
 -------------------------------------
@@ -142,19 +136,18 @@ from tqdm import tqdm
 
 from common import pictures as P
 from common.annotations import (BadRow, CodedColumn, Table, inside, no_items, read_json, read_rows, read_table,
-                                set_strict, skipped_rows, text_field)
-from common.errors import check_inputs, user_errors
-from common.config import config_to_dict, parse_config
-from common.dist import all_gather_nograd, all_gather_with_grad, barrier, cleanup, print0, setup_distributed
+                                skipped_rows, text_field)
+from common.config import parse_config
+from common.dist import all_gather_nograd, all_gather_with_grad, print0
+from common.errors import user_errors
 from common.metrics import map_relevancy, multilabel_map, ndcg_relevancy
 from common.text import Tokenizer, check_vocab
-from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
-                          count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
-                          rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
-from common.train import data_bound, loader_settings  # DataLoader settings for the machine
-from common.video import (VideoReadError, VideoTransform, load_clip, read_frames, sample_frame_indices, video_meta,
-                          window_to_frames)
-from common.weights import find_state_dict, load_into
+from common.train import (BadVideos, StepClock, autocast, check_finite, compile_blocks, count_parameters, data_report,
+                          end_run, loader_settings, log_step, lr_at, param_groups, resume_state, save_state,
+                          set_rng_states, start_run)
+from common.video import (ClipCache, VideoReadError, VideoTransform, load_clip, read_frames, sample_frame_indices,
+                          video_meta, window_to_frames)
+from common.weights import load_weights
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,231 +276,126 @@ RANGES = dict(img_size=(1, None), patch_size=(1, None), num_frames=(1, None), vi
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data: EgoClip annotations, the clip reader, the flips, the sampler
+# EgoNCE (the paper's idea), then MI-MM: every loss of this file
 # ---------------------------------------------------------------------------------------------------------------
-def parse_tags(text: str) -> list[int]:
-    """'[5, 12]' -> [5, 12]. EgoClip stores tags as stringified lists; ast.literal_eval parses literals only
-    (the release calls eval on file contents). Empty or missing cells are untagged."""
-    text = (text or "").strip()
-    if text in ("", "nan", "[]"):
-        return []
-    value = ast.literal_eval(text)
-    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+# EgoNCE (paper Eq. 3) is InfoNCE over a batch B~ with a set of positives P_i per text i:
+#
+#     L = -1/|B~| sum_i log( sum_{j in P_i} exp(S_ij / tau) / sum_{k in B~} exp(S_ik / tau) )   (+ video -> text)
+#
+# S is sim_matrix, L egonce_loss. Two changes to InfoNCE fill it, here in this order:
+#   1. action-aware positives: P_i holds i and every clip sharing a verb AND a noun class (action_positive_mask);
+#   2. scene-aware negatives enlarge B~: each anchor brings one clip of the same video from its neg_window bucket
+#      (scene_buckets here; EgoClipDataset.scene_negative draws it, in "Data"); collate_pairs lays the batch out as
+#      [anchors | negatives], so pair i (text i, video i) stays on the diagonal and every added clip is a hard
+#      negative for the others.
+# pretrain_loss gathers the batch from every rank and applies egonce_loss. MI-MM (EPIC-MIR fine-tuning) closes it.
+def sim_matrix(a, b, eps: float = 1e-8):
+    """Cosine similarity of every row of a (P, E) with every row of b (Q, E) -> (P, Q), in fp32."""
+    a, b = a.float(), b.float()
+    a = a / a.norm(dim=1, keepdim=True).clamp_min(eps)
+    b = b / b.norm(dim=1, keepdim=True).clamp_min(eps)
+    return a @ b.t()
 
 
-def multi_hot(ids: list[int], size: int) -> torch.Tensor:
-    out = torch.zeros(size)
-    out[[i for i in ids if 0 <= i < size]] = 1.0
-    return out
+def egonce_loss(sim, pos_mask, temperature: float):
+    """EgoNCE (paper Eq. 3). sim (M, M) text-x-video cosines; pos_mask (M, M) bool with a true diagonal.
 
-
-def read_egoclip(path) -> Table:
-    """egoclip.csv (tab-separated, EgoClip's columns) -> a Table of rows, columnar and cached beside the file
-    (common/annotations.py: EgoClip has 3.8 M rows). A malformed line (a missing column, a tag list that
-    is not a list of ints, an empty narration, a window ending before it starts, a video_uid leaving the videos
-    folder) is a bad row, named with its file and line: skipped and counted, or an error with --strict
-    (common/annotations.py; the release's pandas `error_bad_lines=False` drops such lines silently)."""
-    videos = str(Path(path).parent / "videos")
-
-    def parse(r):
-        row = dict(video_uid=text_field(r, "video_uid"), narration_time=float(r["narration_time"]),
-                   clip_start=float(r["clip_start"]), clip_end=float(r["clip_end"]),
-                   clip_text=text_field(r, "clip_text"), tag_verb=parse_tags(r["tag_verb"]),
-                   tag_noun=parse_tags(r["tag_noun"]))
-        inside(videos, row["video_uid"])
-        if not row["clip_end"] >= row["clip_start"]:  # (also false for NaN)
-            raise BadRow(f"clip window [{row['clip_start']}, {row['clip_end']}] ends before it starts")
-        return row
-    return read_table(path, parse, "tsv", columns=("video_uid", "narration_time", "clip_start", "clip_end",
-                                                    "clip_text", "tag_verb", "tag_noun"), version="egovlp.egoclip/1")
-
-
-def read_csv(path, columns=()) -> list[dict]:
-    """The rows of an EPIC / Charades CSV; a row with too few or too many cells, or bytes that are not UTF-8, is a
-    bad row (common/annotations.py); a header without one of `columns` is an error before any row is read."""
-    return read_rows(path, lambda row: row, columns=columns)
-
-
-def hms_to_seconds(stamp: str) -> float:
-    """EPIC-KITCHENS timestamps 'HH:MM:SS.fff' -> seconds."""
-    h, m, s = stamp.split(":")
-    return 3600 * int(h) + 60 * int(m) + float(s)
-
-
-def chunk_frame(g: int, frames_per_chunk: int) -> tuple[int, int]:
-    """Global frame index -> (chunk k, frame inside chunk k) for the release's fixed-length chunk layout."""
-    return g // frames_per_chunk, g % frames_per_chunk
-
-
-class ClipReader:
-    """Decodes T frames of the window [start, end] (seconds) of a long video, clamped to the video.
-
-    chunk_seconds = 0: videos/<uid>.mp4 whole (PyAV seeks to the window).
-    chunk_seconds > 0: the release's layout videos/<uid>/<k>.mp4, chunk k holding [k*chunk, (k+1)*chunk) s, so a
-    clip is read from one or two short files; frame indices are global and mapped with chunk_frame().
-    cache = True: decode each whole video once and keep its frames in RAM (for small corpora like data/synth,
-    where seeking per clip would cost more than the model's step); sampling is unchanged. Call preload() before a
-    DataLoader forks its workers, or each worker fills its own copy.
-    Raises common.video.VideoReadError for missing or corrupt files.
+        L = -mean_i log( sum_{j: P_ij} exp(S_ij/tau) / sum_j exp(S_ij/tau) )      text -> video
+            -mean_j log( sum_{i: P_ij} exp(S_ij/tau) / sum_i exp(S_ij/tau) )      video -> text
+    computed as logsumexp(positives) - logsumexp(all); the two directions are summed, as in the release.
+    With pos_mask = I this is exactly InfoNCE (Frozen's NormSoftmaxLoss).
+    A non-square sim (texts != videos) raises a ValueError: its masked rows would otherwise give a huge loss.
     """
-
-    def __init__(self, video_dir, chunk_seconds: float = 0.0, cache: bool = False):
-        self.video_dir, self.chunk_seconds, self.cache = Path(video_dir), chunk_seconds, cache
-        self._chunks: dict[str, list] = {}  # uid -> [VideoMeta of chunk 0, 1, ...]
-        self._frames: dict[str, tuple] = {}  # uid -> (all frames uint8 (num_frames, H, W, 3), fps)
-        self.unreadable: dict[str, str] = {}  # uid -> error, of the videos preload() could not decode
-
-    def chunk_metas(self, uid: str):
-        if uid not in self._chunks:
-            folder = self.video_dir / uid
-            paths = sorted(folder.glob("*.mp4"), key=lambda p: int(p.stem)) if folder.is_dir() else []
-            if not paths:
-                raise VideoReadError(f"no chunks {folder}/<k>.mp4")
-            self._chunks[uid] = [video_meta(p) for p in paths]
-        return self._chunks[uid]
-
-    def whole_video(self, uid: str):
-        if uid not in self._frames:
-            path = self.video_dir / f"{uid}.mp4"
-            meta = video_meta(path)
-            self._frames[uid] = read_frames(path, range(meta.num_frames)), meta.fps
-        return self._frames[uid]
-
-    def preload(self, uids, threads: int = 8) -> int:
-        """Decode these whole videos into the cache now. Called in the main process before the DataLoader forks
-        its workers, so they share one copy (a cache filled inside each worker would decode every video once per
-        worker). Returns how many could not be read (their clips are skipped and counted when sampled); their
-        errors are kept in self.unreadable (uid -> message)."""
-
-        def decode(uid) -> bool:
-            try:
-                self.whole_video(uid)
-                return True
-            except VideoReadError as e:
-                self.unreadable[uid] = str(e)
-                return False
-        with ThreadPoolExecutor(threads) as pool:  # PyAV decodes outside the GIL
-            return sum(not ok for ok in pool.map(decode, sorted(set(uids))))
-
-    def __call__(self, uid, start, end, n, mode, rng=None) -> np.ndarray:  # -> uint8 (n, H, W, 3)
-        start, end = max(start, 0.0), max(end, start)  # EgoClip windows may start before 0
-        if not self.chunk_seconds:
-            if not self.cache:
-                return load_clip(self.video_dir / f"{uid}.mp4", n, mode, start, end, rng)[0]
-            frames, fps = self.whole_video(uid)
-            a, b = window_to_frames(start, end, fps, len(frames))
-            return frames[sample_frame_indices(len(frames), n, mode, a, b, rng)]
-        metas = self.chunk_metas(uid)
-        fps = metas[0].fps  # the chunk's real rate (the release assumes 30)
-        per_chunk = int(round(self.chunk_seconds * fps))
-        total = per_chunk * (len(metas) - 1) + metas[-1].num_frames
-        a, b = window_to_frames(start, end, fps, total)
-        frames = []
-        for g in sample_frame_indices(total, n, mode, a, b, rng):
-            k, local = chunk_frame(g, per_chunk)
-            local = min(local, metas[k].num_frames - 1)
-            frames.append(read_frames(self.video_dir / uid / f"{k}.mp4", [local])[0])
-        return np.stack(frames)
+    if sim.shape[0] != sim.shape[1] or pos_mask.shape != sim.shape:
+        raise ValueError(f"egonce_loss needs a square similarity and mask (pairs on the diagonal), got sim "
+                         f"{tuple(sim.shape)} and pos_mask {tuple(pos_mask.shape)}")
+    logits = sim.float() / temperature  # (M, M)
+    neg_inf = torch.finfo(logits.dtype).min
+    t2v = torch.logsumexp(logits.masked_fill(~pos_mask, neg_inf), 1) - torch.logsumexp(logits, 1)
+    v2t = torch.logsumexp(logits.t().masked_fill(~pos_mask.t(), neg_inf), 1) - torch.logsumexp(logits.t(), 1)
+    return -t2v.mean() - v2t.mean()
 
 
-def mirror_text(text: str) -> str:
-    """The narration of a horizontally mirrored clip: "left" and "right" swap ("C slides the cup to the left" ->
-    "... to the right", "in his left hand" -> "in his right hand"); lower-case words only."""
-    return re.sub(r"\b(left|right)(?=(wards?)?\b)", lambda m: "right" if m.group(1) == "left" else "left", text)
+def action_positive_mask(verb, noun, positives: str):
+    """EgoNCE's action-aware positives. verb (M, Cv), noun (M, Cn) multi-hot -> bool (M, M).
+
+    The release builds mask = cos(verb_i, verb_j) * cos(noun_i, noun_j) + I and takes mask > 0. For non-negative
+    multi-hots a cosine is > 0 exactly when the two share a class, so: j is a positive of i iff j = i or they share
+    >= 1 verb AND >= 1 noun ("verb_and_noun"); only a verb ("verb"); only a noun ("noun"); nothing ("self" = InfoNCE).
+    Untagged clips (all-zero rows) only get themselves.
+    """
+    eye = torch.eye(verb.shape[0], dtype=torch.bool, device=verb.device)
+    share_verb = (verb.float() @ verb.float().t()) > 0  # (M, M)
+    share_noun = (noun.float() @ noun.float().t()) > 0
+    if positives == "verb_and_noun":
+        return eye | (share_verb & share_noun)
+    if positives == "verb":
+        return eye | share_verb
+    if positives == "noun":
+        return eye | share_noun
+    if positives == "self":
+        return eye
+    raise ValueError(f"positives must be verb_and_noun | verb | noun | self, got {positives!r}")
 
 
-def mirror_classes(names: list[str]) -> list[int]:
-    """Class index -> the index of its mirror image (move_left <-> move_right); classes without one map to
-    themselves. Names use "_" for spaces, as EgoClip's verb_classes."""
-    index = {n: i for i, n in enumerate(names)}
-    return [index.get(mirror_text(n.replace("_", " ")).replace(" ", "_"), i) for i, n in enumerate(names)]
+def scene_buckets(rows, window: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scene-aware negative pools: the release's segment_id = video_uid + floor(narration_time / window), held as
+    arrays, not a dict of lists (EgoClip has 3.8 M clips; python lists would be copied into every worker):
+    -> (order, start, end), the clips of row i's pool being order[start[i]:end[i]], in ascending order.
+    EgoClipDataset.scene_negative (in "Data") draws row i's negative from its pool."""
+    if isinstance(rows, Table) and isinstance(rows.columns.get("video_uid"), CodedColumn):  # columnar: no objects
+        uid, t = np.asarray(rows.columns["video_uid"].codes), np.asarray(rows.columns["narration_time"].array)
+    else:
+        codes: dict[str, int] = {}
+        uid = np.array([codes.setdefault(r["video_uid"], len(codes)) for r in rows], dtype=np.int64)
+        t = np.array([r["narration_time"] for r in rows], dtype=np.float64)
+    seg = (t // window).astype(np.int64)  # python's // on floats, elementwise
+    order = np.lexsort((seg, uid))  # by video, then window; stable, so each pool is in row order
+    su, ss = uid[order], seg[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (su[1:] != su[:-1]) | (ss[1:] != ss[:-1])
+    starts = np.flatnonzero(first)
+    ends = np.append(starts[1:], len(order))
+    pool = np.cumsum(first) - 1  # the pool of each sorted position
+    start, end = np.empty(len(order), dtype=np.int64), np.empty(len(order), dtype=np.int64)
+    start[order], end[order] = starts[pool], ends[pool]
+    return order, start, end
 
 
-def random_flip(video, text: str, mode: str, rng=random):
-    """Flip half the training clips horizontally (video (T, 3, S, S)). mode "off": never; "release": the text is
-    kept, so a flipped "moves it to the left" shows a move to the right; "mirror": left and right swap in the
-    text too. Returns (video, text, flipped)."""
-    if mode == "off" or rng.random() >= 0.5:
-        return video, text, False
-    return video.flip(-1), mirror_text(text) if mode == "mirror" else text, True
+def pretrain_loss(text_embedding, video_embedding, batch, cfg: Config):
+    """EgoNCE over the batch gathered from every rank (negatives from all ranks; tags gathered alongside).
+    Returns (loss, the positive mask (M, M))."""
+    text_all, video_all = all_gather_with_grad(text_embedding), all_gather_with_grad(video_embedding)  # (M, E)
+    verb, noun = all_gather_nograd(batch["verb"]), all_gather_nograd(batch["noun"])  # (M, Cv), (M, Cn)
+    pos = action_positive_mask(verb, noun, cfg.positives)  # (M, M)
+    return egonce_loss(sim_matrix(text_all, video_all), pos, cfg.temperature), pos
 
 
-def drop_unreadable(items) -> tuple[list, dict]:
-    """A batch's items -> (the readable ones, dict(skipped, bad_videos=[(uid, error)]) for the loop's count). An
-    unreadable item is the dict(bad_video=uid, error) a dataset returns when it cannot read a video."""
-    ok = [it for it in items if not (isinstance(it, dict) and "error" in it)]
-    bad = [it for it in items if isinstance(it, dict) and "error" in it]
-    return ok, dict(skipped=len(bad), bad_videos=[(it.get("bad_video", "?"), it["error"]) for it in bad])
+# --- MI-MM: the loss of EPIC-MIR fine-tuning (paper Sec. 5, Table 4) ----------------------------------------------
+def mi_mm_loss(sim, margin):
+    """Multi-instance max-margin ranking loss (EPIC-MIR fine-tuning; Wray et al.). sim (M, M) cosines with the
+    matched pairs on the diagonal; margin a float or a (M,) tensor (adaptive MI-MM: 0.4 x relevancy of pair i).
+
+        L = mean over i != j of  relu(m_i - (S_ii - S_ij)) and relu(m_i - (S_ii - S_ji))
+    A non-square sim raises a ValueError, as in egonce_loss.
+    """
+    if sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"mi_mm_loss needs a square similarity (pairs on the diagonal), got {tuple(sim.shape)}")
+    sim = sim.float()
+    M = sim.shape[0]
+    m = torch.as_tensor(margin, dtype=sim.dtype, device=sim.device).expand(M)[:, None]  # (M, 1)
+    diag = sim.diagonal()[:, None]  # (M, 1)
+    off = ~torch.eye(M, dtype=torch.bool, device=sim.device)
+    rows = F.relu(m - (diag - sim))[off]  # text i against the other videos j
+    cols = F.relu(m - (diag - sim.t()))[off]  # video i against the other texts j
+    return torch.cat([rows, cols]).mean()
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """Endless shuffled indices, a new permutation every epoch, split across ranks (rank::world). `skip` indices are
-    passed over first: a resumed run continues the interrupted run's order."""
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, skip: int = 0):
-        self.n, self.seed, self.rank, self.world, self.skip = n, seed, rank, world, skip
-
-    def __iter__(self):
-        epoch, skip = 0, self.skip
-        while True:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.n, generator=g)[self.rank::self.world].tolist()
-            yield from order[skip:]
-            skip, epoch = max(0, skip - len(order)), epoch + 1
-
-
-# --- EPIC-KITCHENS-100 multi-instance retrieval: the fine-tuning pairs (the test split is in "Evaluation") ---------
-def read_epic_split(root: Path, split: str) -> tuple[list[dict], list[str], np.ndarray]:
-    """EPIC_100_retrieval_<split>.csv (clips), its _sentence.csv (the unique sentences) and the relevancy matrix
-    (clips, sentences) in [0, 1]. Rows align by position, so a skipped bad row stops here with a clear error."""
-    clips = read_csv(root / f"EPIC_100_retrieval_{split}.csv",
-                     ("video_id", "start_timestamp", "stop_timestamp", "narration"))
-    sentences = [r["narration"] for r in read_csv(root / f"EPIC_100_retrieval_{split}_sentence.csv", ("narration",))]
-    relevancy = np.load(root / f"caption_relevancy_EPIC_100_retrieval_{split}.npy")
-    if relevancy.shape != (len(clips), len(sentences)):
-        raise SystemExit(f"error: {root}: the relevancy matrix is {tuple(relevancy.shape)}, the CSVs hold "
-                         f"{len(clips)} clips x {len(sentences)} sentences (a bad row?)")
-    return clips, sentences, relevancy
-
-
-class EpicMIRTrain(torch.utils.data.Dataset):
-    """EPIC-MIR training pairs, multi-instance sampling: the caption of clip i is drawn uniformly among the
-    sentences with relevancy(i, s) > rel_threshold (its own narration if none); the pair's relevancy is kept for
-    the adaptive margin."""
-
-    def __init__(self, root, cfg: Config):
-        root = Path(root)
-        self.cfg = cfg
-        self.clips, self.sentences, self.relevancy = read_epic_split(root, "train")
-        self.reader = ClipReader(root / "videos")
-        self.transform = VideoTransform(cfg.img_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
-
-    def __len__(self):
-        return len(self.clips)
-
-    def __getitem__(self, i):
-        c = self.clips[i]
-        candidates = np.flatnonzero(self.relevancy[i] > self.cfg.rel_threshold)
-        if len(candidates):
-            s = int(random.choice(candidates))
-            text, rel = self.sentences[s], float(self.relevancy[i, s])
-        else:
-            text, rel = c["narration"], 1.0
-        try:
-            frames = self.reader(c["video_id"], hms_to_seconds(c["start_timestamp"]),
-                                 hms_to_seconds(c["stop_timestamp"]), self.cfg.num_frames, "rand")
-        except VideoReadError as e:
-            return dict(bad_video=c["video_id"], error=str(e))
-        video, text, _ = random_flip(self.transform(frames)[0], text, self.cfg.hflip)
-        return dict(video=video, text=text, relevancy=rel)
-
-
-def collate_epic(items) -> dict:
-    ok, bad = drop_unreadable(items)
-    if not ok:
-        return bad  # no "video": the loop draws the next batch
-    return dict(video=torch.stack([it["video"] for it in ok]), text=[it["text"] for it in ok],
-                relevancy=torch.tensor([it["relevancy"] for it in ok]), **bad)
+def finetune_loss(text_embedding, video_embedding, batch, cfg: Config):
+    """MI-MM over the gathered batch; adaptive MI-MM scales the margin by each pair's relevancy (0.4 * r)."""
+    sim = sim_matrix(all_gather_with_grad(text_embedding), all_gather_with_grad(video_embedding))  # (M, M)
+    rel = all_gather_nograd(batch["relevancy"])
+    return mi_mm_loss(sim, 0.4 * rel if cfg.adaptive_margin else cfg.margin)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -779,54 +667,184 @@ class FrozenInTime(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# EgoNCE (the paper's idea), and MI-MM: every loss of this file
+# Data: EgoClip annotations, the clip reader, the flips, the sampler, and the batch EgoNCE sees
 # ---------------------------------------------------------------------------------------------------------------
-# EgoNCE (paper Eq. 3) is InfoNCE over a batch B~ with a set of positives P_i per text i:
-#
-#     L = -1/|B~| sum_i log( sum_{j in P_i} exp(S_ij / tau) / sum_{k in B~} exp(S_ik / tau) )   (+ video -> text)
-#
-# Two changes to InfoNCE, both here in reading order:
-#   1. scene-aware negatives enlarge B~: each anchor brings one clip of the same video from its neg_window bucket
-#      (scene_buckets, EgoClipDataset.scene_negative); collate_pairs lays the batch out as [anchors | negatives],
-#      so pair i (text i, video i) stays on the diagonal and every added clip is a hard negative for the others;
-#   2. action-aware positives: P_i holds i and every clip sharing a verb AND a noun class (action_positive_mask).
-# pretrain_loss gathers the batch from every rank and applies egonce_loss. MI-MM (EPIC-MIR fine-tuning) closes it.
-def sim_matrix(a, b, eps: float = 1e-8):
-    """Cosine similarity of every row of a (P, E) with every row of b (Q, E) -> (P, Q), in fp32."""
-    a, b = a.float(), b.float()
-    a = a / a.norm(dim=1, keepdim=True).clamp_min(eps)
-    b = b / b.norm(dim=1, keepdim=True).clamp_min(eps)
-    return a @ b.t()
+def parse_tags(text: str) -> list[int]:
+    """'[5, 12]' -> [5, 12]. EgoClip stores tags as stringified lists; ast.literal_eval parses literals only
+    (the release calls eval on file contents). Empty or missing cells are untagged."""
+    text = (text or "").strip()
+    if text in ("", "nan", "[]"):
+        return []
+    value = ast.literal_eval(text)
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
-def scene_buckets(rows, window: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scene-aware negative pools: the release's segment_id = video_uid + floor(narration_time / window), held as
-    arrays, not a dict of lists (EgoClip has 3.8 M clips; python lists would be copied into every worker):
-    -> (order, start, end), the clips of row i's pool being order[start[i]:end[i]], in ascending order."""
-    if isinstance(rows, Table) and isinstance(rows.columns.get("video_uid"), CodedColumn):  # columnar: no objects
-        uid, t = np.asarray(rows.columns["video_uid"].codes), np.asarray(rows.columns["narration_time"].array)
-    else:
-        codes: dict[str, int] = {}
-        uid = np.array([codes.setdefault(r["video_uid"], len(codes)) for r in rows], dtype=np.int64)
-        t = np.array([r["narration_time"] for r in rows], dtype=np.float64)
-    seg = (t // window).astype(np.int64)  # python's // on floats, elementwise
-    order = np.lexsort((seg, uid))  # by video, then window; stable, so each pool is in row order
-    su, ss = uid[order], seg[order]
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = (su[1:] != su[:-1]) | (ss[1:] != ss[:-1])
-    starts = np.flatnonzero(first)
-    ends = np.append(starts[1:], len(order))
-    pool = np.cumsum(first) - 1  # the pool of each sorted position
-    start, end = np.empty(len(order), dtype=np.int64), np.empty(len(order), dtype=np.int64)
-    start[order], end[order] = starts[pool], ends[pool]
-    return order, start, end
+def multi_hot(ids: list[int], size: int) -> torch.Tensor:
+    out = torch.zeros(size)
+    out[[i for i in ids if 0 <= i < size]] = 1.0
+    return out
+
+
+def read_egoclip(path) -> Table:
+    """egoclip.csv (tab-separated, EgoClip's columns) -> a Table of rows, columnar and cached beside the file
+    (common/annotations.py: EgoClip has 3.8 M rows). A malformed line (a missing column, a tag list that
+    is not a list of ints, an empty narration, a window ending before it starts, a video_uid leaving the videos
+    folder) is a bad row, named with its file and line: skipped and counted, or an error with --strict
+    (common/annotations.py; the release's pandas `error_bad_lines=False` drops such lines silently)."""
+    videos = str(Path(path).parent / "videos")
+
+    def parse(r):
+        row = dict(video_uid=text_field(r, "video_uid"), narration_time=float(r["narration_time"]),
+                   clip_start=float(r["clip_start"]), clip_end=float(r["clip_end"]),
+                   clip_text=text_field(r, "clip_text"), tag_verb=parse_tags(r["tag_verb"]),
+                   tag_noun=parse_tags(r["tag_noun"]))
+        inside(videos, row["video_uid"])
+        if not row["clip_end"] >= row["clip_start"]:  # (also false for NaN)
+            raise BadRow(f"clip window [{row['clip_start']}, {row['clip_end']}] ends before it starts")
+        return row
+    return read_table(path, parse, "tsv", columns=("video_uid", "narration_time", "clip_start", "clip_end",
+                                                    "clip_text", "tag_verb", "tag_noun"), version="egovlp.egoclip/1")
+
+
+def read_csv(path, columns=()) -> list[dict]:
+    """The rows of an EPIC / Charades CSV; a row with too few or too many cells, or bytes that are not UTF-8, is a
+    bad row (common/annotations.py); a header without one of `columns` is an error before any row is read."""
+    return read_rows(path, lambda row: row, columns=columns)
+
+
+def hms_to_seconds(stamp: str) -> float:
+    """EPIC-KITCHENS timestamps 'HH:MM:SS.fff' -> seconds."""
+    h, m, s = stamp.split(":")
+    return 3600 * int(h) + 60 * int(m) + float(s)
+
+
+def chunk_frame(g: int, frames_per_chunk: int) -> tuple[int, int]:
+    """Global frame index -> (chunk k, frame inside chunk k) for the release's fixed-length chunk layout."""
+    return g // frames_per_chunk, g % frames_per_chunk
+
+
+class ClipReader:
+    """Decodes T frames of the window [start, end] (seconds) of a long video, clamped to the video.
+
+    chunk_seconds = 0: videos/<uid>.mp4 whole (PyAV seeks to the window).
+    chunk_seconds > 0: the release's layout videos/<uid>/<k>.mp4, chunk k holding [k*chunk, (k+1)*chunk) s, so a
+    clip is read from one or two short files; frame indices are global and mapped with chunk_frame().
+    cache = True: decode each whole video once and keep its frames in RAM (for small corpora like data/synth,
+    where seeking per clip would cost more than the model's step); sampling is unchanged. Call preload() before a
+    DataLoader forks its workers, or each worker fills its own copy.
+    Raises common.video.VideoReadError for missing or corrupt files.
+    """
+
+    def __init__(self, video_dir, chunk_seconds: float = 0.0, cache: bool = False):
+        self.video_dir, self.chunk_seconds, self.cache = Path(video_dir), chunk_seconds, cache
+        self._chunks: dict[str, list] = {}  # uid -> [VideoMeta of chunk 0, 1, ...]
+        self._frames: dict[str, tuple] = {}  # uid -> (all frames uint8 (num_frames, H, W, 3), fps)
+        self.unreadable: dict[str, str] = {}  # uid -> error, of the videos preload() could not decode
+
+    def chunk_metas(self, uid: str):
+        if uid not in self._chunks:
+            folder = self.video_dir / uid
+            paths = sorted(folder.glob("*.mp4"), key=lambda p: int(p.stem)) if folder.is_dir() else []
+            if not paths:
+                raise VideoReadError(f"no chunks {folder}/<k>.mp4")
+            self._chunks[uid] = [video_meta(p) for p in paths]
+        return self._chunks[uid]
+
+    def whole_video(self, uid: str):
+        if uid not in self._frames:
+            path = self.video_dir / f"{uid}.mp4"
+            meta = video_meta(path)
+            self._frames[uid] = read_frames(path, range(meta.num_frames)), meta.fps
+        return self._frames[uid]
+
+    def preload(self, uids, threads: int = 8) -> int:
+        """Decode these whole videos into the cache now. Called in the main process before the DataLoader forks
+        its workers, so they share one copy (a cache filled inside each worker would decode every video once per
+        worker). Returns how many could not be read (their clips are skipped and counted when sampled); their
+        errors are kept in self.unreadable (uid -> message)."""
+
+        def decode(uid) -> bool:
+            try:
+                self.whole_video(uid)
+                return True
+            except VideoReadError as e:
+                self.unreadable[uid] = str(e)
+                return False
+        with ThreadPoolExecutor(threads) as pool:  # PyAV decodes outside the GIL
+            return sum(not ok for ok in pool.map(decode, sorted(set(uids))))
+
+    def __call__(self, uid, start, end, n, mode, rng=None) -> np.ndarray:  # -> uint8 (n, H, W, 3)
+        start, end = max(start, 0.0), max(end, start)  # EgoClip windows may start before 0
+        if not self.chunk_seconds:
+            if not self.cache:
+                return load_clip(self.video_dir / f"{uid}.mp4", n, mode, start, end, rng)[0]
+            frames, fps = self.whole_video(uid)
+            a, b = window_to_frames(start, end, fps, len(frames))
+            return frames[sample_frame_indices(len(frames), n, mode, a, b, rng)]
+        metas = self.chunk_metas(uid)
+        fps = metas[0].fps  # the chunk's real rate (the release assumes 30)
+        per_chunk = int(round(self.chunk_seconds * fps))
+        total = per_chunk * (len(metas) - 1) + metas[-1].num_frames
+        a, b = window_to_frames(start, end, fps, total)
+        frames = []
+        for g in sample_frame_indices(total, n, mode, a, b, rng):
+            k, local = chunk_frame(g, per_chunk)
+            local = min(local, metas[k].num_frames - 1)
+            frames.append(read_frames(self.video_dir / uid / f"{k}.mp4", [local])[0])
+        return np.stack(frames)
+
+
+def mirror_text(text: str) -> str:
+    """The narration of a horizontally mirrored clip: "left" and "right" swap ("C slides the cup to the left" ->
+    "... to the right", "in his left hand" -> "in his right hand"); lower-case words only."""
+    return re.sub(r"\b(left|right)(?=(wards?)?\b)", lambda m: "right" if m.group(1) == "left" else "left", text)
+
+
+def mirror_classes(names: list[str]) -> list[int]:
+    """Class index -> the index of its mirror image (move_left <-> move_right); classes without one map to
+    themselves. Names use "_" for spaces, as EgoClip's verb_classes."""
+    index = {n: i for i, n in enumerate(names)}
+    return [index.get(mirror_text(n.replace("_", " ")).replace(" ", "_"), i) for i, n in enumerate(names)]
+
+
+def random_flip(video, text: str, mode: str, rng=random):
+    """Flip half the training clips horizontally (video (T, 3, S, S)). mode "off": never; "release": the text is
+    kept, so a flipped "moves it to the left" shows a move to the right; "mirror": left and right swap in the
+    text too. Returns (video, text, flipped)."""
+    if mode == "off" or rng.random() >= 0.5:
+        return video, text, False
+    return video.flip(-1), mirror_text(text) if mode == "mirror" else text, True
+
+
+def drop_unreadable(items) -> tuple[list, dict]:
+    """A batch's items -> (the readable ones, dict(skipped, bad_videos=[(uid, error)]) for the loop's count). An
+    unreadable item is the dict(bad_video=uid, error) a dataset returns when it cannot read a video."""
+    ok = [it for it in items if not (isinstance(it, dict) and "error" in it)]
+    bad = [it for it in items if isinstance(it, dict) and "error" in it]
+    return ok, dict(skipped=len(bad), bad_videos=[(it.get("bad_video", "?"), it["error"]) for it in bad])
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Endless shuffled indices, a new permutation every epoch, split across ranks (rank::world). `skip` indices are
+    passed over first: a resumed run continues the interrupted run's order."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, skip: int = 0):
+        self.n, self.seed, self.rank, self.world, self.skip = n, seed, rank, world, skip
+
+    def __iter__(self):
+        epoch, skip = 0, self.skip
+        while True:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n, generator=g)[self.rank::self.world].tolist()
+            yield from order[skip:]
+            skip, epoch = max(0, skip - len(order)), epoch + 1
 
 
 class EgoClipDataset(torch.utils.data.Dataset):
     """EgoClip pairs as EgoNCE sees them. Item i = (anchor i, its scene negative, or None with --negatives=none);
-    each is dict(video (T, 3, S, S), text, verb (Cv,), noun (Cn,)), read with the data section's ClipReader and
-    flips. Returns dict(bad_video=uid, error) when a video cannot be read (the collate skips it, the loop names and
-    counts it)."""
+    each is dict(video (T, 3, S, S), text, verb (Cv,), noun (Cn,)), read with ClipReader and the flips above; the
+    negative is drawn from the anchor's pool of scene_buckets (EgoNCE section). Returns dict(bad_video=uid, error)
+    when a video cannot be read (the collate skips it, the loop names and counts it)."""
 
     def __init__(self, root, cfg: Config, rows: list[dict], verb_names: list[str], num_nouns: int):
         self.cfg, self.rows, self.num_verbs, self.num_nouns = cfg, rows, len(verb_names), num_nouns
@@ -878,100 +896,79 @@ def collate_pairs(items) -> dict:
                 **bad)
 
 
-def action_positive_mask(verb, noun, positives: str):
-    """EgoNCE's action-aware positives. verb (M, Cv), noun (M, Cn) multi-hot -> bool (M, M).
-
-    The release builds mask = cos(verb_i, verb_j) * cos(noun_i, noun_j) + I and takes mask > 0. For non-negative
-    multi-hots a cosine is > 0 exactly when the two share a class, so: j is a positive of i iff j = i or they share
-    >= 1 verb AND >= 1 noun ("verb_and_noun"); only a verb ("verb"); only a noun ("noun"); nothing ("self" = InfoNCE).
-    Untagged clips (all-zero rows) only get themselves.
-    """
-    eye = torch.eye(verb.shape[0], dtype=torch.bool, device=verb.device)
-    share_verb = (verb.float() @ verb.float().t()) > 0  # (M, M)
-    share_noun = (noun.float() @ noun.float().t()) > 0
-    if positives == "verb_and_noun":
-        return eye | (share_verb & share_noun)
-    if positives == "verb":
-        return eye | share_verb
-    if positives == "noun":
-        return eye | share_noun
-    if positives == "self":
-        return eye
-    raise ValueError(f"positives must be verb_and_noun | verb | noun | self, got {positives!r}")
+# --- EPIC-KITCHENS-100 multi-instance retrieval: the fine-tuning pairs (the test split is in "Evaluation") ---------
+def read_epic_split(root: Path, split: str) -> tuple[list[dict], list[str], np.ndarray]:
+    """EPIC_100_retrieval_<split>.csv (clips), its _sentence.csv (the unique sentences) and the relevancy matrix
+    (clips, sentences) in [0, 1]. Rows align by position, so a skipped bad row stops here with a clear error."""
+    clips = read_csv(root / f"EPIC_100_retrieval_{split}.csv",
+                     ("video_id", "start_timestamp", "stop_timestamp", "narration"))
+    sentences = [r["narration"] for r in read_csv(root / f"EPIC_100_retrieval_{split}_sentence.csv", ("narration",))]
+    relevancy = np.load(root / f"caption_relevancy_EPIC_100_retrieval_{split}.npy")
+    if relevancy.shape != (len(clips), len(sentences)):
+        raise SystemExit(f"error: {root}: the relevancy matrix is {tuple(relevancy.shape)}, the CSVs hold "
+                         f"{len(clips)} clips x {len(sentences)} sentences (a bad row?)")
+    return clips, sentences, relevancy
 
 
-def egonce_loss(sim, pos_mask, temperature: float):
-    """EgoNCE (paper Eq. 3). sim (M, M) text-x-video cosines; pos_mask (M, M) bool with a true diagonal.
+class EpicMIRTrain(torch.utils.data.Dataset):
+    """EPIC-MIR training pairs, multi-instance sampling: the caption of clip i is drawn uniformly among the
+    sentences with relevancy(i, s) > rel_threshold (its own narration if none); the pair's relevancy is kept for
+    the adaptive margin."""
 
-        L = -mean_i log( sum_{j: P_ij} exp(S_ij/tau) / sum_j exp(S_ij/tau) )      text -> video
-            -mean_j log( sum_{i: P_ij} exp(S_ij/tau) / sum_i exp(S_ij/tau) )      video -> text
-    computed as logsumexp(positives) - logsumexp(all); the two directions are summed, as in the release.
-    With pos_mask = I this is exactly InfoNCE (Frozen's NormSoftmaxLoss).
-    A non-square sim (texts != videos) raises a ValueError: its masked rows would otherwise give a huge loss.
-    """
-    if sim.shape[0] != sim.shape[1] or pos_mask.shape != sim.shape:
-        raise ValueError(f"egonce_loss needs a square similarity and mask (pairs on the diagonal), got sim "
-                         f"{tuple(sim.shape)} and pos_mask {tuple(pos_mask.shape)}")
-    logits = sim.float() / temperature  # (M, M)
-    neg_inf = torch.finfo(logits.dtype).min
-    t2v = torch.logsumexp(logits.masked_fill(~pos_mask, neg_inf), 1) - torch.logsumexp(logits, 1)
-    v2t = torch.logsumexp(logits.t().masked_fill(~pos_mask.t(), neg_inf), 1) - torch.logsumexp(logits.t(), 1)
-    return -t2v.mean() - v2t.mean()
+    def __init__(self, root, cfg: Config):
+        root = Path(root)
+        self.cfg = cfg
+        self.clips, self.sentences, self.relevancy = read_epic_split(root, "train")
+        self.reader = ClipReader(root / "videos")
+        self.transform = VideoTransform(cfg.img_size, train=True, scale=(cfg.crop_scale, 1.0), flip=False)
 
+    def __len__(self):
+        return len(self.clips)
 
-def pretrain_loss(text_emb, video_emb, batch, cfg: Config):
-    """EgoNCE over the batch gathered from every rank (negatives from all ranks; tags gathered alongside).
-    Returns (loss, the positive mask (M, M))."""
-    text_all, video_all = all_gather_with_grad(text_emb), all_gather_with_grad(video_emb)  # (M, E)
-    verb, noun = all_gather_nograd(batch["verb"]), all_gather_nograd(batch["noun"])  # (M, Cv), (M, Cn)
-    pos = action_positive_mask(verb, noun, cfg.positives)  # (M, M)
-    return egonce_loss(sim_matrix(text_all, video_all), pos, cfg.temperature), pos
-
-
-# --- MI-MM: the loss of EPIC-MIR fine-tuning (paper Sec. 5, Table 4) ----------------------------------------------
-def mi_mm_loss(sim, margin):
-    """Multi-instance max-margin ranking loss (EPIC-MIR fine-tuning; Wray et al.). sim (M, M) cosines with the
-    matched pairs on the diagonal; margin a float or a (M,) tensor (adaptive MI-MM: 0.4 x relevancy of pair i).
-
-        L = mean over i != j of  relu(m_i - (S_ii - S_ij)) and relu(m_i - (S_ii - S_ji))
-    A non-square sim raises a ValueError, as in egonce_loss.
-    """
-    if sim.shape[0] != sim.shape[1]:
-        raise ValueError(f"mi_mm_loss needs a square similarity (pairs on the diagonal), got {tuple(sim.shape)}")
-    sim = sim.float()
-    M = sim.shape[0]
-    m = torch.as_tensor(margin, dtype=sim.dtype, device=sim.device).expand(M)[:, None]  # (M, 1)
-    diag = sim.diagonal()[:, None]  # (M, 1)
-    off = ~torch.eye(M, dtype=torch.bool, device=sim.device)
-    rows = F.relu(m - (diag - sim))[off]  # text i against the other videos j
-    cols = F.relu(m - (diag - sim.t()))[off]  # video i against the other texts j
-    return torch.cat([rows, cols]).mean()
+    def __getitem__(self, i):
+        c = self.clips[i]
+        candidates = np.flatnonzero(self.relevancy[i] > self.cfg.rel_threshold)
+        if len(candidates):
+            s = int(random.choice(candidates))
+            text, rel = self.sentences[s], float(self.relevancy[i, s])
+        else:
+            text, rel = c["narration"], 1.0
+        try:
+            frames = self.reader(c["video_id"], hms_to_seconds(c["start_timestamp"]),
+                                 hms_to_seconds(c["stop_timestamp"]), self.cfg.num_frames, "rand")
+        except VideoReadError as e:
+            return dict(bad_video=c["video_id"], error=str(e))
+        video, text, _ = random_flip(self.transform(frames)[0], text, self.cfg.hflip)
+        return dict(video=video, text=text, relevancy=rel)
 
 
-def finetune_loss(text_emb, video_emb, batch, cfg: Config):
-    """MI-MM over the gathered batch; adaptive MI-MM scales the margin by each pair's relevancy (0.4 * r)."""
-    sim = sim_matrix(all_gather_with_grad(text_emb), all_gather_with_grad(video_emb))  # (M, M)
-    rel = all_gather_nograd(batch["relevancy"])
-    return mi_mm_loss(sim, 0.4 * rel if cfg.adaptive_margin else cfg.margin)
+def collate_epic(items) -> dict:
+    ok, bad = drop_unreadable(items)
+    if not ok:
+        return bad  # no "video": the loop draws the next batch
+    return dict(video=torch.stack([it["video"] for it in ok]), text=[it["text"] for it in ok],
+                relevancy=torch.tensor([it["relevancy"] for it in ok]), **bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation: EgoMCQ, EPIC-KITCHENS-100 multi-instance retrieval, Charades-Ego zero-shot
 # ---------------------------------------------------------------------------------------------------------------
 class ClipBank:
-    """One benchmark's clips (T uniform frames = bin midpoints, centre crop), embedded on demand.
+    """One benchmark's clips (T uniform frames = bin midpoints, centre crop), encoded on demand.
 
     Nothing is decoded when the bank is built, so training starts at once. The first evaluation decodes the clips
     through a DataLoader (cfg.num_workers processes, overlapping the model's forward passes); a set that fits in
-    cfg.eval_cache_gb (the synthetic ones) is then kept in RAM as bf16 for later evaluations, and a larger one (the
-    real EgoMCQ has ~40K questions x 5 clips) is decoded again each time, so memory stays flat. Unreadable clips
-    are counted (`skipped`) and marked missing (`ok`), and embed to zeros."""
+    cfg.eval_cache_gb (the synthetic ones) is then kept in RAM as bf16 (`cache`, a common.video.ClipCache keyed by
+    clip index) for later evaluations, and a larger one (the real EgoMCQ has ~40K questions x 5 clips) is decoded
+    again each time (`cache` None), so memory stays flat. Unreadable clips are counted (`skipped`) and marked
+    missing (`ok`), and encode to zeros."""
 
     def __init__(self, reader: ClipReader, cfg: Config, windows: list[tuple], num_frames: int):
         self.reader, self.windows, self.num_frames = reader, list(windows), num_frames
         self.transform = VideoTransform(cfg.img_size, train=False)
-        self.num_workers, self.videos = cfg.num_workers, None
-        self.cacheable = len(self.windows) * num_frames * 3 * cfg.img_size ** 2 * 2 <= cfg.eval_cache_gb * 2 ** 30
+        self.num_workers = cfg.num_workers
+        fits = len(self.windows) * num_frames * 3 * cfg.img_size ** 2 * 2 <= cfg.eval_cache_gb * 2 ** 30  # bf16
+        self.cache = ClipCache() if fits else None  # all or nothing: the whole set in RAM, or decoded every time
         self.ok, self.skipped = [True] * len(self.windows), 0  # known once the clips are decoded
 
     def __len__(self):
@@ -987,28 +984,27 @@ class ClipBank:
 
     def batches(self, size: int):
         """Yield (indices, clips) of the readable clips in order; a decoding pass refreshes ok / skipped."""
-        if self.videos is not None:  # the same batches as the decoding pass, so the same sums in the same order
-            for s in range(0, len(self), size):
+        if self.cache is not None and len(self.cache) == len(self):  # every clip in RAM (None: unreadable): the
+            for s in range(0, len(self), size):                    # decoding pass's batches, so the same sums
                 idx = [i for i in range(s, min(s + size, len(self))) if self.ok[i]]
                 if idx:
-                    yield idx, [self.videos[i] for i in idx]
+                    yield idx, [self.cache.clips[i] for i in idx]
             return
         workers = loader_settings(self.num_workers, torch.device("cpu"), log=lambda _: None)["num_workers"]  # <= cores
         loader = torch.utils.data.DataLoader(self, batch_size=size, num_workers=workers, collate_fn=list)
-        ok, kept = [], []
+        ok = []
         for clips in loader:  # in order: batch b holds clips b*size ...
-            idx = [len(ok) + k for k, clip in enumerate(clips) if clip is not None]
-            ok += [clip is not None for clip in clips]
-            if self.cacheable:
-                kept += clips
+            first, ok = len(ok), ok + [clip is not None for clip in clips]
+            if self.cache is not None:  # complete once the pass is: later evaluations read from RAM
+                for k, clip in enumerate(clips):
+                    self.cache.put(first + k, clip)
+            idx = [first + k for k, clip in enumerate(clips) if clip is not None]
             if idx:
                 yield idx, [clip for clip in clips if clip is not None]
         self.ok, self.skipped = ok, ok.count(False)
-        if self.cacheable:  # a complete pass: later evaluations read from RAM
-            self.videos = kept
 
     @torch.no_grad()
-    def embed(self, model, device, batch: int, ctx) -> torch.Tensor:  # -> (num_clips, E), zeros where missing
+    def encode(self, model, device, batch: int, ctx) -> torch.Tensor:  # -> (num_clips, E), zeros where missing
         out = torch.zeros(len(self), model.vid_proj[0].out_features)
         for idx, clips in self.batches(batch):
             with ctx:
@@ -1017,7 +1013,8 @@ class ClipBank:
 
 
 @torch.no_grad()
-def embed_texts(model, tokenizer, texts: list[str], cfg: Config, device, ctx) -> torch.Tensor:  # (n, E)
+def encode_texts(model, tokenizer, texts: list[str], cfg: Config, device, ctx) -> torch.Tensor:  # (n, E)
+    """The text embeddings of `texts`, eval_batch_size at a time."""
     out = []
     for s in range(0, len(texts), cfg.eval_batch_size):
         tok = tokenizer(texts[s:s + cfg.eval_batch_size], cfg.max_text_len, pad_to_max=False)
@@ -1061,8 +1058,8 @@ class EgoMCQ:
                              cfg.num_frames)
 
     def scores(self, model, tokenizer, cfg, device, ctx):  # -> (Q, 5) cosine of each query with its 5 choices
-        text = embed_texts(model, tokenizer, self.queries, cfg, device, ctx)  # (Q, E)
-        video = self.bank.embed(model, device, cfg.eval_batch_size, ctx)  # (clips, E)
+        text = encode_texts(model, tokenizer, self.queries, cfg, device, ctx)  # (Q, E)
+        video = self.bank.encode(model, device, cfg.eval_batch_size, ctx)  # (clips, E)
         return torch.einsum("qe,qke->qk", F.normalize(text, dim=-1), F.normalize(video, dim=-1)[self.choices])
 
     def __call__(self, model, tokenizer, cfg, device, ctx) -> dict:
@@ -1123,8 +1120,8 @@ class EpicMIR:
         self.bank = ClipBank(ClipReader(root / "videos"), cfg, windows, cfg.num_frames)
 
     def __call__(self, model, tokenizer, cfg, device, ctx) -> dict:
-        text = embed_texts(model, tokenizer, self.sentences, cfg, device, ctx)  # (S, E)
-        video = self.bank.embed(model, device, cfg.eval_batch_size, ctx)  # (V, E)
+        text = encode_texts(model, tokenizer, self.sentences, cfg, device, ctx)  # (S, E)
+        video = self.bank.encode(model, device, cfg.eval_batch_size, ctx)  # (V, E)
         if cfg.dual_softmax:
             rows = self.caption_rows if cfg.dual_softmax_over == "clips" else None
             sim_vt = dual_softmax(text @ video.t(), cfg.dual_softmax_temp, rows).t()
@@ -1157,8 +1154,8 @@ class CharadesEgo:
                              frames)
 
     def __call__(self, model, tokenizer, cfg, device, ctx) -> dict:
-        text = embed_texts(model, tokenizer, self.class_texts, cfg, device, ctx)  # (C, E)
-        video = self.bank.embed(model, device, cfg.eval_batch_size, ctx)  # (V, E)
+        text = encode_texts(model, tokenizer, self.class_texts, cfg, device, ctx)  # (C, E)
+        video = self.bank.encode(model, device, cfg.eval_batch_size, ctx)  # (V, E)
         keep = torch.tensor(self.bank.ok)
         return {"charades/mAP": multilabel_map(sim_matrix(video, text)[keep], self.labels[keep]),
                 "charades/skipped_videos": float(self.bank.skipped)}
@@ -1186,79 +1183,17 @@ def evaluate(model, evaluators: dict, tokenizer, cfg, device, ctx) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pictures of what the model learned: `--eval=egomcq --init=<ckpt> --pictures` (helpers in common/pictures.py)
-# ---------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def draw_pictures(model, tokenizer, cfg, device, ctx, root) -> list:
-    """The first EgoMCQ question of each type: the narration, its 5 candidate clips with the model's cosines (green:
-    the answer; red: the model's pick when wrong); and the training curves -> out_dir/pictures."""
-    model.eval()
-    first = copy.copy(cfg)
-    first.max_eval_items = 1  # the first question of each type
-    mcq = EgoMCQ(Path(root) / "egoclip", first)
-    sim = mcq.scores(model, tokenizer, first, device, ctx)  # (Q, 5)
-    blocks = [P.text_image(f"EgoVLP (positives={cfg.positives}, negatives={cfg.negatives}): EgoMCQ,\n"
-                           f"the model picks the clip of highest cosine", size=13)]
-    for q in range(len(mcq.queries)):
-        kind = "inter-video: 5 clips from 5 videos" if mcq.types[q] == 1 else "intra-video: 5 clips of one video"
-        answer, pick = int(mcq.answer[q]), int(sim[q].argmax())
-        lo, hi = sim[q].min().item() - 0.05, sim[q].max().item()
-        rows = [P.text_image(f'"{mcq.queries[q]}"  ({kind}; the model is {"right" if pick == answer else "wrong"})',
-                             size=12)]
-        for k in range(sim.shape[1]):
-            clip = mcq.bank[int(mcq.choices[q, k])]                                   # (T, 3, S, S) or None
-            colour = P.GREEN if k == answer else P.RED if k == pick else (210, 210, 210)
-            label = f"candidate {k}: cos {sim[q, k]:.3f}" + (", answer" if k == answer else "") + \
-                    (", model's pick" if k == pick else "")
-            strip = P.frame_strip(clip.float(), border=colour) if clip is not None else P.text_image("(unreadable)")
-            rows.append(P.stack([P.stack([P.text_image(label, width=210, size=11, fill=colour if k in (answer, pick)
-                                                       else P.BLACK), P.bar(sim[q, k].item(), lo, hi, 120)], gap=1),
-                                 strip], vertical=False, gap=10))
-        blocks.append(P.stack(rows, gap=3))
-    out = Path(cfg.out_dir) / "pictures"
-    written = [P.save(P.stack(blocks, gap=12), out / "egomcq.png")]
-    log = Path(cfg.init).parent / "log.jsonl" if cfg.init else Path(cfg.out_dir) / "log.jsonl"
-    written.append(P.save(P.training_curves(log, ["loss"], ["egomcq/inter_acc", "egomcq/intra_acc"],
-                                            f"EgoVLP training curves ({log})"), out / "training_curves.png"))
-    print(f"pictures: {', '.join(map(str, written))}")
-    return written
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Pretrained weights: key maps for common/weights.py
-# ---------------------------------------------------------------------------------------------------------------
-# common/weights.py reads a file without running its pickled code and
-# fails, listing the keys, on any tensor or parameter left unaccounted for (see its docstring).
-#   FULL_MODEL: one of our checkpoints, or the release's (its "state_dict", DDP's "module." stripped); the
-#       release's 16-row temporal_embed is cut to num_frames (or zero-padded when fine-tuning at more frames).
-#   VIT_INIT: a timm ViT / DeiT state dict (`vit_base_patch16_224`, the release's jx ViT-B/16) -> video_model.*,
-#       names unchanged; the ImageNet head is dropped; pos_embed is resampled for another image size; the temporal
-#       branch (timeattn, norm3, temporal_embed) is new and keeps init_weights' values, so with qkv = 0 the
-#       encoder starts as the image ViT on every frame.
-#   DISTILBERT_INIT: Hugging Face `distilbert-base-uncased` (DistilBertModel names, or DistilBertForMaskedLM's
-#       under "distilbert." with its MLM head dropped) -> text_model.*; 512 position rows cut to text_positions.
-PAPER_INIT = ("the paper starts from ImageNet-21k ViT-B/16 (--init_video=jx_vit_base_p16_224-80ecf9dd.pth) and "
-              "distilbert-base-uncased (--init_text, with --vocab_file=its vocab.txt)")
-FULL_MODEL = dict(rules=[], drop=[r"position_ids$"], new=[])
-VIT_INIT = dict(rules=[(r"^", "video_model.")], drop=[r"^head\.", r"^head_dist\.", r"^pre_logits\.", r"^dist_token$"],
-                new=[r"^(?!video_model\.)", r"\.timeattn\.", r"\.norm3\.", r"\.temporal_embed$"])
-DISTILBERT_INIT = dict(rules=[(r"^distilbert\.", ""), (r"^", "text_model.")],
-                       drop=[r"^vocab_(transform|layer_norm|projector)\.", r"position_ids$"],
-                       new=[r"^(?!text_model\.)"])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training: the model and the training set, then main() with the step loop
+# Training: the model, the training set and the evaluation-only run, then main(): the training story
 # ---------------------------------------------------------------------------------------------------------------
 def build_model(cfg: Config, root: Path, device):
-    """The tokenizer and the dual encoder, initialised, then loaded from --init_video / --init_text / --init."""
+    """The tokenizer and the dual encoder, initialised, then loaded from --init_video / --init_text / --init (key
+    maps in the appendix)."""
     tokenizer = Tokenizer(cfg.vocab_file or str(root / "vocab.txt"))
     vocab = cfg.vocab_size or tokenizer.vocab_size
     check_vocab(tokenizer, vocab)  # a token id past the word-embedding table would fail mid-run
     model = FrozenInTime(cfg, vocab).init_weights(cfg.time_init)
-    for path, key_map in ((cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)):
-        if path:  # ours: {"model": ...}; the release's: {"state_dict": ...}; timm / HF: the tensors themselves
-            print0(load_into(model, find_state_dict(load_checkpoint(path, paper="egovlp")), **key_map, source=path))
+    load_weights(model, [(cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)],
+                 "egovlp", log=print0)
     if cfg.vit_width == 768 and not (cfg.init or cfg.init_video or cfg.init_text):
         print0(f"note: paper-size model from random weights; {PAPER_INIT}")
     model = model.to(device)
@@ -1294,74 +1229,61 @@ def training_set(cfg: Config, root: Path, logger):
     return dataset, collate_pairs, ["egomcq", "epic_mir", "charades"], 2 if cfg.negatives == "scene" else 1, bad
 
 
+def training_loader(dataset, collate, cfg: Config, dist, skip: int):
+    """Endless shuffled batches of the training set, this rank's share, the first `skip` items passed over (a
+    resumed run continues the interrupted run's order). A set smaller than one batch is an error: a batch would
+    repeat clips, and duplicates are false negatives for EgoNCE."""
+    if len(dataset) < cfg.batch_size:  # (none at all: the bad-row count and the first reasons)
+        raise no_items(len(dataset), cfg.batch_size)
+    sampler = EpochSampler(len(dataset), cfg.seed, dist.rank, dist.world_size, skip=skip)
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+                                       **loader_settings(cfg.num_workers, dist.device, print0),  # <= cores
+                                       generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
+
+
+def evaluate_only(cfg: Config, dist, model, tokenizer, root: Path, ctx) -> dict:
+    """--eval: the chosen benchmark (all three with --eval=all) on rank 0 -> metrics (metrics.json and the table),
+    then, with --pictures, the EgoMCQ pictures and the training curves (appendix)."""
+    metrics = {}
+    if dist.is_main:
+        tasks = ["egomcq", "epic_mir", "charades"] if cfg.eval == "all" else [cfg.eval]
+        metrics = evaluate(model, build_evaluators(tasks, root, cfg), tokenizer, cfg, dist.device, ctx)
+    end_run(cfg, dist, metrics, f"EgoVLP eval ({cfg.eval})")
+    if dist.is_main and cfg.pictures:
+        draw_pictures(model, tokenizer, cfg, dist.device, ctx, root)
+    return metrics
+
+
 @user_errors  # a failure the user can fix (path, data file, weights, disk) is one `error:` line (common/errors.py)
 def main(argv: list[str] | None = None) -> dict:
     """Train (EgoNCE pre-training, or EPIC-MIR fine-tuning with --finetune) or only evaluate (--eval); returns the
     final metrics."""
+    # --- set-up: the config, then strict, process group, precision, seed, corpus, inputs, out_dir, log (start_run)
     cfg = parse_config(Config, argv, PRESETS, CHOICES, RANGES)
-    set_strict(cfg.strict)
-    dist = setup_distributed(cfg.device)
-    device, world = dist.device, dist.world_size
-    seed_everything(cfg.seed + dist.rank)
-    root = Path(cfg.data_root)
-    if cfg.data_root == Config.data_root:  # the built-in corpus: written on first use, rewritten when outdated
-        from data.synthetic import ensure_corpus
-        if dist.is_main:
-            ensure_corpus(cfg.data_root)
-        barrier()
-    check_inputs(cfg, ["egoclip/epic_mir" if cfg.finetune else "egoclip/egoclip.csv" if not cfg.eval else "egoclip"],
-                 Config.data_root)  # the data and weights files exist, before a model is built
-    cfg.precision, why = choose_precision(cfg.precision, device)
-    print0(why)
+    dist, logger = start_run(cfg, Config.data_root, ["egoclip/epic_mir" if cfg.finetune else
+                                                     "egoclip/egoclip.csv" if not cfg.eval else "egoclip"])
+    device, world, root, out_dir = dist.device, dist.world_size, Path(cfg.data_root), Path(cfg.out_dir)
     ctx = autocast(device, cfg.precision)
-    out_dir = Path(cfg.out_dir)
-    if dist.is_main:  # before anything is written: another run's files are kept unless --resume / --overwrite
-        prepare_out_dir(out_dir, cfg.resume, cfg.overwrite)  # (and locked: one run writes into it)
-    barrier()
-    logger = JsonlLogger(out_dir / "log.jsonl", enabled=dist.is_main)
 
-    # --- model
+    # --- model (and, with --eval, only the evaluation)
     tokenizer, model = build_model(cfg, root, device)
-
-    # --- evaluation only
-    tasks = {"": [], "all": ["egomcq", "epic_mir", "charades"]}.get(cfg.eval, [cfg.eval])
     if cfg.eval:
-        metrics = {}
-        if dist.is_main:
-            metrics = evaluate(model, build_evaluators(tasks, root, cfg), tokenizer, cfg, device, ctx)
-            write_metrics(out_dir, metrics)
-            print0(format_table(metrics, f"EgoVLP eval ({cfg.eval})"))
-            if cfg.pictures:
-                draw_pictures(model, tokenizer, cfg, device, ctx, root)
-        cleanup()
-        return metrics
+        return evaluate_only(cfg, dist, model, tokenizer, root, ctx)
 
-    # --- optimiser and resume
+    # --- optimiser; with --resume the interrupted run's weights, optimiser, step and data position
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_eps,
                                   fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
-    step, ckpt = 0, {}
-    if cfg.resume:
-        ckpt = load_checkpoint(out_dir / "ckpt.pt", paper="egovlp", need=("model", "optimizer", "step"))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        logger.truncate_after(step)  # records the interrupted run wrote after this checkpoint
-        print0(f"resumed from {out_dir / 'ckpt.pt'} at step {step}")
+    ckpt = resume_state(out_dir / "ckpt.pt", model, optimizer, "egovlp", logger) if cfg.resume else {}
+    step, drawn = ckpt.get("step", 0), ckpt.get("batches_drawn", 0)  # drawn: batches taken from the loader
     raw_model = model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
 
-    # --- data
+    # --- data: EgoClip pairs + scene negatives (or EPIC-MIR pairs), and the evaluations run during training
     dataset, collate, eval_tasks, per_clip, bad = training_set(cfg, root, logger)
-    if len(dataset) < cfg.batch_size:  # a batch would repeat clips: duplicates are false negatives for EgoNCE
-        raise no_items(len(dataset), cfg.batch_size)  # (none at all: the bad-row count and the first reasons)
-    drawn = ckpt.get("batches_drawn", 0)  # batches of the interrupted run: its data order continues
-    bad.load(ckpt.get("bad_videos", bad.state()))
-    sampler = EpochSampler(len(dataset), cfg.seed, dist.rank, world, skip=drawn * cfg.batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
-                                         **loader_settings(cfg.num_workers, device, print0),  # <= cores
-                                         generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
+    bad.load(ckpt.get("bad_videos"))
+    loader = training_loader(dataset, collate, cfg, dist, skip=drawn * cfg.batch_size)
     print0(f"contrastive batch: {world} rank(s) x {cfg.batch_size} x {per_clip} = {world * cfg.batch_size * per_clip}"
            f" clips per step ({cfg.finetune or 'pre-training'}, positives={cfg.positives}, "
            f"negatives={cfg.negatives})")
@@ -1369,9 +1291,8 @@ def main(argv: list[str] | None = None) -> dict:
     if skipped_rows():
         logger.log({"bad_rows": skipped_rows()})
 
-    # --- loop
-    metrics, t_last, clips_since, steps_since = {}, time.time(), 0, 0
-    wait, wait_total, t_start = 0.0, 0.0, time.time()  # seconds blocked on the data loader (interval, run)
+    # --- the loop: evaluate and save on schedule, draw a batch, take one step
+    metrics, clock = {}, StepClock()  # clock: step timing and the time spent waiting for data
     batches = iter(loader)
     if ckpt.get("rng"):  # after iter(): random draws continue as in the interrupted run (exact with num_workers=0)
         set_rng_states(ckpt["rng"])
@@ -1384,30 +1305,27 @@ def main(argv: list[str] | None = None) -> dict:
             logger.log({"step": step, **metrics})
             bar.write(f"step {step} eval: " + ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
         if dist.is_main and step > 0 and (last_step or step % cfg.ckpt_every == 0):
-            save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                                 config=config_to_dict(cfg), paper="egovlp", batches_drawn=drawn, rng=rng_states(),
-                                 bad_videos=bad.state()), out_dir / "ckpt.pt")
+            save_state(out_dir / "ckpt.pt", raw_model, optimizer, step, cfg, "egovlp", bad, batches_drawn=drawn)
         if last_step:
             break
 
-        t_wait = time.time()
-        batch, n = bad.next_batch(batches, len(dataset) // cfg.batch_size + 2)  # unreadable-only batches skipped
+        with clock.waiting():  # unreadable-only batches are skipped; every tensor goes to the device once
+            batch, n = bad.next_batch(batches, len(dataset) // cfg.batch_size + 2)
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         drawn += n
-        # every tensor of the batch to the device once: clips, EgoNCE tags, MI-MM relevancy
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        wait += time.time() - t_wait
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
+
+        # ---- the step: forward, loss (EgoNCE, or MI-MM when fine-tuning), backward, update
         tok = tokenizer(batch["text"], cfg.max_text_len, pad_to_max=False)  # pad to the longest, as the release
         with ctx:
-            text_emb, video_emb = model(tok["input_ids"].to(device), tok["attention_mask"].to(device), batch["video"])
+            text_embedding, video_embedding = model(tok["input_ids"].to(device), tok["attention_mask"].to(device),
+                                                    batch["video"])
         if cfg.finetune == "epic_mir":
-            loss = finetune_loss(text_emb, video_emb, batch, cfg)
-            extra = {}
+            loss, pos = finetune_loss(text_embedding, video_embedding, batch, cfg), None
         else:
-            loss, pos = pretrain_loss(text_emb, video_emb, batch, cfg)
-            extra = {"positives_per_row": pos.float().sum(1).mean().item()}
+            loss, pos = pretrain_loss(text_embedding, video_embedding, batch, cfg)
         check_finite(step, loss=loss)  # NaN / inf stops the run here, before backward() reaches the weights
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -1415,35 +1333,83 @@ def main(argv: list[str] | None = None) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         step += 1
-        clips_since, steps_since = clips_since + len(batch["text"]) * world, steps_since + 1
+
+        # ---- diagnostics: speed, data wait, unreadable videos; EgoNCE's positives per text
+        clock.tick(len(batch["text"]) * world)
         bar.update(1)
         if dist.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            dt = time.time() - t_last
-            record = {"step": step, "loss": loss.item(), "lr": lr, "ms_per_step": 1000 * dt / steps_since,
-                      "clips_per_s": clips_since / dt, "data_wait_pct": 100 * wait / dt,
-                      "bad_videos": len(bad.errors), "skipped_clips": bad.skipped, **extra}
-            logger.log(record)
-            bar.write(f"step {step:5d} | loss {record['loss']:.4f} | lr {lr:.2e} | "
-                      f"{record['ms_per_step']:.0f} ms/step | {record['clips_per_s']:.1f} clips/s"
-                      f" | data wait {record['data_wait_pct']:.0f}%" + (f" | bad videos {len(bad.errors)}"
-                                                                          if bad.errors else "")
-                      + data_bound(record["data_wait_pct"], cfg.num_workers))
-            t_last, clips_since, steps_since, wait_total, wait = time.time(), 0, 0, wait_total + wait, 0.0
+            numbers = {"loss": loss.item(), "lr": lr}
+            if pos is not None:
+                numbers["positives_per_row"] = pos.float().sum(1).mean().item()
+            log_step(logger, step, numbers, clock, bad, cfg.num_workers, write=bar.write)
     bar.close()
-    train_seconds = time.time() - t_start  # the loop, with its evaluations and checkpoints
     if world > 1:  # clips of unreadable training videos dropped on any rank (the names are rank 0's)
         bad.skipped = int(all_gather_nograd(torch.tensor([bad.skipped], device=device)).sum())
     if dist.is_main:
-        metrics.update(bad.metrics("train"))  # distinct unreadable training videos, clips dropped from batches
-        metrics["data/bad_rows"] = len(skipped_rows())
-        if bad.errors or skipped_rows():
-            print0(f"skipped: {len(bad.errors)} unreadable training videos ({bad.skipped} clips), "
-                   f"{len(skipped_rows())} bad annotation rows (named above and in the log)")
-        metrics["train/data_wait_pct"] = 100 * (wait_total + wait) / max(1e-9, train_seconds)
-        write_metrics(out_dir, metrics)
-        print0(format_table(metrics, f"EgoVLP {cfg.finetune or 'pre-training'}: final metrics (step {step})"))
-    cleanup()
-    return metrics
+        metrics.update(data_report(bad, clock, "train"))
+    return end_run(cfg, dist, metrics, f"EgoVLP {cfg.finetune or 'pre-training'}: final metrics (step {step})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Appendix: pictures of what the model learned, `--eval=egomcq --init=<ckpt> --pictures` (common/pictures.py)
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def draw_pictures(model, tokenizer, cfg, device, ctx, root) -> list:
+    """The first EgoMCQ question of each type: the narration, its 5 candidate clips with the model's cosines (green:
+    the answer; red: the model's pick when wrong); and the training curves -> out_dir/pictures."""
+    model.eval()
+    first = copy.copy(cfg)
+    first.max_eval_items = 1  # the first question of each type
+    mcq = EgoMCQ(Path(root) / "egoclip", first)
+    sim = mcq.scores(model, tokenizer, first, device, ctx)  # (Q, 5)
+    blocks = [P.text_image(f"EgoVLP (positives={cfg.positives}, negatives={cfg.negatives}): EgoMCQ,\n"
+                           f"the model picks the clip of highest cosine", size=13)]
+    for q in range(len(mcq.queries)):
+        kind = "inter-video: 5 clips from 5 videos" if mcq.types[q] == 1 else "intra-video: 5 clips of one video"
+        answer, pick = int(mcq.answer[q]), int(sim[q].argmax())
+        lo, hi = sim[q].min().item() - 0.05, sim[q].max().item()
+        rows = [P.text_image(f'"{mcq.queries[q]}"  ({kind}; the model is {"right" if pick == answer else "wrong"})',
+                             size=12)]
+        for k in range(sim.shape[1]):
+            clip = mcq.bank[int(mcq.choices[q, k])]                                   # (T, 3, S, S) or None
+            colour = P.GREEN if k == answer else P.RED if k == pick else (210, 210, 210)
+            label = f"candidate {k}: cos {sim[q, k]:.3f}" + (", answer" if k == answer else "") + \
+                    (", model's pick" if k == pick else "")
+            strip = P.frame_strip(clip.float(), border=colour) if clip is not None else P.text_image("(unreadable)")
+            rows.append(P.stack([P.stack([P.text_image(label, width=210, size=11, fill=colour if k in (answer, pick)
+                                                       else P.BLACK), P.bar(sim[q, k].item(), lo, hi, 120)], gap=1),
+                                 strip], vertical=False, gap=10))
+        blocks.append(P.stack(rows, gap=3))
+    out = Path(cfg.out_dir) / "pictures"
+    written = [P.save(P.stack(blocks, gap=12), out / "egomcq.png")]
+    log = P.run_log(cfg.init, cfg.out_dir)
+    written.append(P.save(P.training_curves(log, ["loss"], ["egomcq/inter_acc", "egomcq/intra_acc"],
+                                            f"EgoVLP training curves ({log})"), out / "training_curves.png"))
+    print(f"pictures: {', '.join(map(str, written))}")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Appendix: pretrained weights, the key maps for common/weights.py (used by build_model)
+# ---------------------------------------------------------------------------------------------------------------
+# common/weights.py reads a file without running its pickled code and
+# fails, listing the keys, on any tensor or parameter left unaccounted for (see its docstring).
+#   FULL_MODEL: one of our checkpoints, or the release's (its "state_dict", DDP's "module." stripped); the
+#       release's 16-row temporal_embed is cut to num_frames (or zero-padded when fine-tuning at more frames).
+#   VIT_INIT: a timm ViT / DeiT state dict (`vit_base_patch16_224`, the release's jx ViT-B/16) -> video_model.*,
+#       names unchanged; the ImageNet head is dropped; pos_embed is resampled for another image size; the temporal
+#       branch (timeattn, norm3, temporal_embed) is new and keeps init_weights' values, so with qkv = 0 the
+#       encoder starts as the image ViT on every frame.
+#   DISTILBERT_INIT: Hugging Face `distilbert-base-uncased` (DistilBertModel names, or DistilBertForMaskedLM's
+#       under "distilbert." with its MLM head dropped) -> text_model.*; 512 position rows cut to text_positions.
+PAPER_INIT = ("the paper starts from ImageNet-21k ViT-B/16 (--init_video=jx_vit_base_p16_224-80ecf9dd.pth) and "
+              "distilbert-base-uncased (--init_text, with --vocab_file=its vocab.txt)")
+FULL_MODEL = dict(rules=[], drop=[r"position_ids$"], new=[])
+VIT_INIT = dict(rules=[(r"^", "video_model.")], drop=[r"^head\.", r"^head_dist\.", r"^pre_logits\.", r"^dist_token$"],
+                new=[r"^(?!video_model\.)", r"\.timeattn\.", r"\.norm3\.", r"\.temporal_embed$"])
+DISTILBERT_INIT = dict(rules=[(r"^distilbert\.", ""), (r"^", "text_model.")],
+                       drop=[r"^vocab_(transform|layer_norm|projector)\.", r"position_ids$"],
+                       new=[r"^(?!text_model\.)"])
 
 
 if __name__ == "__main__":

@@ -452,10 +452,11 @@ def test_preload_fills_the_cache_once_and_counts_unreadable_videos(tiny_corpus, 
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
-def test_streamed_eval_bank_embeds_like_the_cached_one(tiny_corpus, num_workers):
+def test_streamed_eval_bank_encodes_like_the_cached_one(tiny_corpus, num_workers):
     """An eval set over eval_cache_gb is decoded per evaluation (DataLoader) instead of kept in RAM: the same
     embeddings, and the same missing clip counted, as the cached bank. Neither decodes anything when built (so
-    training starts at once); the cached one keeps its clips after the first pass and embeds the same again."""
+    training starts at once); the cached one keeps every clip (ClipCache) after the first pass and encodes the same
+    again without reading a video."""
     root = tiny_corpus / "egoclip"
     rows = egovlp.read_egoclip(root / "egoclip.csv")[:5]
     windows = [(r["video_uid"], r["clip_start"], r["clip_end"]) for r in rows]
@@ -466,11 +467,12 @@ def test_streamed_eval_bank_embeds_like_the_cached_one(tiny_corpus, num_workers)
     reader = egovlp.ClipReader(root / "videos")
     cached = egovlp.ClipBank(reader, cfg, windows, 4)
     streamed = egovlp.ClipBank(reader, Config(**TINY_MODEL, num_workers=num_workers, eval_cache_gb=0.0), windows, 4)
-    assert cached.videos is None and streamed.videos is None  # lazy: nothing decoded at start-up
-    a = cached.embed(model, "cpu", 3, contextlib.nullcontext())
-    b = streamed.embed(model, "cpu", 3, contextlib.nullcontext())
-    assert cached.videos is not None and streamed.videos is None
-    assert torch.equal(cached.embed(model, "cpu", 3, contextlib.nullcontext()), a)  # second pass from RAM
+    assert len(cached.cache) == 0 and streamed.cache is None  # lazy: nothing decoded at start-up
+    a = cached.encode(model, "cpu", 3, contextlib.nullcontext())
+    b = streamed.encode(model, "cpu", 3, contextlib.nullcontext())
+    assert len(cached.cache) == len(windows) and cached.cache.clips[2] is None  # the unreadable clip kept as None
+    cached.reader = None  # a second decoding pass would fail: it must come from RAM
+    assert torch.equal(cached.encode(model, "cpu", 3, contextlib.nullcontext()), a)
     assert cached.skipped == streamed.skipped == 1 and cached.ok == streamed.ok
     assert streamed.ok == [True, True, False, True, True, True]
     assert torch.allclose(a, b, atol=1e-6)  # batches differ in size: float summation order only
