@@ -1206,7 +1206,7 @@ def main(argv=None):
         if last_step:
             break
         frames = frames_at(step, cfg)  # Frozen's curriculum: 1 frame, then num_frames
-        if batches is None or frames != order["frames"]:
+        if batches is None or frames != order["frames"]:  # at the start, and when the curriculum switches
             batches, order = start_batches(dataset, frames, order, step, cfg, tokenizer, dist)
         with clock.waiting():
             batch, n = bad.next_batch(batches, len(dataset) // cfg.batch_size + 2)  # unreadable-only batches skipped
