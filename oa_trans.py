@@ -83,15 +83,14 @@ label-preserving augmentation: captions say "to the left / right" (no flip) and 
 
 ## The file, in reading order
     config              Config, PRESETS, ABLATION, CHOICES, RANGES
-    model               the Frozen-in-Time dual encoder: divided space-time ViT, DistilBERT
-    object-aware streams and loss (the paper's idea)
-                        anchor frame, boxes -> patch masks, tag text, their batching, the four-stream model
-                        OATrans, and the loss (every loss of the file is here)
+    the paper's idea    the object-aware streams: the four-stream model OATrans, its loss (every loss of the file
+                        is here), and the object inputs: anchor frame, boxes -> patch masks, tag text, batching
+    the Frozen encoder  what OA-Trans builds on and keeps at inference: divided space-time ViT, DistilBERT
     data                .npz detections, WebVid-style pre-training clips, collate, MSR-VTT-style annotations
     evaluation          text <-> video retrieval, object streams dropped
-    pictures            `--eval=retrieval --init=<ckpt> --pictures`
-    pretrained weights  key maps for --init, --init_video, --init_text
-    training loop       frame curriculum, batches, main()
+    training            frame curriculum, endless batches, the model, the training set, main()
+    appendix            pictures (`--eval=retrieval --init=<ckpt> --pictures`); pretrained weights: key maps for
+                        --init, --init_video, --init_text
 
 ## Shapes legend
     B batch, T frames, N patches per frame (= (size / patch)^2), L text tokens, D width, E = 256 embedding dim,
@@ -126,20 +125,19 @@ from einops import rearrange, repeat
 from tqdm import tqdm
 
 from common import pictures as P
-from common.annotations import (BadRow, bad_row, inside, no_items, read_json, read_rows, read_table, set_strict,
-                                skipped_rows, text_field)
-from common.errors import check_inputs, user_errors
-from common.config import config_to_dict, parse_config
-from common.dist import all_gather_with_grad, barrier, cleanup, print0, setup_distributed
+from common.annotations import (BadRow, bad_row, inside, no_items, read_json, read_rows, read_table, skipped_rows,
+                                text_field)
+from common.errors import user_errors
+from common.config import parse_config
+from common.dist import all_gather_with_grad, print0
 from common.metrics import retrieval_metrics
 from common.text import Tokenizer, check_vocab
-from common.train import (BadVideos, JsonlLogger, autocast, check_finite, choose_precision, compile_blocks,
-                          count_parameters, format_table, load_checkpoint, lr_at, param_groups, prepare_out_dir,
-                          rng_states, save_checkpoint, seed_everything, set_rng_states, write_metrics)
-from common.train import data_bound, loader_settings  # DataLoader settings for the machine
-from common.video import (IMAGENET_MEAN, IMAGENET_STD, VideoReadError, VideoTransform, decode_videos, load_clip,
-                          read_frames, sample_frame_indices, video_meta)
-from common.weights import find_state_dict, load_into
+from common.train import (BadVideos, StepClock, autocast, check_finite, compile_blocks, count_parameters, data_report,
+                          end_run, log_step, loader_settings, lr_at, param_groups, resume_state, save_state,
+                          set_rng_states, start_run)
+from common.video import (IMAGENET_MEAN, IMAGENET_STD, ClipCache, VideoReadError, VideoTransform, decode_videos,
+                          load_clip, read_frames, sample_frame_indices, video_meta)
+from common.weights import load_weights
 
 
 # -----------------------------------------------------------------------------
@@ -279,19 +277,262 @@ RANGES = dict(num_workers=(0, None), top_k=(1, None), main_weight=(0, None), tag
 
 
 # -----------------------------------------------------------------------------
-# model: the Frozen-in-Time dual encoder (divided space-time ViT + DistilBERT), what stays at inference. egovlp.py
-# carries the same classes under the same names (only SpaceTimeBlock builds its modules in another order);
-# tests/test_oa_trans.py loads one copy's weights into the other and checks that the outputs agree.
+# the paper's idea: the object-aware streams and their loss
+#
+# Pre-training adds two streams built from an offline detector's output on ONE frame of the clip, each contrasted
+# with the other modality; fine-tuning and evaluation drop them (only L(t, v) remains). In reading order:
+#   1. the model    OATrans: the Frozen dual encoder (next section) and, through the same encoders and heads, the
+#                   region stream O_v (mask_anchor + encode_regions) and the tag stream O_t (pool_tags)
+#   2. the loss     nce_loss per pair, LOSS_TERMS (which pairs, by oa_loss), oa_trans_loss (their weighted sum).
+#                   Every loss of the file is here.
+#   3. the inputs   the anchor frame (detection_frames, anchor_position), its top-K boxes as patch masks after the
+#                   clip's crop / flip (top_k_detections, boxes_to_patch_mask, region_masks), its class names as a
+#                   text with a distractor (tag_tokens, object_tags), and their batching (collate_objects)
+# The data section calls 3 for each clip and batch; all the code that --oa_loss=paper|release switches is here.
 
-def l2norm(x):
-    return F.normalize(x, dim=-1, eps=1e-8)
-
+# --- 1. the model: one dual encoder, four streams ---------------------------------------------------------------------
 
 def masked_mean(tokens, mask):
     """Mean of the tokens where mask is true. tokens (..., L, D), mask (..., L) bool -> (..., D)."""
     w = mask.to(tokens.dtype).unsqueeze(-1)
     return (tokens * w).sum(-2) / w.sum(-2).clamp(min=1)
 
+
+class OATrans(nn.Module):
+    """The dual encoder with its four streams. Only V and T exist at inference; O_v reuses video_model + vid_proj,
+    O_t reuses text_model + txt_proj, so `objects=on|off` builds the same parameters.
+
+    forward(video, text) returns the embeddings (B, E) of every stream given:
+        video (B, T, 3, H, W); text = (ids, mask) (B, L)
+        anchor (B, 3, H, W) + regions (B, G, N) bool: patches of each region group (G = 1: the union of the
+            top-K boxes, the paper; G = K: one group per box, the release's mean-region)
+        tags = (ids, mask) (B, Lt) + tag_groups (B, G', Lt) bool: positions of each tag group (the distractor
+            belongs to none); with oa_loss=release the tag text starts with the caption and its pooled output
+            (as a caption's) is the extra "caption_tags" stream
+    The encoders are called through forward so that DDP sees every use of the parameters.
+    """
+
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.cfg = cfg
+        assert cfg.time_init in ("release", "live") and cfg.text_pool in ("cls", "mean")
+        self.video_model = VideoEncoder(cfg.img_size, cfg.patch_size, cfg.num_frames, cfg.vit_width, cfg.vit_depth,
+                                        cfg.vit_heads, cfg.vit_mlp_ratio).init_weights(cfg.time_init)
+        self.text_model = TextEncoder(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_ffn,
+                                      cfg.text_positions, cfg.text_dropout).init_weights()
+        self.vid_proj = nn.Linear(cfg.vit_width, cfg.embed_dim)  # Vid Proj: Linear, no activation
+        self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(cfg.text_width, cfg.embed_dim))  # Txt Proj: ReLU -> Linear
+        # the colour of a black pixel after ImageNet normalisation: what a "blanked" patch is painted with
+        black = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
+        self.register_buffer("black", black.view(1, 3, 1, 1), persistent=False)
+
+    def encode_video(self, video):
+        return self.vid_proj(self.video_model(video)[:, 0])  # (B, E) from CLS
+
+    def pool_text(self, hidden, mask):
+        """(B, L, D) -> (B, D): the [CLS] output (Frozen), or the mean over the real tokens (text_pool=mean)."""
+        return hidden[:, 0] if self.cfg.text_pool == "cls" else masked_mean(hidden, mask.bool())
+
+    def encode_text(self, ids, mask):
+        return self.txt_proj(self.pool_text(self.text_model(ids, mask), mask))  # (B, E)
+
+    def mask_anchor(self, anchor, keep):
+        """Object-guided masking: with region_mask=blank, paint the patches outside every box black (the paper
+        figure). anchor (B, 3, H, W), keep (B, N) bool -> (B, 3, H, W)."""
+        if self.cfg.region_mask != "blank":
+            return anchor
+        g, p = self.video_model.grid, self.cfg.patch_size
+        pix = repeat(keep.view(-1, g, g), "b h w -> b 1 (h p1) (w p2)", p1=p, p2=p)  # (B, 1, H, W)
+        return torch.where(pix, anchor, self.black.to(anchor.dtype))
+
+    def encode_regions(self, anchor, regions):
+        """Stream O_v: mask the anchor, encode it as a 1-frame clip with the shared video encoder, pool each region
+        group's output tokens, project, average the groups."""
+        anchor = self.mask_anchor(anchor, regions.any(1))  # keep (B, N): patches covered by some box
+        tokens = self.video_model(anchor[:, None])[:, 1:]  # (B, N, D): patch tokens of the masked anchor
+        per_group = self.vid_proj(masked_mean(tokens[:, None], regions))  # (B, G, E)
+        return masked_mean(per_group, regions.any(-1))  # (B, E): mean over non-empty groups
+
+    def pool_tags(self, hidden, tag_groups):
+        """Stream O_t: mean over each tag group's token outputs, project, average the groups. hidden (B, Lt, D)
+        -> (B, E)."""
+        per_group = self.txt_proj(masked_mean(hidden[:, None], tag_groups))  # (B, G', E)
+        return masked_mean(per_group, tag_groups.any(-1))
+
+    def forward(self, video, text, anchor=None, regions=None, tags=None, tag_groups=None):
+        out = {"video": self.encode_video(video), "text": self.encode_text(*text)}
+        if anchor is not None:
+            out["regions"] = self.encode_regions(anchor, regions)
+        if tags is not None:
+            hidden = self.text_model(*tags)  # (B, Lt, D): the tags through the shared text encoder
+            out["tags"] = self.pool_tags(hidden, tag_groups)
+            if self.cfg.oa_loss == "release":  # the text is "caption tag1 tag2 ...", pooled like a caption
+                out["caption_tags"] = self.txt_proj(self.pool_text(hidden, tags[1]))
+        return out
+
+
+# --- 2. the loss: Frozen's NormSoftmax on each pair of streams --oa_loss names ----------------------------------------
+
+def l2norm(x):
+    return F.normalize(x, dim=-1, eps=1e-8)
+
+
+def cosine_sim(a, b):
+    """(Ba, E), (Bb, E) -> (Ba, Bb) cosine similarities, in fp32."""
+    return l2norm(a.float()) @ l2norm(b.float()).t()
+
+
+def nce_loss(sim, temperature):
+    """Frozen's NormSoftmax on a square similarity matrix whose diagonal holds the positive pairs:
+    L = -mean_i log softmax_j(S/tau)[i, i] - mean_j log softmax_i(S/tau)[j, j]  (the sum of both directions).
+    A non-square S (captions != videos) raises: the release's diag() would silently average min(N, M) terms."""
+    if sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"nce_loss needs a square similarity with the pairs on the diagonal, got {tuple(sim.shape)}")
+    logits = sim / temperature
+    labels = torch.arange(sim.shape[0], device=sim.device)
+    return F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)
+
+
+# which embeddings each loss term contrasts: (weight field, query stream, item stream). The release's object models
+# pair caption+tags with video and mean-region with mean-tag; the paper figure pairs each object stream with the
+# other modality.
+LOSS_TERMS = {
+    "paper": [("main_weight", "text", "video"), ("tags_weight", "tags", "video"),
+              ("regions_weight", "text", "regions")],
+    "release": [("main_weight", "text", "video"), ("tags_weight", "caption_tags", "video"),
+                ("regions_weight", "regions", "tags")],
+}
+
+
+def oa_trans_loss(emb, terms, weights, temperature):
+    """Object-aware contrastive loss: sum over terms of weight * L(cos(emb[a], emb[b])).
+
+    emb: stream name -> (B, E) embeddings (already gathered across ranks); terms: (weight name, a, b) triples
+    from LOSS_TERMS, restricted to the streams present (objects=off leaves only L(t, v)); weights: name -> float.
+    Returns (total loss, {term name: loss value}).
+    """
+    parts = {}
+    for w, a, b in terms:
+        if a in emb and b in emb:
+            parts[f"{a}-{b}"] = weights[w] * nce_loss(cosine_sim(emb[a], emb[b]), temperature)
+    return sum(parts.values()), parts
+
+
+# --- 3. the inputs: the anchor frame, its boxes as patch masks, its class names as a text -----------------------------
+
+def detection_frames(num_frames, n_det=8):
+    """Frame indices the detector ran on: the midpoints (a + b) // 2 of n_det equal segments [a, b) of the clip."""
+    edges = np.linspace(0, num_frames, n_det + 1).astype(int)  # integer segment bounds, as in the release
+    return [min(int((edges[k] + edges[k + 1]) // 2), num_frames - 1) for k in range(n_det)]
+
+
+def anchor_position(sampled, det_frames):
+    """Which pre-detected frame is the anchor: the one nearest the mean sampled index (the first on a tie)."""
+    m = float(np.mean(sampled))
+    return min(range(len(det_frames)), key=lambda k: abs(det_frames[k] - m))
+
+
+def top_k_detections(det, k):
+    """The k most confident boxes, most confident first (a stable sort: ties keep the file's order). The release
+    keeps K = 10 (BUTD's minimum number of boxes)."""
+    order = np.argsort(-det["scores"], kind="stable")[:k]
+    return det["boxes"][order], det["labels"][order]
+
+
+def boxes_to_patch_mask(boxes, img_size, patch_size):
+    """Patches covered by each box. boxes (K, 4) x1,y1,x2,y2 in input pixels -> (K, N) bool, row-major grid.
+
+    Box k covers rows floor(y1/p) .. ceil(y2/p) - 1 and cols floor(x1/p) .. ceil(x2/p) - 1 (the release's rule:
+    any patch the box touches with positive area); boxes are clipped to the image; an empty box covers nothing.
+    """
+    g = img_size // patch_size
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).clamp(0, img_size)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    nonempty = (x2 > x1) & (y2 > y1)
+    r0, r1 = (y1 / patch_size).floor(), (y2 / patch_size).ceil()
+    c0, c1 = (x1 / patch_size).floor(), (x2 / patch_size).ceil()
+    idx = torch.arange(g, dtype=torch.float32)
+    rows = (idx >= r0[:, None]) & (idx < r1[:, None])  # (K, g)
+    cols = (idx >= c0[:, None]) & (idx < c1[:, None])  # (K, g)
+    mask = rows[:, :, None] & cols[:, None, :] & nonempty[:, None, None]  # (K, g, g)
+    return mask.flatten(1)
+
+
+def region_masks(boxes, top_k, img_size, patch_size):
+    """(K, N) bool: the patches of each of the (at most K) boxes, given in input pixels after the clip's crop.
+    Fewer boxes leave empty rows; when every box was cropped away the whole frame is the one region."""
+    regions = torch.zeros(top_k, (img_size // patch_size) ** 2, dtype=torch.bool)  # (K, N)
+    regions[:len(boxes)] = boxes_to_patch_mask(boxes, img_size, patch_size)
+    if not regions.any():
+        regions[0] = True
+    return regions
+
+
+def tag_tokens(tokenizer, tags, max_len, caption=None, distractor=None, rng=random):
+    """Token ids of the tag text and which positions belong to each tag.
+
+    tags: class names (confidence order). The distractor (a random class name) is inserted at a random position;
+    its tokens belong to no group, so pooling never sees it. With `caption` (the release variant) the tags follow
+    the caption's tokens: [CLS] caption tags [SEP]. Returns (ids list[int], groups list[list[int]]).
+    """
+    words = [(t, True) for t in tags]
+    if distractor is not None:
+        words.insert(rng.randint(0, len(words)), (distractor, False))
+    ids = [tokenizer.cls_id]
+    if caption is not None:
+        ids += [tokenizer.vocab.get(p, tokenizer.unk_id) for p in tokenizer.tokenize(caption)]
+    groups = []
+    for name, pooled in words:
+        pieces = [tokenizer.vocab.get(p, tokenizer.unk_id) for p in tokenizer.tokenize(name)]
+        pos = list(range(len(ids), len(ids) + len(pieces)))
+        ids += pieces
+        if pooled:
+            groups.append(pos)
+    ids = ids[:max_len - 1] + [tokenizer.sep_id]
+    groups = [[p for p in g if p < max_len - 1] for g in groups]
+    return ids, [g for g in groups if g]
+
+
+def object_tags(tokenizer, labels, class_names, caption, cfg, rng):
+    """The tag text of one clip from its top-K class ids, as tag_tokens' (ids, groups). The names are deduplicated
+    in confidence order (the release's np.unique sorts them by class id).
+    paper:   "tag1 tag2 ... [distractor] ... tagK", the distractor a random class not among the tags (--distractor)
+    release: "caption tag1 tag2 ...", no distractor (the release never enables its helper)."""
+    names = list(dict.fromkeys(class_names[j] for j in labels))  # distinct, in confidence order
+    if cfg.oa_loss == "release":
+        return tag_tokens(tokenizer, names, cfg.max_text_len + cfg.max_tag_len, caption)
+    distractor = None
+    if cfg.distractor:
+        others = [c for c in class_names if c not in names]
+        distractor = rng.choice(others) if others else None
+    return tag_tokens(tokenizer, names, cfg.max_tag_len, None, distractor, rng)
+
+
+def collate_objects(items, tokenizer, oa_loss):
+    """The object fields of a batch: anchor (B, 3, S, S); regions (B, G, N) bool; tags = (ids, mask) (B, Lt),
+    padded; tag_groups (B, G', Lt) bool. The paper pools the union of the boxes and of the tags (G = G' = 1); the
+    release averages per-box regions and per-tag groups (G = K, G' = the most distinct tags in the batch)."""
+    regions = torch.stack([it["regions"] for it in items])  # (B, K, N)
+    L = max(len(it["tag_ids"]) for it in items)
+    G = max(len(it["tag_groups"]) for it in items)
+    ids = torch.full((len(items), L), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(items), L, dtype=torch.long)
+    groups = torch.zeros(len(items), G, L, dtype=torch.bool)  # (B, G', Lt)
+    for b, it in enumerate(items):
+        ids[b, :len(it["tag_ids"])], mask[b, :len(it["tag_ids"])] = torch.tensor(it["tag_ids"]), 1
+        for j, g in enumerate(it["tag_groups"]):
+            groups[b, j, g] = True
+    if oa_loss == "paper":  # one group each: the union of the boxes, the union of the tags
+        regions, groups = regions.any(1, keepdim=True), groups.any(1, keepdim=True)
+    return dict(anchor=torch.stack([it["anchor"] for it in items]), regions=regions, tags=(ids, mask),
+                tag_groups=groups)
+
+
+# -----------------------------------------------------------------------------
+# the Frozen encoder OA-Trans builds on: Frozen in Time's divided space-time ViT and DistilBERT, what stays at
+# inference (OATrans above adds the heads). egovlp.py carries the same classes under the same names (only
+# SpaceTimeBlock builds its modules in another order); tests/test_oa_trans.py loads one copy's weights into the
+# other and checks that the outputs agree.
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -511,241 +752,6 @@ class TextEncoder(nn.Module):
             x = layer(x, keep)
         return x
 
-# -----------------------------------------------------------------------------
-# object-aware streams and loss (the paper's idea)
-#
-# Pre-training adds two streams built from an offline detector's output on ONE frame of the clip, each contrasted
-# with the other modality. Fine-tuning and evaluation drop them (only L(t, v) remains). In the order data flows:
-#   1. the anchor frame     detection_frames, anchor_position: which pre-detected frame goes with the sampled frames
-#   2. its objects          top_k_detections, boxes_to_patch_mask -> region_masks (after the clip's crop / flip);
-#                           tag_tokens -> object_tags (class names as a text, with a distractor)
-#   3. batching             collate_objects: the paper pools the union of the boxes / tags, the release each group
-#   4. the model            OATrans: mask_anchor + encode_regions (O_v, the shared ViT), pool_tags (O_t)
-#   5. the loss             nce_loss per pair, LOSS_TERMS (which pairs, by oa_loss), oa_trans_loss (weighted sum).
-#                           Every loss of the file is in this section.
-# The data section calls 1-3 for each clip and batch; all the code that --oa_loss=paper|release switches is here.
-
-def detection_frames(num_frames, n_det=8):
-    """Frame indices the detector ran on: the midpoints (a + b) // 2 of n_det equal segments [a, b) of the clip."""
-    edges = np.linspace(0, num_frames, n_det + 1).astype(int)  # integer segment bounds, as in the release
-    return [min(int((edges[k] + edges[k + 1]) // 2), num_frames - 1) for k in range(n_det)]
-
-
-def anchor_position(sampled, det_frames):
-    """Which pre-detected frame is the anchor: the one nearest the mean sampled index (the first on a tie)."""
-    m = float(np.mean(sampled))
-    return min(range(len(det_frames)), key=lambda k: abs(det_frames[k] - m))
-
-
-def top_k_detections(det, k):
-    """The k most confident boxes, most confident first (a stable sort: ties keep the file's order). The release
-    keeps K = 10 (BUTD's minimum number of boxes)."""
-    order = np.argsort(-det["scores"], kind="stable")[:k]
-    return det["boxes"][order], det["labels"][order]
-
-
-def boxes_to_patch_mask(boxes, img_size, patch_size):
-    """Patches covered by each box. boxes (K, 4) x1,y1,x2,y2 in input pixels -> (K, N) bool, row-major grid.
-
-    Box k covers rows floor(y1/p) .. ceil(y2/p) - 1 and cols floor(x1/p) .. ceil(x2/p) - 1 (the release's rule:
-    any patch the box touches with positive area); boxes are clipped to the image; an empty box covers nothing.
-    """
-    g = img_size // patch_size
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).clamp(0, img_size)
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    nonempty = (x2 > x1) & (y2 > y1)
-    r0, r1 = (y1 / patch_size).floor(), (y2 / patch_size).ceil()
-    c0, c1 = (x1 / patch_size).floor(), (x2 / patch_size).ceil()
-    idx = torch.arange(g, dtype=torch.float32)
-    rows = (idx >= r0[:, None]) & (idx < r1[:, None])  # (K, g)
-    cols = (idx >= c0[:, None]) & (idx < c1[:, None])  # (K, g)
-    mask = rows[:, :, None] & cols[:, None, :] & nonempty[:, None, None]  # (K, g, g)
-    return mask.flatten(1)
-
-
-def region_masks(boxes, top_k, img_size, patch_size):
-    """(K, N) bool: the patches of each of the (at most K) boxes, given in input pixels after the clip's crop.
-    Fewer boxes leave empty rows; when every box was cropped away the whole frame is the one region."""
-    regions = torch.zeros(top_k, (img_size // patch_size) ** 2, dtype=torch.bool)  # (K, N)
-    regions[:len(boxes)] = boxes_to_patch_mask(boxes, img_size, patch_size)
-    if not regions.any():
-        regions[0] = True
-    return regions
-
-
-def tag_tokens(tokenizer, tags, max_len, caption=None, distractor=None, rng=random):
-    """Token ids of the tag text and which positions belong to each tag.
-
-    tags: class names (confidence order). The distractor (a random class name) is inserted at a random position;
-    its tokens belong to no group, so pooling never sees it. With `caption` (the release variant) the tags follow
-    the caption's tokens: [CLS] caption tags [SEP]. Returns (ids list[int], groups list[list[int]]).
-    """
-    words = [(t, True) for t in tags]
-    if distractor is not None:
-        words.insert(rng.randint(0, len(words)), (distractor, False))
-    ids = [tokenizer.cls_id]
-    if caption is not None:
-        ids += [tokenizer.vocab.get(p, tokenizer.unk_id) for p in tokenizer.tokenize(caption)]
-    groups = []
-    for name, pooled in words:
-        pieces = [tokenizer.vocab.get(p, tokenizer.unk_id) for p in tokenizer.tokenize(name)]
-        pos = list(range(len(ids), len(ids) + len(pieces)))
-        ids += pieces
-        if pooled:
-            groups.append(pos)
-    ids = ids[:max_len - 1] + [tokenizer.sep_id]
-    groups = [[p for p in g if p < max_len - 1] for g in groups]
-    return ids, [g for g in groups if g]
-
-
-def object_tags(tokenizer, labels, class_names, caption, cfg, rng):
-    """The tag text of one clip from its top-K class ids, as tag_tokens' (ids, groups). The names are deduplicated
-    in confidence order (the release's np.unique sorts them by class id).
-    paper:   "tag1 tag2 ... [distractor] ... tagK", the distractor a random class not among the tags (--distractor)
-    release: "caption tag1 tag2 ...", no distractor (the release never enables its helper)."""
-    names = list(dict.fromkeys(class_names[j] for j in labels))  # distinct, in confidence order
-    if cfg.oa_loss == "release":
-        return tag_tokens(tokenizer, names, cfg.max_text_len + cfg.max_tag_len, caption)
-    distractor = None
-    if cfg.distractor:
-        others = [c for c in class_names if c not in names]
-        distractor = rng.choice(others) if others else None
-    return tag_tokens(tokenizer, names, cfg.max_tag_len, None, distractor, rng)
-
-
-def collate_objects(items, tokenizer, oa_loss):
-    """The object fields of a batch: anchor (B, 3, S, S); regions (B, G, N) bool; tags = (ids, mask) (B, Lt),
-    padded; tag_groups (B, G', Lt) bool. The paper pools the union of the boxes and of the tags (G = G' = 1); the
-    release averages per-box regions and per-tag groups (G = K, G' = the most distinct tags in the batch)."""
-    regions = torch.stack([it["regions"] for it in items])  # (B, K, N)
-    L = max(len(it["tag_ids"]) for it in items)
-    G = max(len(it["tag_groups"]) for it in items)
-    ids = torch.full((len(items), L), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(items), L, dtype=torch.long)
-    groups = torch.zeros(len(items), G, L, dtype=torch.bool)  # (B, G', Lt)
-    for b, it in enumerate(items):
-        ids[b, :len(it["tag_ids"])], mask[b, :len(it["tag_ids"])] = torch.tensor(it["tag_ids"]), 1
-        for j, g in enumerate(it["tag_groups"]):
-            groups[b, j, g] = True
-    if oa_loss == "paper":  # one group each: the union of the boxes, the union of the tags
-        regions, groups = regions.any(1, keepdim=True), groups.any(1, keepdim=True)
-    return dict(anchor=torch.stack([it["anchor"] for it in items]), regions=regions, tags=(ids, mask),
-                tag_groups=groups)
-
-
-class OATrans(nn.Module):
-    """The dual encoder with its four streams. Only V and T exist at inference; O_v reuses video_model + vid_proj,
-    O_t reuses text_model + txt_proj, so `objects=on|off` builds the same parameters.
-
-    forward(video, text) returns the embeddings (B, E) of every stream given:
-        video (B, T, 3, H, W); text = (ids, mask) (B, L)
-        anchor (B, 3, H, W) + regions (B, G, N) bool: patches of each region group (G = 1: the union of the
-            top-K boxes, the paper; G = K: one group per box, the release's mean-region)
-        tags = (ids, mask) (B, Lt) + tag_groups (B, G', Lt) bool: positions of each tag group (the distractor
-            belongs to none); with oa_loss=release the tag text starts with the caption and its pooled output
-            (as a caption's) is the extra "caption_tags" stream
-    The encoders are called through forward so that DDP sees every use of the parameters.
-    """
-
-    def __init__(self, cfg, vocab_size):
-        super().__init__()
-        self.cfg = cfg
-        assert cfg.time_init in ("release", "live") and cfg.text_pool in ("cls", "mean")
-        self.video_model = VideoEncoder(cfg.img_size, cfg.patch_size, cfg.num_frames, cfg.vit_width, cfg.vit_depth,
-                                        cfg.vit_heads, cfg.vit_mlp_ratio).init_weights(cfg.time_init)
-        self.text_model = TextEncoder(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_ffn,
-                                      cfg.text_positions, cfg.text_dropout).init_weights()
-        self.vid_proj = nn.Linear(cfg.vit_width, cfg.embed_dim)  # Vid Proj: Linear, no activation
-        self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(cfg.text_width, cfg.embed_dim))  # Txt Proj: ReLU -> Linear
-        # the colour of a black pixel after ImageNet normalisation: what a "blanked" patch is painted with
-        black = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
-        self.register_buffer("black", black.view(1, 3, 1, 1), persistent=False)
-
-    def encode_video(self, video):
-        return self.vid_proj(self.video_model(video)[:, 0])  # (B, E) from CLS
-
-    def pool_text(self, hidden, mask):
-        """(B, L, D) -> (B, D): the [CLS] output (Frozen), or the mean over the real tokens (text_pool=mean)."""
-        return hidden[:, 0] if self.cfg.text_pool == "cls" else masked_mean(hidden, mask.bool())
-
-    def encode_text(self, ids, mask):
-        return self.txt_proj(self.pool_text(self.text_model(ids, mask), mask))  # (B, E)
-
-    def mask_anchor(self, anchor, keep):
-        """Object-guided masking: with region_mask=blank, paint the patches outside every box black (the paper
-        figure). anchor (B, 3, H, W), keep (B, N) bool -> (B, 3, H, W)."""
-        if self.cfg.region_mask != "blank":
-            return anchor
-        g, p = self.video_model.grid, self.cfg.patch_size
-        pix = repeat(keep.view(-1, g, g), "b h w -> b 1 (h p1) (w p2)", p1=p, p2=p)  # (B, 1, H, W)
-        return torch.where(pix, anchor, self.black.to(anchor.dtype))
-
-    def encode_regions(self, anchor, regions):
-        """Stream O_v: mask the anchor, encode it as a 1-frame clip with the shared video encoder, pool each region
-        group's output tokens, project, average the groups."""
-        anchor = self.mask_anchor(anchor, regions.any(1))  # keep (B, N): patches covered by some box
-        tokens = self.video_model(anchor[:, None])[:, 1:]  # (B, N, D): patch tokens of the masked anchor
-        per_group = self.vid_proj(masked_mean(tokens[:, None], regions))  # (B, G, E)
-        return masked_mean(per_group, regions.any(-1))  # (B, E): mean over non-empty groups
-
-    def pool_tags(self, hidden, tag_groups):
-        """Stream O_t: mean over each tag group's token outputs, project, average the groups. hidden (B, Lt, D)
-        -> (B, E)."""
-        per_group = self.txt_proj(masked_mean(hidden[:, None], tag_groups))  # (B, G', E)
-        return masked_mean(per_group, tag_groups.any(-1))
-
-    def forward(self, video, text, anchor=None, regions=None, tags=None, tag_groups=None):
-        out = {"video": self.encode_video(video), "text": self.encode_text(*text)}
-        if anchor is not None:
-            out["regions"] = self.encode_regions(anchor, regions)
-        if tags is not None:
-            hidden = self.text_model(*tags)  # (B, Lt, D): the tags through the shared text encoder
-            out["tags"] = self.pool_tags(hidden, tag_groups)
-            if self.cfg.oa_loss == "release":  # the text is "caption tag1 tag2 ...", pooled like a caption
-                out["caption_tags"] = self.txt_proj(self.pool_text(hidden, tags[1]))
-        return out
-
-
-def cosine_sim(a, b):
-    """(Ba, E), (Bb, E) -> (Ba, Bb) cosine similarities, in fp32."""
-    return l2norm(a.float()) @ l2norm(b.float()).t()
-
-
-def nce_loss(sim, temperature):
-    """Frozen's NormSoftmax on a square similarity matrix whose diagonal holds the positive pairs:
-    L = -mean_i log softmax_j(S/tau)[i, i] - mean_j log softmax_i(S/tau)[j, j]  (the sum of both directions).
-    A non-square S (captions != videos) raises: the release's diag() would silently average min(N, M) terms."""
-    if sim.shape[0] != sim.shape[1]:
-        raise ValueError(f"nce_loss needs a square similarity with the pairs on the diagonal, got {tuple(sim.shape)}")
-    logits = sim / temperature
-    labels = torch.arange(sim.shape[0], device=sim.device)
-    return F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)
-
-
-# which embeddings each loss term contrasts: (weight field, query stream, item stream). The release's object models
-# pair caption+tags with video and mean-region with mean-tag; the paper figure pairs each object stream with the
-# other modality.
-LOSS_TERMS = {
-    "paper": [("main_weight", "text", "video"), ("tags_weight", "tags", "video"),
-              ("regions_weight", "text", "regions")],
-    "release": [("main_weight", "text", "video"), ("tags_weight", "caption_tags", "video"),
-                ("regions_weight", "regions", "tags")],
-}
-
-
-def oa_trans_loss(emb, terms, weights, temperature):
-    """Object-aware contrastive loss: sum over terms of weight * L(cos(emb[a], emb[b])).
-
-    emb: stream name -> (B, E) embeddings (already gathered across ranks); terms: (weight name, a, b) triples
-    from LOSS_TERMS, restricted to the streams present (objects=off leaves only L(t, v)); weights: name -> float.
-    Returns (total loss, {term name: loss value}).
-    """
-    parts = {}
-    for w, a, b in terms:
-        if a in emb and b in emb:
-            parts[f"{a}-{b}"] = weights[w] * nce_loss(cosine_sim(emb[a], emb[b]), temperature)
-    return sum(parts.values()), parts
-
 
 # -----------------------------------------------------------------------------
 # data: BUTD-style .npz detections, WebVid-style pre-training clips, MSR-VTT-style retrieval annotations
@@ -940,31 +946,30 @@ class MSRVTTTrain(torch.utils.data.Dataset):
         return dict(video=video, caption=rng.choice(self.by_video[i]))
 
 
-
 # -----------------------------------------------------------------------------
 # evaluation: MSR-VTT-style text <-> video retrieval, object streams dropped
 
 class EvalClips:
-    """Decoded eval clips (centre crop), cached as uint8 after the first read: view None = bin-midpoint frames;
-    view k = frames drawn at random in each bin with a generator seeded by (seed, k, video), the k-th of the
-    All-in-one release's retrieval views."""
+    """Decoded eval clips (centre crop), cached as uint8 after the first read (common/video.py's ClipCache, keyed
+    by (video, view)): view None = bin-midpoint frames; view k = frames drawn at random in each bin with a generator
+    seeded by (seed, k, video), the k-th of the All-in-one release's retrieval views."""
 
     def __init__(self, ann, cfg):
         self.ann, self.cfg = ann, cfg
         self.transform = VideoTransform(cfg.img_size, False)
-        self.cache = {}
-        self.unreadable = 0
+        self.cache = ClipCache()  # (video, view) -> uint8 frames, None when unreadable
+
+    @property
+    def unreadable(self):
+        """Unreadable videos, each counted once (at its midpoint view, or its first random one)."""
+        return sum(view is None or view == 0 for _, view in self.cache.unreadable)
 
     def frames(self, i, view=None):
-        if (i, view) not in self.cache:
-            try:
-                rng = None if view is None else random.Random(f"{self.cfg.seed}/{view}/{i}")
-                mode = "uniform" if view is None else "rand"
-                self.cache[i, view], _ = load_clip(self.ann.paths[i], self.cfg.num_frames, mode, rng=rng)
-            except VideoReadError:
-                self.cache[i, view] = None
-                self.unreadable += view is None or view == 0  # count each video once
-        return self.cache[i, view]
+        def read():
+            rng = None if view is None else random.Random(f"{self.cfg.seed}/{view}/{i}")
+            mode = "uniform" if view is None else "rand"
+            return load_clip(self.ann.paths[i], self.cfg.num_frames, mode, rng=rng)[0]
+        return self.cache.get((i, view), read)
 
     def clip(self, i, view=None):
         """Clip i of a view as (T, 3, S, S), and whether its video was readable (an unreadable one is zeros)."""
@@ -1034,7 +1039,216 @@ def evaluate_retrieval(model, clips, tokenizer, cfg, device):
 
 
 # -----------------------------------------------------------------------------
-# pictures of what the model learned: `--eval=retrieval --init=<ckpt> --pictures` (helpers in common/pictures.py)
+# training: the frame curriculum and its batches, the model, the training set, then main() with the step loop
+
+def frames_at(step, cfg):
+    """Frozen's curriculum: 1 frame for the first curriculum_frac of pre-training, then num_frames."""
+    if cfg.curriculum == "1to4" and not cfg.finetune and step < int(cfg.curriculum_frac * cfg.max_steps):
+        return 1
+    return cfg.num_frames
+
+
+def infinite_batches(dataset, collate, cfg, world, rank, seed, skip=0, device=torch.device("cpu")):
+    """Endless shuffled batches (a new permutation every pass), this rank's shard only. The first `skip` batches
+    are passed over without being read: a resumed run continues the interrupted run's order."""
+    epoch = 0
+    while True:
+        sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        indices = list(sampler)[skip * cfg.batch_size:]
+        skip = max(0, skip - len(sampler) // cfg.batch_size)
+        settings = dict(loader_settings(cfg.num_workers, device, log=lambda _: None), persistent_workers=False)
+        loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=indices, collate_fn=collate,
+                                             drop_last=True, **settings,
+                                             generator=torch.Generator().manual_seed(seed + epoch))  # not the global
+        yield from loader
+        epoch += 1
+
+
+def start_batches(dataset, frames, order, step, cfg, tokenizer, dist):
+    """The endless batches of clips of `frames` frames -> (batches, order). `order` (frames, seed, batches drawn) is
+    what a checkpoint keeps of them: a resumed run continues its order; a new frame count (the curriculum's switch)
+    starts a new one, seeded by the step."""
+    dataset.num_frames = frames
+    if order.get("frames") != frames:
+        order = dict(frames=frames, seed=cfg.seed + step, drawn=0)
+    batches = infinite_batches(dataset, functools.partial(collate, tokenizer=tokenizer, cfg=cfg), cfg,
+                               dist.world_size, dist.rank, order["seed"], skip=order["drawn"], device=dist.device)
+    return batches, order
+
+
+def to_device(batch, device):
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, tuple):
+            out[k] = tuple(t.to(device, non_blocking=True) for t in v)
+        else:
+            out[k] = v
+    return out
+
+
+def build_model(cfg, tokenizer, dist):
+    """OATrans, initialised, then loaded from --init_video / --init_text / --init, on the device (its blocks compiled
+    with --compile) -> (the model, what the training step calls: the model DDP-wraps when there are several ranks)."""
+    vocab_size = cfg.vocab_size or tokenizer.vocab_size
+    check_vocab(tokenizer, vocab_size)  # a token id past the table would fail mid-run
+    model = OATrans(cfg, vocab_size)
+    # ours: {"model": ...}; a release: {"state_dict": ...}; timm / HF: the tensors themselves (key maps: appendix)
+    load_weights(model, [(cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)],
+                 "oa_trans", log=print0)
+    if cfg.vit_width == 768 and not (cfg.init or cfg.init_video or cfg.init_text):
+        print0(f"note: paper-size model from random weights; {PAPER_INIT}")
+    model = model.to(dist.device)
+    print0(compile_blocks([*model.video_model.blocks, *model.text_model.transformer.layer], cfg.compile, dist.device,
+                          0 if cfg.eval else cfg.max_steps))
+    print0(f"parameters: {count_parameters(model):,} (the object streams share them)")
+    if dist.world_size == 1:
+        return model, model
+    device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def evaluate_only(model, test_clips, tokenizer, cfg, dist):
+    """--eval=retrieval: test the --init weights once (zero-shot for a pre-trained checkpoint), draw the pictures
+    with --pictures -> the metrics."""
+    metrics = evaluate_retrieval(model, test_clips, tokenizer, cfg, dist.device)
+    if cfg.pictures and dist.is_main:
+        draw_pictures(model, cfg, tokenizer, dist.device, test_clips)
+    return end_run(cfg, dist, metrics, "test retrieval (object streams dropped)")
+
+
+def training_set(cfg, tokenizer, objects, dist, logger):
+    """-> (the training clips, the unreadable-video counter): WebVid-style clips with their objects (pre-training;
+    with cache_videos the videos are decoded into RAM here, before the DataLoader forks its workers), or the
+    MSR-VTT-style train split (--finetune). Refused when no full batch could be drawn."""
+    dataset = (MSRVTTTrain(MSRVTT(cfg.data_root, "train"), cfg) if cfg.finetune
+               else WebVidObjects(cfg.data_root, "train", cfg, tokenizer, objects=objects))
+    bad = BadVideos(len(dataset), cfg.max_bad_videos, print0, logger)
+    if cfg.cache_videos and not cfg.finetune:
+        t = time.time()
+        n_bad = dataset.preload(threads=min(8, os.cpu_count() or 1))
+        print0(f"decoded {len(dataset.cache)} training videos into RAM in {time.time() - t:.0f} s "
+               f"({n_bad} unreadable)")
+        bad.add(sorted(dataset.unreadable.items()), skipped=0)  # a corpus too broken stops here
+    if len(dataset) // dist.world_size < cfg.batch_size:  # full batches only: none could ever be drawn
+        if not len(dataset):  # no usable row: the bad-row count and the first reasons, not a batch size
+            raise no_items(0, cfg.batch_size, "training clips")
+        raise SystemExit(f"error: {len(dataset)} training clips over {dist.world_size} rank(s), fewer than "
+                         f"--batch_size={cfg.batch_size} per rank: no batch can be drawn; lower --batch_size")
+    if skipped_rows():
+        logger.log({"bad_rows": skipped_rows()})
+    return dataset, bad
+
+
+def loss_setup(cfg, objects, dataset, dist):
+    """-> (the loss terms of --oa_loss, their weights by field name); says what the run trains on."""
+    terms = LOSS_TERMS[cfg.oa_loss]
+    if objects and cfg.distractor and cfg.oa_loss == "release":
+        print0("note: --distractor has no effect with --oa_loss=release (the release's tag text has no distractor)")
+    print0(f"{'fine-tuning' if cfg.finetune else 'pre-training'}: {len(dataset)} clips, "
+           f"objects={'on' if objects else 'off'}, "
+           f"loss terms {[t[1] + '-' + t[2] for t in terms] if objects else ['text-video']}, "
+           f"contrastive batch = {dist.world_size} x {cfg.batch_size} = {dist.world_size * cfg.batch_size}")
+    return terms, dict(main_weight=cfg.main_weight, tags_weight=cfg.tags_weight, regions_weight=cfg.regions_weight)
+
+
+def validate(model, val_clips, tokenizer, cfg, device, logger, step):
+    """Val retrieval during training: logged as val_*, and one console line."""
+    val = evaluate_retrieval(model, val_clips, tokenizer, cfg, device)
+    logger.log({"step": step, **{f"val_{k}": v for k, v in val.items()}})
+    print0(f"step {step} | val t2v R@1 {val['retrieval/t2v_R@1']:.1f} R@5 {val['retrieval/t2v_R@5']:.1f} "
+           f"MdR {val['retrieval/t2v_MdR']:.0f}")
+
+
+@user_errors  # a failure the user can fix (path, data file, weights, disk) is one `error:` line (common/errors.py)
+def main(argv=None):
+    """Pre-train OA-Trans (--finetune: fine-tune it; --eval: only test it), then test it on text <-> video retrieval
+    with the object streams dropped -> the test metrics."""
+    cfg = parse_config(Config, argv, PRESETS, CHOICES, RANGES)
+    needs = ["msrvtt"] + ([] if cfg.finetune or cfg.eval else ["webvid/results_train.csv"])
+    dist, logger = start_run(cfg, Config.data_root, needs)  # seeds, data and weights files checked, out_dir locked
+    device, ckpt_path = dist.device, os.path.join(cfg.out_dir, "ckpt.pt")
+    tokenizer = Tokenizer(cfg.vocab_file or os.path.join(cfg.data_root, "vocab.txt"))
+    objects = cfg.objects == "on" and not cfg.finetune  # fine-tuning and testing drop the object streams
+
+    # --- model, optimiser (--resume: the interrupted run's weights, optimiser state, step, random states, data order)
+    model, ddp_model = build_model(cfg, tokenizer, dist)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6,
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
+    ckpt = resume_state(ckpt_path, model, optimizer, "oa_trans", logger) if cfg.resume else {}
+    step = start_step = ckpt.get("step", 0)
+
+    # --- evaluation data (MSR-VTT-style): val is watched during training, the final weights are tested once
+    val_clips = EvalClips(MSRVTT(cfg.data_root, "val"), cfg)
+    test_clips = EvalClips(MSRVTT(cfg.data_root, "test"), cfg)
+    if cfg.eval:
+        return evaluate_only(model, test_clips, tokenizer, cfg, dist)
+
+    # --- training data and the loss
+    dataset, bad = training_set(cfg, tokenizer, objects, dist, logger)
+    bad.load(ckpt.get("bad_videos"))
+    terms, weights = loss_setup(cfg, objects, dataset, dist)
+
+    # --- the loop: validate and checkpoint every eval_every steps; the batches restart when the frame count changes
+    order = ckpt.get("data_order", ckpt.get("stream", {}))  # frames, seed, batches drawn ("stream": older checkpoints)
+    if ckpt.get("rng"):  # random draws continue as in the interrupted run (exact with num_workers=0)
+        set_rng_states(ckpt["rng"])
+    batches, clock = None, StepClock()
+    pbar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    while True:
+        last_step = step == cfg.max_steps
+        if step > start_step and (step % cfg.eval_every == 0 or last_step):
+            validate(model, val_clips, tokenizer, cfg, device, logger, step)
+            if dist.is_main:
+                save_state(ckpt_path, model, optimizer, step, cfg, "oa_trans", bad, data_order=dict(order))
+        if last_step:
+            break
+        frames = frames_at(step, cfg)  # Frozen's curriculum: 1 frame, then num_frames
+        if batches is None or frames != order["frames"]:  # at the start, and when the curriculum switches
+            batches, order = start_batches(dataset, frames, order, step, cfg, tokenizer, dist)
+        with clock.waiting():
+            batch, n = bad.next_batch(batches, len(dataset) // cfg.batch_size + 2)  # unreadable-only batches skipped
+            order["drawn"] += n
+            batch = to_device(batch, device)
+        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # --- the step: every stream forward, the object-aware loss, backward, update
+        with autocast(device, cfg.precision):
+            emb = ddp_model(**{k: v for k, v in batch.items() if k in ("video", "text") or objects})
+        emb = {k: all_gather_with_grad(v.float()) for k, v in emb.items()}  # negatives from every rank
+        loss, parts = oa_trans_loss(emb, terms, weights, cfg.temperature)
+        check_finite(step, loss=loss, **parts)  # NaN / inf stops the run here, before backward() reaches the weights
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # with grad_clip=0 the norm is only measured (max_norm inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        step += 1
+
+        # --- diagnostics: speed, data wait, the losses in the log
+        clock.tick(batch["video"].shape[0] * dist.world_size)
+        pbar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            numbers = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "lr": lr,
+                       "grad_norm": grad_norm.item(), "frames": frames}
+            log_step(logger, step, numbers, clock, bad, cfg.num_workers, write=pbar.write)
+    pbar.close()
+
+    # --- the test: the final weights, object streams dropped
+    data = data_report(bad, clock, "train")  # (the loop's data wait: before the test)
+    metrics = evaluate_retrieval(model, test_clips, tokenizer, cfg, device)
+    metrics.update({**data, "retrieval/unreadable_videos": test_clips.unreadable})
+    logger.log({"step": step, **{f"test_{k}": v for k, v in metrics.items()}})
+    return end_run(cfg, dist, metrics, f"test retrieval ({'fine-tuned' if cfg.finetune else 'zero-shot'}, "
+                                       f"object streams dropped)")
+
+
+# -----------------------------------------------------------------------------
+# appendix: pictures of what the model learned, `--eval=retrieval --init=<ckpt> --pictures` (common/pictures.py)
 
 @torch.no_grad()
 def anchor_example(model, cfg, tokenizer, device, i=0):
@@ -1077,12 +1291,8 @@ def draw_pictures(model, cfg, tokenizer, device, clips):
     picks = [c for c in first if not ann.small[c]][:2] + [c for c in first if ann.small[c]][:2]
     text = embed_captions(model, [ann.captions[c] for c in picks], tokenizer, cfg, device)
     sim = cosine_sim(text, vids).cpu()                                    # (queries, videos)
-    queries = []
-    for q, c in enumerate(picks):
-        order, own = sim[q].argsort(descending=True).tolist(), ann.caption_video[c]
-        ranked = [(clips.clip(j)[0], sim[q, j].item(), j == own) for j in order[:5]]
-        queries.append(dict(text=ann.captions[c] + ("  [small object]" if ann.small[c] else ""), ranked=ranked,
-                            rank_of_correct=order.index(own) + 1))
+    queries = P.ranked_queries(sim, [ann.captions[c] + ("  [small object]" if ann.small[c] else "") for c in picks],
+                               [ann.caption_video[c] for c in picks], lambda j: clips.clip(j)[0])
     written = [P.save(P.retrieval_gallery(queries, f"OA-Trans (objects={cfg.objects}): zero-shot text -> video "
                                                    f"retrieval on test, top 5 (green: the caption's own video)"),
                       os.path.join(out, "retrieval_gallery.png"))]
@@ -1102,7 +1312,7 @@ def draw_pictures(model, cfg, tokenizer, device, clips):
                                 f"pair: {cos}", size=11),
                    P.stack(panels, vertical=False, gap=10)], gap=4)
     written.append(P.save(img, os.path.join(out, "anchor_objects.png")))
-    log = os.path.join(os.path.dirname(cfg.init), "log.jsonl") if cfg.init else os.path.join(cfg.out_dir, "log.jsonl")
+    log = P.run_log(cfg.init, cfg.out_dir)
     written.append(P.save(P.training_curves(log, ["loss", "text-video", "tags-video", "text-regions"],
                                             ["val_retrieval/t2v_R@1", "val_retrieval_small/t2v_R@1"],
                                             f"OA-Trans training curves ({log})"),
@@ -1113,8 +1323,9 @@ def draw_pictures(model, cfg, tokenizer, device, clips):
 
 
 # -----------------------------------------------------------------------------
-# pretrained weights: key maps for common/weights.py (safe reading, every tensor accounted for, shapes adapted:
-# temporal_embed cut or zero-padded to num_frames, pos_embed resampled for another img_size, text positions cut)
+# appendix: pretrained weights, key maps for common/weights.py (safe reading, every tensor accounted for, shapes
+# adapted: temporal_embed cut or zero-padded to num_frames, pos_embed resampled for another img_size, text positions
+# cut)
 #   FULL_MODEL: our checkpoints, or a Frozen / OA-Trans-layout release ("state_dict", "module." stripped); the
 #       release's video head is Sequential(Linear) (vid_proj.0), ours a plain Linear
 #   VIT_INIT: a timm ViT / DeiT state dict -> video_model.* (same names; the ImageNet head dropped); the temporal
@@ -1128,228 +1339,6 @@ VIT_INIT = dict(rules=[(r"^", "video_model.")], drop=[r"^head\.", r"^head_dist\.
 DISTILBERT_INIT = dict(rules=[(r"^distilbert\.", ""), (r"^", "text_model.")],
                        drop=[r"^vocab_(transform|layer_norm|projector)\.", r"position_ids$"],
                        new=[r"^(?!text_model\.)"])
-
-
-# -----------------------------------------------------------------------------
-# training loop: frame curriculum, endless batches, main()
-
-def frames_at(step, cfg):
-    """Frozen's curriculum: 1 frame for the first curriculum_frac of pre-training, then num_frames."""
-    if cfg.curriculum == "1to4" and not cfg.finetune and step < int(cfg.curriculum_frac * cfg.max_steps):
-        return 1
-    return cfg.num_frames
-
-
-def infinite_batches(dataset, collate, cfg, world, rank, seed, skip=0, device=torch.device("cpu")):
-    """Endless shuffled batches (a new permutation every pass), this rank's shard only. The first `skip` batches
-    are passed over without being read: a resumed run continues the interrupted run's order."""
-    epoch = 0
-    while True:
-        sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        indices = list(sampler)[skip * cfg.batch_size:]
-        skip = max(0, skip - len(sampler) // cfg.batch_size)
-        settings = dict(loader_settings(cfg.num_workers, device, log=lambda _: None), persistent_workers=False)
-        loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=indices, collate_fn=collate,
-                                             drop_last=True, **settings,
-                                             generator=torch.Generator().manual_seed(seed + epoch))  # not the global
-        yield from loader
-        epoch += 1
-
-
-def to_device(batch, device):
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.to(device, non_blocking=True)
-        elif isinstance(v, tuple):
-            out[k] = tuple(t.to(device, non_blocking=True) for t in v)
-        else:
-            out[k] = v
-    return out
-
-
-@user_errors  # a failure the user can fix (path, data file, weights, disk) is one `error:` line (common/errors.py)
-def main(argv=None):
-    cfg = parse_config(Config, argv, PRESETS, CHOICES, RANGES)
-    set_strict(cfg.strict)
-    dist = setup_distributed(cfg.device)
-    device = dist.device
-    cfg.precision, why = choose_precision(cfg.precision, device)
-    print0(why)
-    seed_everything(cfg.seed + dist.rank)
-    if cfg.data_root == Config.data_root:  # the built-in corpus: written on first use, rewritten when outdated
-        from data.synthetic import ensure_corpus
-        if dist.is_main:
-            ensure_corpus(cfg.data_root)
-        barrier()
-    check_inputs(cfg, ["msrvtt"] + ([] if cfg.finetune or cfg.eval else ["webvid/results_train.csv"]),
-                 Config.data_root)  # the data and weights files exist, before a model is built
-    tokenizer = Tokenizer(cfg.vocab_file or os.path.join(cfg.data_root, "vocab.txt"))
-    if dist.is_main:  # before anything is written: another run's files are kept unless --resume / --overwrite
-        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)  # (and locked: one run writes into it)
-    barrier()
-    log = JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=dist.is_main)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    finetuning = cfg.finetune == "retrieval"
-    objects = cfg.objects == "on" and not finetuning  # fine-tuning and testing drop the object streams
-
-    # --- model
-    check_vocab(tokenizer, cfg.vocab_size or tokenizer.vocab_size)  # a token id past the table would fail mid-run
-    model = OATrans(cfg, cfg.vocab_size or tokenizer.vocab_size)
-    for path, key_map in ((cfg.init_video, VIT_INIT), (cfg.init_text, DISTILBERT_INIT), (cfg.init, FULL_MODEL)):
-        if path:  # ours: {"model": ...}; a release: {"state_dict": ...}; timm / HF: the tensors themselves
-            print0(load_into(model, find_state_dict(load_checkpoint(path, paper="oa_trans")), **key_map, source=path))
-    if cfg.vit_width == 768 and not (cfg.init or cfg.init_video or cfg.init_text):
-        print0(f"note: paper-size model from random weights; {PAPER_INIT}")
-    model = model.to(device)
-    print0(compile_blocks([*model.video_model.blocks, *model.text_model.transformer.layer], cfg.compile, device,
-                          0 if cfg.eval else cfg.max_steps))
-    print0(f"parameters: {count_parameters(model):,} (the object streams share them)")
-    raw_model = model
-    if dist.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6,
-                                  fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
-    step = start_step = 0
-    ckpt = {}
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path, paper="oa_trans", need=("model", "optimizer", "step"))
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = start_step = ckpt["step"]
-        log.truncate_after(step)  # records the interrupted run wrote after this checkpoint
-        print0(f"resumed from {ckpt_path} at step {step}")
-
-    # --- evaluation data (MSR-VTT-style): val is watched during training, the final weights are tested once
-    val_clips = EvalClips(MSRVTT(cfg.data_root, "val"), cfg)
-    test_clips = EvalClips(MSRVTT(cfg.data_root, "test"), cfg)
-    if cfg.eval:
-        metrics = evaluate_retrieval(raw_model, test_clips, tokenizer, cfg, device)
-        if dist.is_main:
-            write_metrics(cfg.out_dir, metrics)
-            print0(format_table(metrics, "test retrieval (object streams dropped)"))
-            if cfg.pictures:
-                draw_pictures(raw_model, cfg, tokenizer, device, test_clips)
-        cleanup()
-        return metrics
-
-    # --- training data
-    bad = None
-    if finetuning:
-        dataset = MSRVTTTrain(MSRVTT(cfg.data_root, "train"), cfg)
-    else:
-        dataset = WebVidObjects(cfg.data_root, "train", cfg, tokenizer, objects=objects)
-        bad = BadVideos(len(dataset), cfg.max_bad_videos, print0, log)
-        if cfg.cache_videos:
-            t = time.time()
-            n_bad = dataset.preload(threads=min(8, os.cpu_count() or 1))
-            print0(f"decoded {len(dataset.cache)} training videos into RAM in {time.time() - t:.0f} s "
-                   f"({n_bad} unreadable)")
-            bad.add(sorted(dataset.unreadable.items()), skipped=0)  # a corpus too broken stops here
-    bad = bad or BadVideos(len(dataset), cfg.max_bad_videos, print0, log)
-    bad.load(ckpt.get("bad_videos", bad.state()))
-    if len(dataset) // dist.world_size < cfg.batch_size:  # full batches only: none could ever be drawn
-        if not len(dataset):  # no usable row: the bad-row count and the first reasons, not a batch size
-            raise no_items(0, cfg.batch_size, "training clips")
-        raise SystemExit(f"error: {len(dataset)} training clips over {dist.world_size} rank(s), fewer than "
-                         f"--batch_size={cfg.batch_size} per rank: no batch can be drawn; lower --batch_size")
-    if skipped_rows():
-        log.log({"bad_rows": skipped_rows()})
-    terms = LOSS_TERMS[cfg.oa_loss]
-    weights = dict(main_weight=cfg.main_weight, tags_weight=cfg.tags_weight, regions_weight=cfg.regions_weight)
-    if objects and cfg.distractor and cfg.oa_loss == "release":
-        print0("note: --distractor has no effect with --oa_loss=release (the release's tag text has no distractor)")
-    print0(f"{'fine-tuning' if finetuning else 'pre-training'}: {len(dataset)} clips, "
-           f"objects={'on' if objects else 'off'}, "
-           f"loss terms {[t[1] + '-' + t[2] for t in terms] if objects else ['text-video']}, "
-           f"contrastive batch = {dist.world_size} x {cfg.batch_size} = {dist.world_size * cfg.batch_size}")
-
-    # --- loop
-    batches, loader_frames = None, None
-    stream = ckpt.get("stream", {})  # the data stream at the checkpoint: frames, seed, batches drawn
-    if ckpt.get("rng"):  # random draws continue as in the interrupted run (exact with num_workers=0)
-        set_rng_states(ckpt["rng"])
-    t0, clips_seen = time.time(), 0
-    wait, wait_total, t_start = 0.0, 0.0, time.time()  # seconds blocked on the data loader (interval, run)
-    pbar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
-    while True:
-        last_step = step == cfg.max_steps
-        if step > start_step and (step % cfg.eval_every == 0 or last_step):
-            val = evaluate_retrieval(raw_model, val_clips, tokenizer, cfg, device)
-            log.log({"step": step, **{f"val_{k}": v for k, v in val.items()}})
-            print0(f"step {step} | val t2v R@1 {val['retrieval/t2v_R@1']:.1f} R@5 {val['retrieval/t2v_R@5']:.1f} "
-                   f"MdR {val['retrieval/t2v_MdR']:.0f}")
-            if dist.is_main:
-                save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                 "config": config_to_dict(cfg), "paper": "oa_trans", "stream": dict(stream),
-                                 "rng": rng_states(), "bad_videos": bad.state()}, ckpt_path)
-        if last_step:
-            break
-
-        frames = frames_at(step, cfg)
-        if frames != loader_frames:  # (re)start the data stream; the curriculum switches the frame count once
-            dataset.num_frames = loader_frames = frames
-            if stream.get("frames") != frames:  # a new stream (a resumed one continues where it was)
-                stream = dict(frames=frames, seed=cfg.seed + step, drawn=0)
-            batches = infinite_batches(dataset, functools.partial(collate, tokenizer=tokenizer, cfg=cfg), cfg,
-                                       dist.world_size, dist.rank, stream["seed"], skip=stream["drawn"], device=device)
-        t_wait = time.time()
-        batch, n = bad.next_batch(batches, len(dataset) // cfg.batch_size + 2)  # unreadable-only batches skipped
-        stream["drawn"] += n
-        batch = to_device(batch, device)
-        wait += time.time() - t_wait
-        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        with autocast(device, cfg.precision):
-            emb = model(**{k: v for k, v in batch.items() if k in ("video", "text") or objects})
-        emb = {k: all_gather_with_grad(v.float()) for k, v in emb.items()}  # negatives from every rank
-        loss, parts = oa_trans_loss(emb, terms, weights, cfg.temperature)
-        check_finite(step, loss=loss, **parts)  # NaN / inf stops the run here, before backward() reaches the weights
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # with grad_clip=0 the norm is only measured (max_norm inf)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
-        step += 1
-        clips_seen += batch["video"].shape[0] * dist.world_size
-        pbar.update(1)
-
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            dt = time.time() - t0
-            rec = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "lr": lr,
-                   "grad_norm": grad_norm.item(), "frames": frames, "ms_per_step": 1000 * dt / cfg.log_every,
-                   "clips_per_s": clips_seen / dt,
-                   "data_wait_pct": 100 * wait / dt, "bad_videos": len(bad.errors), "skipped_clips": bad.skipped}
-            log.log(rec)
-            pbar.write(f"step {step} | loss {rec['loss']:.3f} ("
-                       + ", ".join(f"{k} {v.item():.3f}" for k, v in parts.items())
-                       + f") | lr {lr:.2e} | grad {rec['grad_norm']:.2f} | T={frames}"
-                       f" | {rec['ms_per_step']:.0f} ms/step | {rec['clips_per_s']:.1f} clips/s"
-                       f" | data wait {rec['data_wait_pct']:.0f}%" + data_bound(rec["data_wait_pct"], cfg.num_workers))
-            t0, clips_seen, wait_total, wait = time.time(), 0, wait_total + wait, 0.0
-    pbar.close()
-    train_seconds = time.time() - t_start  # the loop, with its validation passes and checkpoints
-
-    metrics = evaluate_retrieval(raw_model, test_clips, tokenizer, cfg, device)
-    metrics.update(bad.metrics("train"))  # distinct unreadable training videos, clips dropped from batches
-    metrics["data/bad_rows"] = len(skipped_rows())
-    metrics["train/data_wait_pct"] = 100 * (wait_total + wait) / max(1e-9, train_seconds)
-    metrics["retrieval/unreadable_videos"] = test_clips.unreadable
-    if dist.is_main:
-        if bad.errors or skipped_rows():
-            print0(f"skipped: {len(bad.errors)} unreadable training videos ({bad.skipped} clips), "
-                   f"{len(skipped_rows())} bad annotation rows (named above and in the log)")
-        write_metrics(cfg.out_dir, metrics)
-        log.log({"step": step, **{f"test_{k}": v for k, v in metrics.items()}})
-        print0(format_table(metrics, f"test retrieval ({'fine-tuned' if finetuning else 'zero-shot'}, "
-                                     f"object streams dropped)"))
-    cleanup()
-    return metrics
-
 
 
 if __name__ == "__main__":

@@ -429,6 +429,30 @@ def test_main_pretrain_resume_finetune(tiny_corpus, tmp_path):
     assert 0 <= ft["retrieval/v2t_R@1"] <= 100
 
 
+def test_resume_continues_the_data_order_of_a_checkpoint_from_before_its_rename(tiny_corpus, tmp_path):
+    """A checkpoint keeps the order of the training batches (frames, seed, batches drawn) as "data_order"; one
+    written before that name holds it as "stream". --resume continues the order either way: the same batches, the
+    same losses (a checkpoint read without its order would start a new one, seeded by the step)."""
+    import shutil
+    flags = [f"--data_root={tiny_corpus}", "--img_size=32", "--patch_size=8", "--vit_width=32", "--vit_depth=1",
+             "--vit_heads=2", "--text_width=32", "--text_layers=1", "--text_heads=2", "--batch_size=4",
+             "--num_frames=2", "--curriculum=none", "--eval_every=2", "--log_every=1", "--num_workers=0",
+             "--precision=fp32", "--eval_batch_size=8"]
+    new, old = tmp_path / "new", tmp_path / "old"
+    oa.main(flags + [f"--out_dir={new}", "--max_steps=2"])
+    ck = torch.load(new / "ckpt.pt", weights_only=True)
+    assert ck["data_order"] == {"frames": 2, "seed": 0, "drawn": 2} and "stream" not in ck
+    shutil.copytree(new, old)
+    ck["stream"] = ck.pop("data_order")  # the checkpoint as the code before the rename wrote it
+    torch.save(ck, old / "ckpt.pt")
+    for out in (new, old):
+        oa.main(flags + [f"--out_dir={out}", "--max_steps=4", "--resume"])
+    losses = {out: [json.loads(line)["loss"] for line in open(out / "log.jsonl") if '"loss"' in line]
+              for out in (new, old)}
+    assert len(losses[new]) == 4 and losses[old] == losses[new]
+    assert torch.load(old / "ckpt.pt", weights_only=True)["data_order"]["drawn"] == 4  # written under the new name
+
+
 # ----------------------------------------------------------------------------- 2-process gloo
 
 def _oa_inputs(B, seed=0):
