@@ -585,9 +585,10 @@ def data_report(bad, clock, prefix):
     """The end-of-training data metrics: unreadable training videos and the clips dropped for them, bad annotation
     rows (one console line when there were any; each was named when met) and the loop's data-wait share."""
     from common.annotations import skipped_rows
+    from common.dist import print0
     metrics = {**bad.metrics(prefix), "data/bad_rows": len(skipped_rows())}
     if bad.errors or skipped_rows():
-        print(f"skipped: {len(bad.errors)} unreadable training videos ({bad.skipped} clips), "
+        print0(f"skipped: {len(bad.errors)} unreadable training videos ({bad.skipped} clips), "
               f"{len(skipped_rows())} bad annotation rows (named above and in the log)")
     metrics[f"{prefix}/data_wait_pct"] = clock.data_wait_pct()
     return metrics
