@@ -523,11 +523,11 @@ class AllInOne(nn.Module):
         self.heads[{"qa": "vqa_classifier", "mc": "mc_vqa_classifier", "action": "probe"}[task]] = head
         return head
 
-    # --- embeddings
-    def embed_text(self, ids):                                        # (B, L) -> (B, L, D)
+    # --- input tokens (the outputs, text_embedding and video_embedding, are below)
+    def text_tokens(self, ids):                                       # (B, L) -> (B, L, D)
         return self.text_embeddings(ids) + self.token_type_embeddings.weight[0]
 
-    def embed_video(self, video):
+    def video_tokens(self, video):
         """video (B, T, 3, H, W) -> (B, T, 1+N, D): patches + spatial pos + temporal[t], CLS + pos[0], + type 1."""
         vt = self.transformer
         B, T = video.shape[:2]
@@ -545,10 +545,10 @@ class AllInOne(nn.Module):
         one [text ; frame] sequence per frame, the temporal layer on the visual part before every block.
         text_ids, text_mask: (B, L); video: (B, T, 3, H, W) -> (B, T, L+1+N, D)."""
         B, T, L = video.shape[0], video.shape[1], text_ids.shape[1]
-        v = self.embed_video(video)                                       # (B, T, 1+N, D)
+        v = self.video_tokens(video)                                      # (B, T, 1+N, D)
         if self.cfg.temporal == "flatten":
-            return self.joint_flat(self.embed_text(text_ids), text_mask, v)
-        t = self.embed_text(text_ids).repeat_interleave(T, dim=0)        # (B*T, L, D)
+            return self.joint_flat(self.text_tokens(text_ids), text_mask, v)
+        t = self.text_tokens(text_ids).repeat_interleave(T, dim=0)       # (B*T, L, D)
         x = torch.cat([t, rearrange(v, "b t n d -> (b t) n d")], dim=1)  # (B*T, L+1+N, D)
         keep = torch.cat([text_mask.bool().repeat_interleave(T, dim=0),  # text pads masked, every visual token kept
                           text_mask.new_ones(B * T, v.shape[2]).bool()], dim=1)
@@ -580,7 +580,7 @@ class AllInOne(nn.Module):
 
     def forward_text(self, text_ids, text_mask):
         """Text-only pass (one copy; the release runs T identical copies). -> (B, L, D)."""
-        x = self.embed_text(text_ids)
+        x = self.text_tokens(text_ids)
         mask = text_mask.bool()[:, None, None, :]
         for blk in self.transformer.blocks:
             x = blk(x, mask)
@@ -594,7 +594,7 @@ class AllInOne(nn.Module):
     def forward_frames(self, video):
         """The video-only pass before the average over time. -> (B, T, 1+N, D)."""
         T = video.shape[1]
-        v = self.embed_video(video)                                       # (B, T, 1+N, D)
+        v = self.video_tokens(video)                                      # (B, T, 1+N, D)
         if self.cfg.temporal == "flatten" and self.cfg.roll_unimodal:    # one sequence of all frames
             x = v.flatten(1, 2)
             for blk in self.transformer.blocks:
@@ -1429,7 +1429,7 @@ def token_addresses(model, T, N):
     code = torch.zeros(1, T, 1 + N, D)                                   # (1, T, 1+N, D)
     code[..., 0] = torch.arange(T)[:, None] + 1                           # frame + 1 (0 = a zero token)
     code[..., 1] = torch.arange(-1, N) + 2                                # patch + 2 (CLS = -1)
-    code[:, :, 1:] = shuffle_patches(code[:, :, 1:], model.cfg)          # embed_video's slot order
+    code[:, :, 1:] = shuffle_patches(code[:, :, 1:], model.cfg)         # video_tokens's slot order
     if model.cfg.temporal in ("roll", "shift"):
         after = temporal_mix(code, model.cfg)
     else:

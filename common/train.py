@@ -560,7 +560,8 @@ class StepClock:
         dt = max(1e-9, time.time() - self.t0)
         rec = {"ms_per_step": 1000 * dt / max(1, self.steps), "clips_per_s": self.clips / dt,
                "data_wait_pct": 100 * self.wait / dt}
-        self.t0, self.clips, self.steps, self.wait_total, self.wait = time.time(), 0, 0, self.wait_total + self.wait, 0.0
+        self.wait_total += self.wait
+        self.t0, self.clips, self.steps, self.wait = time.time(), 0, 0, 0.0
         return rec
 
     def data_wait_pct(self):

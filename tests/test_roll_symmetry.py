@@ -29,7 +29,7 @@ def model_with_large_weights():
 
 
 def joint_cls(model, ids, video, perm, monkeypatch):
-    """The pooled [CLS] of the joint pass with embed_video's random slot order forced to `perm` (B, T, N)."""
+    """The pooled [CLS] of the joint pass with video_tokens's random slot order forced to `perm` (B, T, N)."""
     values = torch.empty(B, T, N).scatter_(-1, perm, torch.arange(N, dtype=torch.float).expand(B, T, N))
     with monkeypatch.context() as m:
         m.setattr(aio.torch, "rand", lambda *a, **kw: values.clone())  # argsort(values) == perm
