@@ -988,7 +988,7 @@ def first_captions(ann):
 
 
 @torch.no_grad()
-def embed_videos(model, clips, cfg, device, view=None):
+def encode_videos(model, clips, cfg, device, view=None):
     """(videos, E) embeddings of one view of every split video; unreadable videos get zeros (they rank last)."""
     vids = []
     for s in range(0, len(clips.ann.videos), cfg.eval_batch_size):
@@ -1000,7 +1000,7 @@ def embed_videos(model, clips, cfg, device, view=None):
 
 
 @torch.no_grad()
-def embed_captions(model, captions, tokenizer, cfg, device):
+def encode_captions(model, captions, tokenizer, cfg, device):
     """(len(captions), E) text embeddings in one forward (padded to the longest caption)."""
     enc = tokenizer(captions, cfg.max_text_len, pad_to_max=False)
     with autocast(device, cfg.precision):
@@ -1022,10 +1022,10 @@ def evaluate_retrieval(model, clips, tokenizer, cfg, device):
     model.eval()
     ann = clips.ann
     views = [None] if cfg.retrieval_views == 1 else range(cfg.retrieval_views)
-    vids = [embed_videos(model, clips, cfg, device, view) for view in views]  # each (videos, E)
+    vids = [encode_videos(model, clips, cfg, device, view) for view in views]  # each (videos, E)
     queries = (list(range(len(ann.captions))) if cfg.retrieval_captions == "all"
                else sorted(first_captions(ann).values()))
-    text = torch.cat([embed_captions(model, [ann.captions[c] for c in queries[s:s + cfg.eval_batch_size]], tokenizer,
+    text = torch.cat([encode_captions(model, [ann.captions[c] for c in queries[s:s + cfg.eval_batch_size]], tokenizer,
                                      cfg, device) for s in range(0, len(queries), cfg.eval_batch_size)])
     sim = torch.stack([cosine_sim(text, v) for v in vids]).mean(0).cpu()  # (queries, videos), mean over views
     t2v = torch.tensor([ann.caption_video[c] for c in queries])
@@ -1286,10 +1286,10 @@ def draw_pictures(model, cfg, tokenizer, device, clips):
     out = os.path.join(cfg.out_dir, "pictures")
     ann = clips.ann
     model.eval()
-    vids = embed_videos(model, clips, cfg, device)                        # (videos, E); unreadable: zeros
+    vids = encode_videos(model, clips, cfg, device)                        # (videos, E); unreadable: zeros
     first = first_captions(ann).values()
     picks = [c for c in first if not ann.small[c]][:2] + [c for c in first if ann.small[c]][:2]
-    text = embed_captions(model, [ann.captions[c] for c in picks], tokenizer, cfg, device)
+    text = encode_captions(model, [ann.captions[c] for c in picks], tokenizer, cfg, device)
     sim = cosine_sim(text, vids).cpu()                                    # (queries, videos)
     queries = P.ranked_queries(sim, [ann.captions[c] + ("  [small object]" if ann.small[c] else "") for c in picks],
                                [ann.caption_video[c] for c in picks], lambda j: clips.clip(j)[0])
