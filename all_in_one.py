@@ -758,11 +758,14 @@ def decode_clip(path, cfg, train, rng=None, sample=None):
 
 def preload_clips(paths):
     """Decode whole training videos into CLIP_CACHE ahead of training, several at a time, so that the first epoch
-    samples from memory instead of waiting for the decoder. -> {path: error} of the unreadable ones (left out of
-    the cache: decode_clip tries them again when drawn, and raises)."""
+    samples from memory instead of waiting for the decoder. -> {path: error} of the unreadable ones (kept as
+    unreadable: decode_clip raises for them when drawn, without decoding them again)."""
     frames, unreadable = decode_videos(paths, threads=min(8, os.cpu_count() or 1))
     for path, clip in frames.items():
         CLIP_CACHE.put(path, clip)
+    for path, error in unreadable.items():
+        CLIP_CACHE.unreadable[path] = error
+        CLIP_CACHE.put(path, None)
     return unreadable
 
 

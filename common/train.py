@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common.errors import UserError, os_error
+from common.annotations import set_strict, skipped_rows
+from common.config import config_to_dict
+from common.errors import UserError, check_inputs, os_error
 
 
 def resolve_device(name="auto", has_cuda=None, has_mps=None):
@@ -493,9 +495,7 @@ def start_run(cfg, default_root, needs):
     or vocab file a flag names: a missing one is one error line, common/errors.py), out_dir (another run's files
     are refused unless --resume / --overwrite, and it is locked: one run writes into it) and the JSONL log (rank 0
     writes it)."""
-    from common.annotations import set_strict
-    from common.dist import barrier, print0, setup_distributed
-    from common.errors import check_inputs
+    from common.dist import barrier, print0, setup_distributed  # (common/dist.py imports this module)
     set_strict(cfg.strict)
     dist = setup_distributed(cfg.device)
     cfg.precision, why = choose_precision(cfg.precision, dist.device)
@@ -516,7 +516,6 @@ def start_run(cfg, default_root, needs):
 def save_state(path, model, optimizer, step, cfg, paper, bad, **extra):
     """ckpt.pt with everything an exact --resume needs: weights, optimiser, step, the config, the random states,
     the unreadable videos met so far, and the paper's own entries (`extra`: e.g. how many batches were drawn)."""
-    from common.config import config_to_dict
     save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                          config=config_to_dict(cfg), paper=paper, rng=rng_states(), bad_videos=bad.state(), **extra),
                     path)
@@ -585,7 +584,6 @@ def log_step(logger, step, numbers, clock, bad, num_workers, write=print):
 def data_report(bad, clock, prefix):
     """The end-of-training data metrics: unreadable training videos and the clips dropped for them, bad annotation
     rows (one console line when there were any; each was named when met) and the loop's data-wait share."""
-    from common.annotations import skipped_rows
     from common.dist import print0
     metrics = {**bad.metrics(prefix), "data/bad_rows": len(skipped_rows())}
     if bad.errors or skipped_rows():
